@@ -1,0 +1,31 @@
+# voxelflow: `make demo` and `make test` are all the set-up a fresh machine needs.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_QUIET ?= -q
+
+.PHONY: demo test install bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
+
+# Reinstall only when the project's dependency list changes.
+$(VENV)/.installed-base: pyproject.toml | $(PY)
+	$(PY) -m pip install $(PIP_QUIET) -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install $(PIP_QUIET) -e '.[test]'
+	touch $@ $(VENV)/.installed-base
+
+install: $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(PY) -m pipeline.demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf demo_workspace .pytest_cache

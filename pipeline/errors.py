@@ -1,0 +1,19 @@
+"""Errors that the command line turns into a one-line message and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class VoxelflowError(Exception):
+    """A problem with the user's input or workspace, explained in one line.
+
+    The message names the file (or group) at fault and, where there is one, the fix.
+    ``cli.main`` prints ``voxelflow: error: <message>`` and exits with status 2.
+    """
+
+
+class InputError(VoxelflowError):
+    """A bad input file or argument (missing, unreadable, wrong kind of data)."""
+
+
+class WorkspaceConflict(VoxelflowError):
+    """A workspace group already holds results made with other parameters."""

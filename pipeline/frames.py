@@ -1,0 +1,382 @@
+"""Video files -> frames sampled at a fixed rate, resized, streamed block by block.
+
+The frame shown at time ``t`` (seconds from the run's first frame) is the latest
+decoded frame whose presentation timestamp (pts) is <= ``t``; pts are read from the
+file, never assumed from a nominal frame rate, so variable-frame-rate files come out
+right.  Samples are at ``t_k = k / fps`` for every ``t_k`` before the end of the last
+frame (its pts plus its duration).
+
+Memory: one block (128 frames x size x size x 3 bytes, 19 MB at 224 px) plus the
+decoder's state; the video itself is never held in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import av
+import dask.array as da
+import numpy as np
+import xarray as xr
+from tqdm.auto import tqdm
+
+from pipeline.errors import InputError
+from stores.workspace import RunTemplate, Workspace, iter_run_blocks
+
+FRAME_CHUNK = 16  # frames per Zarr chunk
+FRAME_SHARD = 128  # frames per shard == frames per resumable block
+RESIZE_MODES = ("squash", "crop")
+PTS_TOLERANCE_S = 1e-7  # pts <= t comparisons allow for float rounding of k / fps
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a demux pass learned about one video file.
+
+    ``pts`` (n_frames,) int: presentation timestamps in ``time_base`` units, sorted.
+    ``pts_s`` (n_frames,) float64: the same in seconds from the first frame.
+    ``end_s``: when the last frame stops being shown (s, from the first frame).
+    """
+
+    path: Path
+    pts: np.ndarray
+    pts_s: np.ndarray
+    end_s: float
+    time_base: float
+    width: int
+    height: int
+    nominal_rate: float | None
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.pts.size)
+
+
+def _open_container(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a video file")
+    try:
+        return av.open(str(path), mode="r")
+    except av.error.FFmpegError as exc:
+        raise InputError(
+            f"{path}: not a readable video file ({_ffmpeg_reason(exc)}); "
+            f"check that it is a complete video (truncated files cannot be read)"
+        ) from None
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return str(text).split(":")[0].strip() or type(exc).__name__
+
+
+def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+        raise InputError(f"{path}: has no video stream (found: {kinds}); give a video file")
+    return container.streams.video[0]
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Read every video packet's pts (no decoding) and check the file is whole.
+
+    Raises :class:`InputError` for a missing/unreadable file, no video stream, no
+    frames, or a file that ends before its header says it should (truncated).
+    """
+    path = Path(path)
+    with _open_container(path) as container:
+        stream = _video_stream(container, path)
+        time_base = stream.time_base
+        pts: list[int] = []
+        durations: list[int] = []
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                if packet.pts is None:
+                    pts = []
+                    break
+                pts.append(int(packet.pts))
+                durations.append(int(packet.duration or 0))
+        except av.error.FFmpegError as exc:
+            raise InputError(
+                f"{path}: video is corrupt or truncated ({_ffmpeg_reason(exc)} after "
+                f"{len(pts)} frames); re-encode or re-download it"
+            ) from None
+        width, height = stream.codec_context.width, stream.codec_context.height
+        declared_frames = int(stream.frames or 0)
+        nominal = float(stream.average_rate) if stream.average_rate else None
+        container_duration = container.duration  # microseconds or None
+    if not pts:
+        pts, durations = _decode_pts(path)
+    if not pts:
+        raise InputError(f"{path}: video stream holds no frames; give a non-empty video")
+    order = np.argsort(pts, kind="stable")
+    pts_arr = np.asarray(pts, dtype=np.int64)[order]
+    dur_arr = np.asarray(durations, dtype=np.int64)[order]
+    tb = float(time_base)
+    pts_s = (pts_arr - pts_arr[0]) * tb
+    last_duration = _last_frame_duration(pts_s, dur_arr[-1] * tb, nominal)
+    end_s = float(pts_s[-1] + last_duration)
+    _check_not_truncated(path, pts_arr.size, declared_frames, pts_arr[0] * tb + end_s,
+                         container_duration, last_duration)
+    return VideoInfo(path, pts_arr, pts_s, end_s, tb, int(width), int(height), nominal)
+
+
+def _decode_pts(path: Path) -> tuple[list[int], list[int]]:
+    """Fallback when packets carry no pts: decode once and read the frames' pts."""
+    pts: list[int] = []
+    durations: list[int] = []
+    with _open_container(path) as container:
+        stream = _video_stream(container, path)
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                value = frame.pts if frame.pts is not None else index
+                pts.append(int(value))
+                durations.append(int(frame.duration or 0))
+        except av.error.FFmpegError as exc:
+            raise InputError(
+                f"{path}: video is corrupt or truncated ({_ffmpeg_reason(exc)}); "
+                f"re-encode or re-download it"
+            ) from None
+    return pts, durations
+
+
+def _last_frame_duration(pts_s: np.ndarray, packet_duration_s: float,
+                         nominal_rate: float | None) -> float:
+    """How long the last frame is shown (s): its packet duration, else the usual gap."""
+    if packet_duration_s > 0:
+        return packet_duration_s
+    if pts_s.size > 1:
+        return float(np.median(np.diff(pts_s)))
+    return 1.0 / nominal_rate if nominal_rate else 0.0
+
+
+def _check_not_truncated(path: Path, n_frames: int, declared_frames: int, last_end_s: float,
+                         container_duration_us: int | None, frame_s: float) -> None:
+    """Raise when the header promises more frames or time than the file holds."""
+    if declared_frames > 0 and n_frames < declared_frames:
+        raise InputError(
+            f"{path}: video is truncated ({n_frames} of {declared_frames} frames present); "
+            f"re-encode or re-download it"
+        )
+    if container_duration_us:
+        declared_s = container_duration_us / 1e6
+        slack = max(0.5, 3 * frame_s)
+        if last_end_s + slack < declared_s:
+            raise InputError(
+                f"{path}: video is truncated (frames end at {last_end_s:.2f} s, header says "
+                f"{declared_s:.2f} s); re-encode or re-download it"
+            )
+
+
+def sample_times(end_s: float, fps: float) -> np.ndarray:
+    """Sample times ``k / fps`` (s, float64) for every ``k`` with ``k / fps < end_s``."""
+    n = int(math.ceil(end_s * fps - 1e-9))
+    times = np.arange(max(n, 0), dtype=np.float64) / fps
+    return times[times < end_s - 1e-12]
+
+
+def frame_index_at(pts_s: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Index of the latest frame with pts <= t, for each t (n_samples,) int64.
+
+    ``pts_s`` must be sorted and start at 0, so every t >= 0 has such a frame.
+    """
+    return np.searchsorted(pts_s, times + PTS_TOLERANCE_S, side="right").astype(np.int64) - 1
+
+
+def resize_frame(frame: av.VideoFrame, size: int, mode: str) -> np.ndarray:
+    """Decoded frame -> (size, size, 3) uint8 RGB.
+
+    ``squash`` scales the whole picture to a square (aspect ratio not kept);
+    ``crop`` takes the central square first, then scales.  Area averaging.
+    """
+    if mode == "squash":
+        out = frame.reformat(width=size, height=size, format="rgb24", interpolation="AREA")
+        return out.to_ndarray()
+    rgb = frame.to_ndarray(format="rgb24")
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = np.ascontiguousarray(rgb[top:top + side, left:left + side])
+    sq = av.VideoFrame.from_ndarray(square, format="rgb24")
+    return sq.reformat(width=size, height=size, format="rgb24", interpolation="AREA").to_ndarray()
+
+
+def iter_sampled_frames(info: VideoInfo, source_index: np.ndarray, start_sample: int,
+                        size: int, mode: str) -> Iterator[np.ndarray]:
+    """Yield the (size, size, 3) uint8 frame of each sample from ``start_sample`` on.
+
+    ``source_index`` (n_samples,) is :func:`frame_index_at` of the sample times.
+    Decoding starts at the keyframe before the first needed frame (seek), falls back
+    to the start of the file if the seek overshoots, and never holds more than one
+    decoded frame.
+    """
+    if start_sample >= source_index.size:
+        return
+    first_needed = int(source_index[start_sample])
+    pts_to_index = {int(p): i for i, p in enumerate(info.pts)}
+    with _open_container(info.path) as container:
+        stream = _video_stream(container, info.path)
+        stream.thread_type = "AUTO"
+        frames = _decode_from(container, stream, info, first_needed)
+        k = start_sample
+        current: np.ndarray | None = None
+        current_index = -1
+        try:
+            for frame in frames:
+                index = pts_to_index.get(int(frame.pts)) if frame.pts is not None else None
+                if index is None:
+                    index = current_index + 1
+                if index < first_needed:
+                    continue
+                while k < source_index.size and source_index[k] < index:
+                    # Should not happen (frames come in pts order); repeat the last one.
+                    yield _require(current, info, k)
+                    k += 1
+                if k >= source_index.size:
+                    return
+                if source_index[k] == index:
+                    current = resize_frame(frame, size, mode)
+                    current_index = index
+                    while k < source_index.size and source_index[k] == index:
+                        yield current
+                        k += 1
+                if k >= source_index.size:
+                    return
+        except av.error.FFmpegError as exc:
+            raise InputError(
+                f"{info.path}: video is corrupt or truncated ({_ffmpeg_reason(exc)} near "
+                f"sample {k}); re-encode or re-download it"
+            ) from None
+        if k < source_index.size:
+            raise InputError(
+                f"{info.path}: video is corrupt or truncated (decoding stopped before frame "
+                f"{int(source_index[k])} of {info.n_frames}); re-encode or re-download it"
+            )
+
+
+def _require(frame: np.ndarray | None, info: VideoInfo, k: int) -> np.ndarray:
+    if frame is None:
+        raise InputError(f"{info.path}: frame for sample {k} could not be decoded")
+    return frame
+
+
+def _decode_from(container, stream, info: VideoInfo, first_needed: int) -> Iterator[av.VideoFrame]:
+    """Decoded frames starting at or before frame ``first_needed`` (in pts order)."""
+    if first_needed > 0:
+        target = int(info.pts[first_needed])
+        container.seek(target, backward=True, any_frame=False, stream=stream)
+        gen = container.decode(stream)
+        first = next(gen, None)
+        if first is not None and first.pts is not None and int(first.pts) <= target:
+            yield first
+            yield from gen
+            return
+        container.seek(int(info.pts[0]), backward=True, any_frame=False, stream=stream)
+    yield from container.decode(stream)
+
+
+def validate_frame_args(fps: float, size: int, resize: str) -> None:
+    """Check the sampling arguments; raise :class:`InputError` naming the flag."""
+    if not math.isfinite(fps) or fps <= 0:
+        raise InputError(f"--fps must be a positive number of frames per second (got {fps})")
+    if size <= 0:
+        raise InputError(f"--size must be a positive number of pixels (got {size})")
+    if resize not in RESIZE_MODES:
+        raise InputError(f"--resize must be one of {', '.join(RESIZE_MODES)} (got {resize!r})")
+
+
+def frames_template(info: VideoInfo, times: np.ndarray, run: int, size: int) -> RunTemplate:
+    """Template of one run: ``frames (time, y, x, rgb) uint8`` with time/run coords."""
+    n = times.size
+    data = da.empty((n, size, size, 3), dtype=np.uint8,
+                    chunks=(min(FRAME_SHARD, max(n, 1)), size, size, 3))
+    ds = xr.Dataset(
+        {"frames": (("time", "y", "x", "rgb"), data, {"long_name": "video frame, RGB"})},
+        coords={
+            "time": ("time", times, {"units": "s", "long_name": "time from run onset"}),
+            "run": ("time", np.full(n, run, dtype=np.int32), {"long_name": "run index"}),
+        },
+        attrs={
+            "video": str(info.path),
+            "source_frames": info.n_frames,
+            "source_duration_s": info.end_s,
+            "source_nominal_rate": info.nominal_rate or 0.0,
+            "source_width": info.width,
+            "source_height": info.height,
+        },
+    )
+    encoding = {
+        "frames": {"chunks": (FRAME_CHUNK, size, size, 3), "shards": (FRAME_SHARD, size, size, 3)},
+        "time": {"chunks": (max(n, 1),)},
+        "run": {"chunks": (max(n, 1),)},
+    }
+    return RunTemplate(ds, encoding, block_dim="time", block_size=FRAME_SHARD)
+
+
+def frames_group(name: str) -> str:
+    return f"frames/{name}"
+
+
+def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, *,
+                     fps: float = 20.0, size: int = 224, resize: str = "squash",
+                     overwrite: bool = False, progress: bool = True) -> dict:
+    """Decode ``videos`` (one run each) into ``/frames/<name>``; resume if interrupted.
+
+    Returns a summary dict: group, runs, frames per run, blocks written, skipped.
+    """
+    validate_frame_args(fps, size, resize)
+    if not videos:
+        raise InputError("give at least one video file")
+    infos = [probe_video(v) for v in videos]
+    times = [sample_times(i.end_s, fps) for i in infos]
+    for info, t in zip(infos, times):
+        if t.size == 0:
+            raise InputError(f"{info.path}: shorter than one sample at --fps {fps}")
+    params = {
+        "stage": "frames",
+        "videos": [{"file": os.path.abspath(i.path), "bytes": i.path.stat().st_size} for i in infos],
+        "fps": float(fps), "size": int(size), "resize": resize,
+    }
+    templates = [frames_template(i, t, r, size) for r, (i, t) in enumerate(zip(infos, times))]
+    group = frames_group(name)
+    writer = workspace.start_stage(
+        group, params, templates, overwrite=overwrite,
+        group_attrs={"fps": float(fps), "size": int(size), "resize": resize,
+                     "videos": [str(i.path) for i in infos]},
+    )
+    total = sum(t.size for t in times)
+    pending = writer.n_pending()
+    skipped_blocks = sum(t.n_blocks for t in templates) - pending
+    bar = tqdm(total=total, unit="frame", desc=f"frames/{name}", disable=not progress,
+               dynamic_ncols=True)
+    bar.update(sum(times[r].size for r in range(len(times))) -
+               sum(writer.block_slice(r, b).stop - writer.block_slice(r, b).start
+                   for r, b, _ in iter_run_blocks(writer)))
+    written = 0
+    for run, info in enumerate(infos):
+        source_index = frame_index_at(info.pts_s, times[run])
+        blocks = writer.pending_blocks(run)
+        stream: Iterator[np.ndarray] | None = None
+        next_sample = -1
+        for block in blocks:
+            region = writer.block_slice(run, block)
+            if stream is None or next_sample != region.start:
+                stream = iter_sampled_frames(info, source_index, region.start, size, resize)
+            out = np.empty((region.stop - region.start, size, size, 3), dtype=np.uint8)
+            for i in range(out.shape[0]):
+                out[i] = next(stream)
+            writer.write_block(run, block, {"frames": out})
+            next_sample = region.stop
+            written += 1
+            bar.update(out.shape[0])
+    bar.close()
+    writer.finish()
+    return {"group": group, "runs": len(infos), "frames": [int(t.size) for t in times],
+            "blocks_written": written, "blocks_skipped": skipped_blocks}

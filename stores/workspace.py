@@ -1,0 +1,402 @@
+"""The voxelflow workspace: one Zarr v3 group holding every stage's results.
+
+Layout (each stage writes one group; each run of a group is a child node)::
+
+    /frames/<name>/run-000    frames   (time, y, x, rgb) uint8
+    /features/<name>/run-000  features (time, feature)   float32
+    /bold/<subject>/run-000   bold     (time, voxel)     float32
+    /fits/<experiment>/...    r_test (alpha, voxel), best_alpha (voxel), ...
+
+Why one child per run: ``time`` restarts at 0 s in every run, so a single array
+over all runs would have a non-monotonic, non-unique ``time`` index on which
+``.sel(time=slice(1, 2))`` cannot work.  With one node per run,
+``xr.open_datatree(store, engine="zarr")["frames/clip"].sel(time=slice(1, 2))``
+selects 1-2 s of every run, and :meth:`Workspace.open_concat` gives the
+concatenated (time, ...) view with a ``run`` coordinate for computation.
+
+Write protocol (crash safe, resumable, byte-identical after resume):
+
+1. The stage group is created with attrs ``voxelflow = {"params": ..., "state":
+   "templating"}``; every run's arrays are created from a template (shape, chunks,
+   shards, dtype, coordinates) with no data; then ``state`` becomes ``"writing"``.
+2. Blocks are written by region writes aligned to whole shards; after a block's
+   data, its flag in ``block_done (block)`` is set.
+3. When every block is done, ``state`` becomes ``"complete"`` and the root's
+   consolidated metadata is refreshed (``xr.open_datatree`` reads it, so a group
+   that is still being written is not shown as if it were finished).
+
+A rerun with the same parameters skips done blocks; a rerun with other parameters
+is refused unless ``overwrite=True`` (``--overwrite`` on the command line).
+This module does storage only; it never computes on the data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from pipeline.errors import InputError, WorkspaceConflict
+
+DEFAULT_STORE = "voxelflow.zarr"
+STATE_ATTR = "voxelflow"
+DONE_VAR = "block_done"
+RUN_PREFIX = "run-"
+FORMAT_VERSION = 1
+
+
+def run_node_name(run: int) -> str:
+    """Name of the child node holding run ``run`` (0-based): ``run-000``."""
+    return f"{RUN_PREFIX}{run:03d}"
+
+
+def _normalise(params: Mapping[str, Any]) -> dict:
+    """JSON round trip so that tuples/np scalars compare equal to what was stored."""
+    return json.loads(json.dumps(params, sort_keys=True, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in attrs")
+
+
+def describe_param_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """One-line summary of which parameters differ: ``fps: 20 -> 2; size: 224 -> 112``."""
+    keys = sorted(set(old) | set(new))
+    parts = []
+    for key in keys:
+        if old.get(key) != new.get(key):
+            a, b = json.dumps(old.get(key)), json.dumps(new.get(key))
+            if len(a) > 60:
+                a = a[:57] + "..."
+            if len(b) > 60:
+                b = b[:57] + "..."
+            parts.append(f"{key}: {a} -> {b}")
+    return "; ".join(parts)
+
+
+@dataclass
+class RunTemplate:
+    """The arrays of one run before any data is written.
+
+    ``dataset`` holds the coordinates as NumPy arrays (written at once) and each data
+    variable as a lazy placeholder (``dask.array.empty`` is fine: never computed).
+    ``encoding`` gives per-variable ``{"chunks": ..., "shards": ...}``.  Blocks run
+    along ``block_dim`` in steps of ``block_size`` samples; ``block_size`` must be a
+    whole number of shards of every variable that has ``block_dim``.
+    """
+
+    dataset: xr.Dataset
+    encoding: dict[str, dict]
+    block_dim: str
+    block_size: int
+
+    @property
+    def length(self) -> int:
+        return int(self.dataset.sizes[self.block_dim])
+
+    @property
+    def n_blocks(self) -> int:
+        return max(1, -(-self.length // self.block_size))
+
+    def block_slice(self, block: int) -> slice:
+        start = block * self.block_size
+        return slice(start, min(start + self.block_size, self.length))
+
+    def check_alignment(self) -> None:
+        """Raise if a block would not cover whole shards (a misaligned write is a bug)."""
+        for name, var in self.dataset.data_vars.items():
+            if self.block_dim not in var.dims:
+                continue
+            enc = self.encoding.get(name, {})
+            unit = enc.get("shards") or enc.get("chunks")
+            if unit is None:
+                continue
+            axis = var.dims.index(self.block_dim)
+            if self.block_size % unit[axis]:
+                raise AssertionError(
+                    f"block of {self.block_size} along {self.block_dim} is not a whole "
+                    f"number of shards ({unit[axis]}) of {name}"
+                )
+
+
+@dataclass
+class StageWriter:
+    """Writes one stage group block by block; obtained from :meth:`Workspace.start_stage`."""
+
+    workspace: "Workspace"
+    group: str
+    templates: list[RunTemplate]
+    _done: list[np.ndarray] = field(default_factory=list)
+
+    def run_path(self, run: int) -> str:
+        return f"{self.group}/{run_node_name(run)}"
+
+    def pending_blocks(self, run: int) -> list[int]:
+        """Indices of the blocks of ``run`` whose data is not yet known to be written."""
+        return [int(b) for b in np.flatnonzero(self._done[run] == 0)]
+
+    def n_pending(self) -> int:
+        return int(sum((d == 0).sum() for d in self._done))
+
+    def block_slice(self, run: int, block: int) -> slice:
+        return self.templates[run].block_slice(block)
+
+    def write_block(self, run: int, block: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write the data of one block of ``run`` and then mark it done.
+
+        ``arrays`` maps variable name -> data for ``block_slice(run, block)`` along the
+        block dimension (full extent along the other dimensions).
+        """
+        template = self.templates[run]
+        region = template.block_slice(block)
+        root = self.workspace._root("r+")
+        for name, data in arrays.items():
+            var = template.dataset[name]
+            axis = var.dims.index(template.block_dim)
+            expected = region.stop - region.start
+            if data.shape[axis] != expected:
+                raise AssertionError(
+                    f"block {block} of {name} has {data.shape[axis]} samples, expected {expected}"
+                )
+            index = [slice(None)] * var.ndim
+            index[axis] = region
+            root[f"{self.run_path(run)}/{name}"][tuple(index)] = np.asarray(data, dtype=var.dtype)
+        root[f"{self.run_path(run)}/{DONE_VAR}"][block] = 1
+        self._done[run][block] = 1
+
+    def finish(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
+        """Mark the group complete (after checking every block) and refresh metadata."""
+        if self.n_pending():
+            raise AssertionError(f"{self.group}: {self.n_pending()} blocks not written")
+        self.workspace._set_state(self.group, "complete", extra_attrs)
+        self.workspace.consolidate()
+
+
+class Workspace:
+    """A voxelflow workspace on disk (a Zarr v3 group, default ``./voxelflow.zarr``)."""
+
+    def __init__(self, path: str | Path = DEFAULT_STORE) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ reading
+    def _root(self, mode: str = "r") -> zarr.Group:
+        if mode == "r" and not self.path.exists():
+            raise InputError(
+                f"{self.path}: no workspace here; run a stage first (voxelflow frames ...) "
+                f"or pass --store PATH"
+            )
+        # Our own reads must see groups still being written: never the consolidated view.
+        return zarr.open_group(self.path, mode=mode, zarr_format=3 if mode != "r" else None,
+                               use_consolidated=False)
+
+    def attrs(self, group: str) -> dict:
+        """The group's attributes (empty dict when the group does not exist)."""
+        try:
+            return dict(self._root("r")[group].attrs)
+        except (KeyError, InputError, FileNotFoundError):
+            return {}
+
+    def state(self, group: str) -> str | None:
+        """``None`` (absent), ``"templating"``, ``"writing"`` or ``"complete"``."""
+        info = self.attrs(group).get(STATE_ATTR)
+        return None if info is None else info.get("state")
+
+    def params(self, group: str) -> dict | None:
+        info = self.attrs(group).get(STATE_ATTR)
+        return None if info is None else info.get("params")
+
+    def list_groups(self, kind: str) -> list[str]:
+        """Names of the complete groups under ``/kind`` (e.g. ``frames``)."""
+        try:
+            node = self._root("r")[kind]
+        except (KeyError, InputError, FileNotFoundError):
+            return []
+        names = []
+        for name, child in node.groups():
+            if child.attrs.get(STATE_ATTR, {}).get("state") == "complete":
+                names.append(name)
+        return sorted(names)
+
+    def require_complete(self, group: str, hint: str) -> dict:
+        """Return the group's attrs or raise naming the command (``hint``) that makes it."""
+        state = self.state(group)
+        if state is None:
+            kind = group.split("/")[0]
+            have = ", ".join(self.list_groups(kind)) or "none"
+            raise InputError(
+                f"{self.path}: no group /{group} (complete {kind} groups: {have}); "
+                f"create it with: {hint}"
+            )
+        if state != "complete":
+            raise InputError(
+                f"{self.path}: /{group} is unfinished (interrupted run); rerun: {hint}"
+            )
+        return self.attrs(group)
+
+    def n_runs(self, group: str) -> int:
+        return int(self.attrs(group)[STATE_ATTR]["runs"])
+
+    def open_run(self, group: str, run: int) -> xr.Dataset:
+        """One run of a group as a lazy (dask-backed) Dataset, without bookkeeping vars."""
+        ds = xr.open_zarr(
+            self.path, group=f"{group}/{run_node_name(run)}", consolidated=False,
+            zarr_format=3, chunks={}, decode_timedelta=False,
+        )
+        return ds.drop_vars([DONE_VAR], errors="ignore")
+
+    def open_runs(self, group: str) -> list[xr.Dataset]:
+        return [self.open_run(group, r) for r in range(self.n_runs(group))]
+
+    def open_concat(self, group: str) -> xr.Dataset:
+        """All runs of a group concatenated along ``time`` (lazy), with the ``run`` coord.
+
+        The ``time`` index of the result is not monotonic (it restarts in each run):
+        select by time per run (``open_run``/the DataTree) or by ``run`` first.
+        """
+        runs = self.open_runs(group)
+        if len(runs) == 1:
+            return runs[0]
+        return xr.concat(runs, dim="time", data_vars="minimal", coords="minimal",
+                         compat="override", join="override", combine_attrs="override")
+
+    def open_tree(self) -> xr.DataTree:
+        """The whole workspace as an ``xarray.DataTree`` (finished groups)."""
+        return xr.open_datatree(self.path, engine="zarr")
+
+    # ------------------------------------------------------------------ writing
+    def _set_state(self, group: str, state: str, extra: Mapping[str, Any] | None = None) -> None:
+        node = self._root("r+")[group]
+        info = dict(node.attrs[STATE_ATTR])
+        info["state"] = state
+        attrs = dict(node.attrs)
+        attrs[STATE_ATTR] = info
+        if extra:
+            attrs.update(_normalise(extra))
+        node.attrs.put(attrs)
+
+    def delete(self, group: str) -> None:
+        """Remove a group and everything under it, then refresh the metadata."""
+        root = self._root("r+")
+        if group in root:
+            del root[group]
+        local = self.path / group
+        if local.exists():
+            shutil.rmtree(local)
+        self.consolidate()
+
+    def consolidate(self) -> None:
+        """Refresh the root's consolidated metadata so ``xr.open_datatree`` is fast and current."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self.path, zarr_format=3)
+
+    def _remove_partial_files(self, group: str) -> None:
+        """Drop ``*.partial`` temp files a killed writer left behind (local stores)."""
+        local = self.path / group
+        if local.exists():
+            for tmp in local.rglob("*.partial"):
+                tmp.unlink(missing_ok=True)
+
+    def start_stage(
+        self,
+        group: str,
+        params: Mapping[str, Any],
+        templates: list[RunTemplate],
+        *,
+        overwrite: bool = False,
+        group_attrs: Mapping[str, Any] | None = None,
+    ) -> StageWriter:
+        """Create (or reopen for resume) the stage group ``group`` and return its writer.
+
+        ``params`` are the parameters that determine the group's content; a group made
+        with other params is refused unless ``overwrite``.  ``templates`` gives one
+        :class:`RunTemplate` per run.  A complete group comes back with no pending
+        blocks; an interrupted one with its unfinished blocks pending.
+        """
+        params = _normalise(params)
+        for t in templates:
+            t.check_alignment()
+        state = self.state(group)
+        if state is not None:
+            old = self.params(group)
+            if old != params and not overwrite:
+                raise WorkspaceConflict(
+                    f"{self.path}: /{group} was made with other parameters "
+                    f"({describe_param_change(old or {}, params)}); rerun with --overwrite "
+                    f"to replace it, or choose another --name"
+                )
+            if old != params or state == "templating":
+                self.delete(group)
+                state = None
+        if state is None:
+            self._create_group(group, params, templates, group_attrs or {})
+        else:
+            self._remove_partial_files(group)
+        done = [self._read_done(group, r) for r in range(len(templates))]
+        return StageWriter(self, group, templates, done)
+
+    def _create_group(self, group: str, params: dict, templates: list[RunTemplate],
+                      group_attrs: Mapping[str, Any]) -> None:
+        root = self._root("a")
+        node = root.require_group(group)
+        attrs = _normalise(group_attrs)
+        attrs[STATE_ATTR] = {
+            "params": params, "state": "templating", "runs": len(templates),
+            "format": FORMAT_VERSION,
+        }
+        node.attrs.put(attrs)
+        for run, template in enumerate(templates):
+            ds = template.dataset.copy()
+            ds[DONE_VAR] = (("block",), da.zeros(template.n_blocks, dtype="u1", chunks=1))
+            encoding = {DONE_VAR: {"chunks": (1,)}, **template.encoding}
+            ds.to_zarr(
+                self.path, group=f"{group}/{run_node_name(run)}", mode="w",
+                compute=False, zarr_format=3, consolidated=False, encoding=encoding,
+            )
+        self._set_state(group, "writing")
+
+    def _read_done(self, group: str, run: int) -> np.ndarray:
+        arr = self._root("r")[f"{group}/{run_node_name(run)}/{DONE_VAR}"]
+        return np.asarray(arr[:]).astype("u1")
+
+    def write_dataset(self, group: str, ds: xr.Dataset, params: Mapping[str, Any], *,
+                      overwrite: bool = False, encoding: dict | None = None) -> None:
+        """Write a small, already computed result group in one go (e.g. fit summaries)."""
+        params = _normalise(params)
+        state = self.state(group)
+        if state is not None and self.params(group) != params and not overwrite:
+            raise WorkspaceConflict(
+                f"{self.path}: /{group} was made with other parameters "
+                f"({describe_param_change(self.params(group) or {}, params)}); rerun with "
+                f"--overwrite to replace it"
+            )
+        if state is not None:
+            self.delete(group)
+        ds = ds.copy()
+        ds.attrs = {**_normalise(ds.attrs), STATE_ATTR: {
+            "params": params, "state": "writing", "runs": 0, "format": FORMAT_VERSION}}
+        ds.to_zarr(self.path, group=group, mode="w", zarr_format=3, consolidated=False,
+                   encoding=encoding or {})
+        self._set_state(group, "complete")
+        self.consolidate()
+
+
+def iter_run_blocks(writer: StageWriter) -> Iterable[tuple[int, int, slice]]:
+    """Yield ``(run, block, slice)`` for every pending block, run by run."""
+    for run in range(len(writer.templates)):
+        for block in writer.pending_blocks(run):
+            yield run, block, writer.block_slice(run, block)

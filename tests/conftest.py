@@ -1,0 +1,36 @@
+"""Shared fixtures: real data folder (skips when absent), CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VOXELFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
+BBB = SHARED_DATA / "big_buck_bunny_0_30.webm"
+HAXBY = SHARED_DATA / "haxby2001_sub001"
+
+
+@pytest.fixture
+def bbb_clip() -> Path:
+    if not BBB.exists():
+        pytest.skip(f"real clip not present: {BBB}")
+    return BBB
+
+
+@pytest.fixture
+def haxby_dir() -> Path:
+    if not HAXBY.exists():
+        pytest.skip(f"real fMRI data not present: {HAXBY}")
+    return HAXBY
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m cli ARGS`` in a subprocess (the real entry point), capture output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
