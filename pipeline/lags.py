@@ -1,0 +1,194 @@
+"""Lagged pairing of stimulus features with BOLD, as a shift of the ``time`` coordinate.
+
+For a BOLD sample at time ``t`` (s from its run's onset) and a lag ``L`` (s), the
+design row holds the features of the frame shown at ``t - L`` (the latest frame at or
+before it), or with ``aggregate="mean"`` the mean of the frames in ``[t - L - TR, t - L)``.
+Several lags are concatenated along a ``(lag, feature)`` axis, flattened to
+``lag_feature``.  Everything stays within a run: samples whose history starts before
+their run (``t - max(L) < 0``) or reaches past the end of the stimulus run are dropped
+and counted.  Runs are matched by index.  Selection is lazy (dask fancy indexing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from pipeline.errors import InputError
+
+TIME_TOLERANCE_S = 1e-6  # frame-time comparisons allow float rounding of k / fps
+AGGREGATES = ("last", "mean")
+
+
+@dataclass
+class LaggedDesign:
+    """The paired problem for one lag set.
+
+    ``X`` (sample, lag_feature) float32 dask; ``Y`` (sample, voxel) float32 dask;
+    ``run`` (sample,) int run index and ``time`` (sample,) float BOLD time (s) of each
+    kept sample; ``dropped`` per run: BOLD samples without a full stimulus history.
+    """
+
+    X: da.Array
+    Y: da.Array
+    run: np.ndarray
+    time: np.ndarray
+    lags: list[float]
+    n_features: int
+    dropped: list[int] = field(default_factory=list)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.run.size)
+
+
+def parse_lags(text: str) -> list[float]:
+    """``"4,5,6,7"`` -> ``[4.0, 5.0, 6.0, 7.0]`` (seconds); refuses negative or empty."""
+    try:
+        lags = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--lags must be comma-separated seconds, e.g. 4,5,6,7 (got {text!r})") from None
+    if not lags:
+        raise InputError("--lags needs at least one lag in seconds, e.g. --lags 4,5,6,7")
+    if any(l < 0 or not np.isfinite(l) for l in lags):
+        raise InputError(f"--lags must be >= 0 seconds (got {text!r})")
+    return lags
+
+
+def frame_indices_for(frame_times: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Index of the latest frame at or before each target time (-1 when none)."""
+    return np.searchsorted(frame_times, targets + TIME_TOLERANCE_S, side="right") - 1
+
+
+def _stimulus_end(frame_times: np.ndarray) -> float:
+    step = float(np.median(np.diff(frame_times))) if frame_times.size > 1 else 0.0
+    return float(frame_times[-1] + step)
+
+
+def run_design_indices(frame_times: np.ndarray, bold_times: np.ndarray, lags: list[float],
+                       tr: float, aggregate: str = "last") -> tuple[np.ndarray, list[np.ndarray]]:
+    """Which BOLD samples of one run are kept, and which frames feed each lag.
+
+    Returns ``keep`` (n_kept,) indices into ``bold_times`` and, per lag, either an
+    (n_kept,) frame index array (``last``) or an (n_kept, 2) [start, stop) frame range
+    (``mean``: frames with ``t - L - TR <= time < t - L``).
+    """
+    end = _stimulus_end(frame_times)
+    lo_needed = bold_times - max(lags) - (tr if aggregate == "mean" else 0.0)
+    hi_needed = bold_times - min(lags)
+    keep_mask = (lo_needed >= -TIME_TOLERANCE_S) & (hi_needed < end + TIME_TOLERANCE_S)
+    keep = np.flatnonzero(keep_mask)
+    t = bold_times[keep]
+    per_lag = []
+    for lag in lags:
+        if aggregate == "last":
+            per_lag.append(frame_indices_for(frame_times, t - lag))
+        else:
+            start = np.searchsorted(frame_times, t - lag - tr - TIME_TOLERANCE_S, side="left")
+            stop = np.searchsorted(frame_times, t - lag - TIME_TOLERANCE_S, side="left")
+            per_lag.append(np.stack([start, stop], axis=1))
+    return keep, per_lag
+
+
+def _mean_frames(features: da.Array, ranges: np.ndarray) -> da.Array:
+    """Mean of features over [start, stop) frame ranges (n_rows, 2) -> (n_rows, feature).
+
+    Differences of a float64 cumulative sum: O(frames) work, no dense weight matrix.
+    """
+    if np.any(ranges[:, 1] <= ranges[:, 0]):
+        raise InputError("a lag window holds no frames: the stimulus is sampled more "
+                         "slowly than the TR; use --aggregate last")
+    csum = da.cumsum(features.astype(np.float64), axis=0)
+    zero = da.zeros((1, features.shape[1]), dtype=np.float64, chunks=(1, features.chunks[1]))
+    csum = da.concatenate([zero, csum], axis=0)
+    counts = (ranges[:, 1] - ranges[:, 0]).astype(np.float64)[:, None]
+    return ((csum[ranges[:, 1]] - csum[ranges[:, 0]]) / counts).astype(np.float32)
+
+
+def check_runs_match(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
+                     tr: float, features_name: str, bold_name: str) -> None:
+    """Runs pair by index: same count, and each stimulus run about as long as its BOLD run."""
+    if len(feature_runs) != len(bold_runs):
+        raise InputError(
+            f"/features/{features_name} has {len(feature_runs)} run(s) but /bold/{bold_name} "
+            f"has {len(bold_runs)}; runs are paired by index, give one video per BOLD run"
+        )
+    for r, (f, b) in enumerate(zip(feature_runs, bold_runs)):
+        f_end = _stimulus_end(f["time"].values)
+        b_end = float(b["time"].values[-1]) + tr
+        if abs(f_end - b_end) > max(2 * tr, 0.05 * b_end):
+            raise InputError(
+                f"run {r}: stimulus lasts {f_end:.1f} s but BOLD lasts {b_end:.1f} s "
+                f"(/features/{features_name} vs /bold/{bold_name}); check that the runs "
+                f"are given in the same order and trimmed alike"
+            )
+
+
+def build_design(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
+                 lags: list[float], tr: float, *, aggregate: str = "last",
+                 features_var: str = "features", bold_var: str = "bold",
+                 features_name: str = "?", bold_name: str = "?") -> LaggedDesign:
+    """Pair every run's features with its BOLD at each lag; concatenate runs.
+
+    ``feature_runs[r]`` has ``features (time, feature)`` at frame times (s);
+    ``bold_runs[r]`` has ``bold (time, voxel)`` at ``i * tr``.  Lazy: nothing is
+    computed here except index arithmetic on the time coordinates.
+    """
+    if aggregate not in AGGREGATES:
+        raise InputError(f"--aggregate must be one of {', '.join(AGGREGATES)} (got {aggregate!r})")
+    check_runs_match(feature_runs, bold_runs, tr, features_name, bold_name)
+    xs, ys, runs, times, dropped = [], [], [], [], []
+    n_features = int(feature_runs[0].sizes["feature"])
+    for r, (f, b) in enumerate(zip(feature_runs, bold_runs)):
+        frame_times = f["time"].values.astype(np.float64)
+        bold_times = b["time"].values.astype(np.float64)
+        keep, per_lag = run_design_indices(frame_times, bold_times, lags, tr, aggregate)
+        dropped.append(int(bold_times.size - keep.size))
+        if keep.size == 0:
+            continue
+        feats = f[features_var].data
+        if not isinstance(feats, da.Array):
+            feats = da.from_array(np.asarray(feats), chunks=(1024, -1))
+        blocks = []
+        for idx in per_lag:
+            blocks.append(feats[idx] if aggregate == "last" else _mean_frames(feats, idx))
+        xs.append(da.concatenate(blocks, axis=1).astype(np.float32))
+        bold = b[bold_var].data
+        if not isinstance(bold, da.Array):
+            bold = da.from_array(np.asarray(bold), chunks=(-1, 4096))
+        ys.append(bold[keep])
+        runs.append(np.full(keep.size, r, dtype=np.int32))
+        times.append(bold_times[keep])
+    if not xs:
+        longest = max(float(b["time"].values[-1]) for b in bold_runs)
+        raise InputError(
+            f"no BOLD sample of /bold/{bold_name} has a full stimulus history for lags "
+            f"{lags} (runs last at most {longest:.1f} s); use shorter lags"
+        )
+    X = da.concatenate(xs, axis=0)
+    Y = da.concatenate(ys, axis=0)
+    return LaggedDesign(X, Y, np.concatenate(runs), np.concatenate(times), list(lags),
+                        n_features, dropped)
+
+
+def split_train_test(design: LaggedDesign, *, test_samples: int | None = None,
+                     test_runs: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of training and test samples: the last ``test_samples`` or whole runs."""
+    n = design.n_samples
+    if (test_samples is None) == (test_runs is None):
+        raise InputError("give exactly one of --test-samples N or --test-runs R[,R...]")
+    if test_samples is not None:
+        if not 0 < test_samples < n:
+            raise InputError(f"--test-samples must be between 1 and {n - 1} (got {test_samples})")
+        return np.arange(n - test_samples), np.arange(n - test_samples, n)
+    missing = sorted(set(test_runs) - set(np.unique(design.run).tolist()))
+    if missing:
+        raise InputError(f"--test-runs {missing} not among the runs "
+                         f"{sorted(set(design.run.tolist()))}")
+    is_test = np.isin(design.run, test_runs)
+    if is_test.all():
+        raise InputError("--test-runs leaves no training runs")
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
