@@ -59,7 +59,198 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_frames]
+# ---------------------------------------------------------------------- features
+def add_features(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "features", help="CNN features of /frames/NAME into /features/OUT",
+        description="Run a CNN over every frame of /frames/NAME and write /features/OUT "
+                    "(time, feature) float32 with the frames' time and run coordinates.")
+    p.add_argument("--frames", metavar="NAME", help="reads /frames/NAME")
+    p.add_argument("--model", help="torchvision classification model (resnet50, vgg16, ...) "
+                                    "or efficientnet_lite0")
+    p.add_argument("--layer", nargs="+", action="extend", metavar="NODE",
+                   help="graph node(s) to read (default: resnet50 avgpool, vgg16 classifier.4, "
+                        "efficientnet_lite0 _avg_pooling); several write OUT.<NODE> each")
+    p.add_argument("--weights", default="imagenet", metavar="imagenet|PATH|random:SEED",
+                   help="imagenet (torch cache), a state_dict file, or random:SEED "
+                        "(default imagenet)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="frames per forward pass (default 16 on cpu, 64 on cuda)")
+    p.add_argument("--name", dest="out", metavar="OUT",
+                   help="writes /features/OUT (default: the model name)")
+    p.add_argument("--pool", choices=["avg"], default=None,
+                   help="average spatial layers over space instead of flattening them")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast precision of the forward pass (default fp32)")
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="time points per resumable block (default 1024, less for big layers)")
+    p.add_argument("--list-layers", metavar="MODEL",
+                   help="print the node names of MODEL and exit")
+    p.add_argument("--list-models", action="store_true", help="print the model names and exit")
+    _store_arg(p)
+    p.set_defaults(func=cmd_features)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from pipeline.errors import InputError
+    from pipeline.features import (available_models, default_layer, list_layers,
+                                   run_features_stage)
+
+    if args.list_models:
+        print("\n".join(available_models()))
+        return 0
+    if args.list_layers:
+        nodes = list_layers(args.list_layers)
+        print("\n".join(nodes))
+        print(f"default layer: {default_layer(args.list_layers, nodes)}", file=sys.stderr)
+        return 0
+    if not args.frames or not args.model:
+        raise InputError("give --frames NAME and --model MODEL (or --list-layers MODEL, "
+                         "--list-models)")
+    summary = run_features_stage(
+        Workspace(args.store), args.frames, args.model, layers=args.layer,
+        weights=args.weights, device=args.device, batch_size=args.batch_size, name=args.out,
+        pool=args.pool, precision=args.precision, overwrite=args.overwrite,
+        progress=args.progress, block_size=args.block_size,
+    )
+    groups = ", ".join(f"/{g} ({n} features)" for g, n in
+                       zip(summary["groups"], summary["n_features"]))
+    counts = ", ".join(str(n) for n in summary["frames"])
+    print(f"wrote {groups} in {args.store}: {summary['runs']} run(s), {counts} frames "
+          f"({summary['blocks_written']} blocks written, {summary['blocks_skipped']} already "
+          f"done; {summary['frames_per_s']:.1f} frames/s)")
+    return 0
+
+
+# ---------------------------------------------------------------------- bold
+def add_bold(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bold", help="ingest 4D NIfTI runs into /bold/SUBJECT (time, voxel)",
+        description="Stream 4D NIfTI runs (one file per run, in order) into /bold/SUBJECT: "
+                    "bold (time, voxel) float32, all time points x 4,096 voxels per chunk, "
+                    "with time (s from run onset), run, and per-voxel i, j, k, valid.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="4D .nii/.nii.gz files, one run each")
+    p.add_argument("--subject", required=True, help="writes /bold/SUBJECT")
+    p.add_argument("--mask", metavar="MASK",
+                   help="NIfTI on the BOLD grid, voxels != 0 are kept (default: an EPI mask "
+                        "computed from the mean volume with nilearn, saved in the group)")
+    p.add_argument("--tr", type=_positive_float, default=None, metavar="SECONDS",
+                   help="repetition time (default: the header's pixdim[4] and time unit)")
+    p.add_argument("--zscore", action=argparse.BooleanOptionalAction, default=True,
+                   help="z-score every voxel within each run (default: --zscore)")
+    p.add_argument("--detrend", choices=["none", "linear"], default="none",
+                   help="remove a least-squares line per voxel and run first (default none)")
+    p.add_argument("--chunk-voxels", type=int, default=None, metavar="N",
+                   help="voxels per chunk and per resumable block (default 4096)")
+    _store_arg(p)
+    p.set_defaults(func=cmd_bold)
+
+
+def cmd_bold(args: argparse.Namespace) -> int:
+    from pipeline.bold import CHUNK_VOXELS, run_bold_stage
+
+    summary = run_bold_stage(
+        Workspace(args.store), args.runs, args.subject, mask=args.mask, tr=args.tr,
+        zscore=args.zscore, detrend=args.detrend,
+        chunk_voxels=args.chunk_voxels or CHUNK_VOXELS, overwrite=args.overwrite,
+        progress=args.progress,
+    )
+    vols = summary["volumes"]
+    counts = (f"{len(vols)} x {vols[0]}" if len(set(vols)) == 1
+              else " + ".join(str(n) for n in vols))
+    print(f"wrote /{summary['group']} in {args.store}: {summary['runs']} run(s), {counts} "
+          f"volumes, {summary['voxels']} voxels, TR {summary['tr']:g} s "
+          f"({summary['tr_source']}), mask {summary['mask']} "
+          f"({summary['blocks_written']} blocks written, {summary['blocks_skipped']} "
+          f"already done)")
+    print(f"invalid voxels: {summary['invalid']} of {summary['voxels']} (constant or NaN in "
+          f"at least one run; kept with valid=False, excluded from scoring)")
+    return 0
+
+
+# ---------------------------------------------------------------------- export
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a per-voxel variable to a NIfTI map",
+        description="Write GROUP's variable VAR, (voxel,) or (n, voxel), to a 3D/4D NIfTI on "
+                    "the original grid and affine (zeros outside the mask).  The voxels' "
+                    "i, j, k come from VAR's coordinates or from the bold group named by "
+                    "GROUP's 'bold_group' attr.")
+    p.add_argument("group", metavar="GROUP", help="e.g. bold/SUBJECT or fits/EXP/MODEL/LAGS")
+    p.add_argument("var", metavar="VAR", help="variable with a voxel dimension, e.g. mean")
+    p.add_argument("out", metavar="OUT", help="output file, .nii or .nii.gz")
+    p.add_argument("--store", default=DEFAULT_STORE,
+                   help=f"workspace Zarr group (default ./{DEFAULT_STORE})")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.bold import describe_export, export_variable
+
+    print(describe_export(export_variable(Workspace(args.store), args.group, args.var,
+                                          args.out)))
+    return 0
+
+
+# ------------------------------------------------------------------------- fit
+def add_fit(sub: argparse._SubParsersAction) -> None:
+    from pipeline.config import STUDY_ALPHAS
+
+    p = sub.add_parser("fit", help="lagged ridge from /features/NAME onto every voxel of /bold/SUBJ")
+    p.add_argument("--features", required=True, help="features group name (/features/NAME)")
+    p.add_argument("--bold", required=True, help="BOLD group name (/bold/SUBJ)")
+    p.add_argument("--lags", required=True, help="delays in seconds, e.g. 4 or 4,5,6,7")
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in STUDY_ALPHAS),
+                   help="regularisation strengths (default: the study's 12)")
+    split = p.add_mutually_exclusive_group(required=True)
+    split.add_argument("--test-samples", type=int, help="hold out the last N samples")
+    split.add_argument("--test-runs", help="hold out whole runs, e.g. 10,11")
+    p.add_argument("--cv", default="5", help="CV folds on training data: K contiguous "
+                   "blocks (default 5) or 'runs'")
+    p.add_argument("--aggregate", choices=["last", "mean"], default="last",
+                   help="frame at t-L (last) or mean of frames in [t-L-TR, t-L)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--name", help="fit name: writes /fits/NAME/lags-... (default FEATURES__SUBJ)")
+    p.add_argument("--save-weights", action="store_true", help="store weights at the best alpha")
+    p.add_argument("--save-predictions", action="store_true", help="store test predictions")
+    p.add_argument("--voxel-block", type=int, default=4096, help="voxels per block (4096)")
+    _store_arg(p)
+    p.set_defaults(func=cmd_fit)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from pipeline.errors import InputError
+    from pipeline.fit import parse_alphas, run_fit_stage
+    from pipeline.lags import parse_lags
+
+    cv = args.cv if args.cv == "runs" else _int_arg(args.cv, "--cv")
+    test_runs = ([_int_arg(r, "--test-runs") for r in args.test_runs.split(",")]
+                 if args.test_runs else None)
+    if args.voxel_block < 1:
+        raise InputError(f"--voxel-block must be >= 1 (got {args.voxel_block})")
+    summary = run_fit_stage(
+        Workspace(args.store), args.features, args.bold, parse_lags(args.lags),
+        parse_alphas(args.alphas), test_samples=args.test_samples, test_runs=test_runs,
+        cv=cv, aggregate=args.aggregate, device=args.device, name=args.name,
+        save_weights=args.save_weights, save_predictions=args.save_predictions,
+        voxel_block=args.voxel_block, overwrite=args.overwrite, progress=args.progress,
+    )
+    print(summary.table())
+    return 0
+
+
+def _int_arg(text: str, flag: str) -> int:
+    from pipeline.errors import InputError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{flag} must be an integer (got {text!r})") from None
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_frames, add_features,
+                                                              add_bold, add_export, add_fit]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,9 +143,10 @@ class StageWriter:
     group: str
     templates: list[RunTemplate]
     _done: list[np.ndarray] = field(default_factory=list)
+    per_run: bool = True
 
     def run_path(self, run: int) -> str:
-        return f"{self.group}/{run_node_name(run)}"
+        return self.workspace.run_path(self.group, run, self.per_run)
 
     def pending_blocks(self, run: int) -> list[int]:
         """Indices of the blocks of ``run`` whose data is not yet known to be written."""
@@ -280,6 +281,15 @@ class Workspace:
         return xr.open_datatree(self.path, engine="zarr")
 
     # ------------------------------------------------------------------ writing
+    @staticmethod
+    def run_path(group: str, run: int, per_run: bool = True) -> str:
+        """Node of run ``run``: ``group/run-NNN``, or ``group`` itself for one-node stages."""
+        if not per_run:
+            if run != 0:
+                raise AssertionError("a one-node stage has a single template")
+            return group
+        return f"{group}/{run_node_name(run)}"
+
     def _set_state(self, group: str, state: str, extra: Mapping[str, Any] | None = None) -> None:
         node = self._root("r+")[group]
         info = dict(node.attrs[STATE_ATTR])
@@ -321,6 +331,7 @@ class Workspace:
         *,
         overwrite: bool = False,
         group_attrs: Mapping[str, Any] | None = None,
+        per_run: bool = True,
     ) -> StageWriter:
         """Create (or reopen for resume) the stage group ``group`` and return its writer.
 
@@ -345,34 +356,36 @@ class Workspace:
                 self.delete(group)
                 state = None
         if state is None:
-            self._create_group(group, params, templates, group_attrs or {})
+            self._create_group(group, params, templates, group_attrs or {}, per_run)
         else:
             self._remove_partial_files(group)
-        done = [self._read_done(group, r) for r in range(len(templates))]
-        return StageWriter(self, group, templates, done)
+        done = [self._read_done(self.run_path(group, r, per_run)) for r in range(len(templates))]
+        return StageWriter(self, group, templates, done, per_run)
 
     def _create_group(self, group: str, params: dict, templates: list[RunTemplate],
-                      group_attrs: Mapping[str, Any]) -> None:
+                      group_attrs: Mapping[str, Any], per_run: bool = True) -> None:
         root = self._root("a")
         node = root.require_group(group)
         attrs = _normalise(group_attrs)
-        attrs[STATE_ATTR] = {
-            "params": params, "state": "templating", "runs": len(templates),
-            "format": FORMAT_VERSION,
-        }
+        info = {"params": params, "state": "templating",
+                "runs": len(templates) if per_run else 0, "format": FORMAT_VERSION}
+        attrs[STATE_ATTR] = info
         node.attrs.put(attrs)
         for run, template in enumerate(templates):
             ds = template.dataset.copy()
             ds[DONE_VAR] = (("block",), da.zeros(template.n_blocks, dtype="u1", chunks=1))
             encoding = {DONE_VAR: {"chunks": (1,)}, **template.encoding}
+            if not per_run:
+                # The template is the group node itself: keep the state attrs on it.
+                ds.attrs = {**_normalise(ds.attrs), **attrs}
             ds.to_zarr(
-                self.path, group=f"{group}/{run_node_name(run)}", mode="w",
+                self.path, group=self.run_path(group, run, per_run), mode="w" if per_run else "a",
                 compute=False, zarr_format=3, consolidated=False, encoding=encoding,
             )
         self._set_state(group, "writing")
 
-    def _read_done(self, group: str, run: int) -> np.ndarray:
-        arr = self._root("r")[f"{group}/{run_node_name(run)}/{DONE_VAR}"]
+    def _read_done(self, node: str) -> np.ndarray:
+        arr = self._root("r")[f"{node}/{DONE_VAR}"]
         return np.asarray(arr[:]).astype("u1")
 
     def write_dataset(self, group: str, ds: xr.Dataset, params: Mapping[str, Any], *,

@@ -1,0 +1,255 @@
+"""The fit stage: lagged design from stored features + BOLD -> ridge over voxel blocks.
+
+Writes ``/fits/<name>/lags-<L1>-<L2>...`` holding, per voxel (``voxel`` dim, with the
+BOLD group's ``i, j, k, valid`` coordinates):
+
+- ``r_test (alpha, voxel)``: test-set Pearson r of the model trained on all training
+  samples, for every alpha (the study's table cell = its mean over valid voxels);
+- ``r_cv (alpha, voxel)``: mean held-out r over the CV folds of the training data;
+- ``best_alpha (voxel)``: the alpha with the best ``r_cv`` (per voxel);
+- ``r_test_cv (voxel)``: test r at that alpha (the honest number);
+- optionally ``weights (lag_feature, voxel)`` at the best alpha and ``predictions
+  (test_sample, voxel)``.
+
+The design is decomposed once; voxel blocks (4,096 by default) are then computed and
+written one at a time with a done flag each, so memory holds one block of BOLD and an
+interrupted fit resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from tqdm.auto import tqdm
+
+from pipeline import ridge
+from pipeline.errors import InputError
+from pipeline.lags import LaggedDesign, build_design, split_train_test
+from pipeline.scoring import contiguous_folds, run_folds
+from stores.workspace import RunTemplate, Workspace
+
+VOXEL_BLOCK = 4096
+
+
+def lag_set_label(lags: Sequence[float]) -> str:
+    """``[4, 4.5, 5]`` -> ``"lags-4-4.5-5"`` (the node name of a lag set)."""
+    return "lags-" + "-".join(f"{float(l):g}" for l in lags)
+
+
+def fit_group(name: str, lags: Sequence[float]) -> str:
+    return f"fits/{name}/{lag_set_label(lags)}"
+
+
+@dataclass
+class FitSummary:
+    group: str
+    alphas: np.ndarray
+    mean_r: np.ndarray          # (alpha,) mean r_test over valid voxels
+    mean_r_cv_selected: float   # mean r_test_cv over valid voxels
+    n_voxels: int
+    n_valid: int
+    n_constant: int
+    n_train: int
+    n_test: int
+    dropped: list[int]
+    blocks_written: int
+    blocks_skipped: int
+
+    def table(self) -> str:
+        """Plain-text table: mean r per alpha, then at CV-selected alphas."""
+        lines = [f"/{self.group}: {self.n_train} train + {self.n_test} test samples "
+                 f"(dropped per run without full history: {self.dropped}); "
+                 f"{self.n_valid} of {self.n_voxels} voxels scored "
+                 f"({self.n_voxels - self.n_valid} invalid or constant, excluded)",
+                 f"{'alpha':>12}  mean r"]
+        best = int(np.nanargmax(self.mean_r)) if np.isfinite(self.mean_r).any() else -1
+        for i, (a, r) in enumerate(zip(self.alphas, self.mean_r)):
+            mark = "  <- best" if i == best else ""
+            lines.append(f"{a:>12g}  {r:.4f}{mark}")
+        lines.append(f"{'CV-selected':>12}  {self.mean_r_cv_selected:.4f}  "
+                     f"(per-voxel alpha chosen on training folds)")
+        return "\n".join(lines)
+
+
+def parse_alphas(text: str) -> list[float]:
+    """``"0.5,1,1e3"`` -> floats; every alpha must be > 0."""
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise InputError(f"--alphas must be comma-separated numbers (got {text!r})") from None
+    bad = [a for a in alphas if not np.isfinite(a) or a <= 0]
+    if not alphas or bad:
+        raise InputError(f"--alphas must all be > 0 (got {bad or text!r})")
+    return alphas
+
+
+def make_folds(cv: int | str, train_runs: np.ndarray) -> list[np.ndarray]:
+    """Held-out index arrays: ``cv`` contiguous blocks, or ``"runs"`` (one per run)."""
+    if cv == "runs":
+        if np.unique(train_runs).size < 2:
+            raise InputError("--cv runs needs at least two training runs; use --cv K")
+        return run_folds(train_runs)
+    k = int(cv)
+    if k < 2 or k > train_runs.size:
+        raise InputError(f"--cv must be between 2 and {train_runs.size} folds (got {cv})")
+    return contiguous_folds(train_runs.size, k)
+
+
+def _fit_template(n_alphas_: np.ndarray, bold_node: xr.Dataset, n_voxels: int, block: int,
+                  weights_dim: int | None, n_test: int, predictions: bool) -> RunTemplate:
+    alphas = n_alphas_
+    coords: dict = {"alpha": ("alpha", alphas)}
+    for name in ("i", "j", "k", "valid"):
+        if name in bold_node.coords:
+            coords[name] = ("voxel", np.asarray(bold_node[name].values))
+    block = min(block, max(n_voxels, 1))
+    na = alphas.size
+    data = {
+        "r_test": (("alpha", "voxel"), da.empty((na, n_voxels), np.float32, chunks=(na, block))),
+        "r_cv": (("alpha", "voxel"), da.empty((na, n_voxels), np.float32, chunks=(na, block))),
+        "best_alpha": (("voxel",), da.empty(n_voxels, np.float32, chunks=block)),
+        "r_test_cv": (("voxel",), da.empty(n_voxels, np.float32, chunks=block)),
+    }
+    encoding = {"r_test": {"chunks": (na, block)}, "r_cv": {"chunks": (na, block)},
+                "best_alpha": {"chunks": (block,)}, "r_test_cv": {"chunks": (block,)}}
+    if weights_dim:
+        data["weights"] = (("lag_feature", "voxel"),
+                           da.empty((weights_dim, n_voxels), np.float32,
+                                    chunks=(weights_dim, block)))
+        encoding["weights"] = {"chunks": (weights_dim, block)}
+    if predictions:
+        data["predictions"] = (("test_sample", "voxel"),
+                               da.empty((n_test, n_voxels), np.float32, chunks=(n_test, block)))
+        encoding["predictions"] = {"chunks": (n_test, block)}
+    ds = xr.Dataset(data, coords=coords)
+    ds["r_test"].attrs["long_name"] = "test-set Pearson r per alpha"
+    ds["r_cv"].attrs["long_name"] = "mean held-out Pearson r over CV folds of the training data"
+    ds["best_alpha"].attrs["long_name"] = "alpha selected per voxel by CV on training data"
+    ds["r_test_cv"].attrs["long_name"] = "test-set Pearson r at the CV-selected alpha"
+    return RunTemplate(ds, encoding, block_dim="voxel", block_size=block)
+
+
+def _as_input_error(exc: ValueError, what: str) -> InputError:
+    return InputError(f"{what}: {exc}")
+
+
+def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence[float],
+                  alphas: Sequence[float], *, test_samples: int | None = None,
+                  test_runs: Sequence[int] | None = None, cv: int | str = 5,
+                  aggregate: str = "last", device: str = "cpu", name: str | None = None,
+                  save_weights: bool = False, save_predictions: bool = False,
+                  voxel_block: int = VOXEL_BLOCK, overwrite: bool = False,
+                  progress: bool = True) -> FitSummary:
+    """Fit ridge for every alpha onto every voxel of ``/bold/<bold>`` from
+    ``/features/<features>`` at ``lags`` (s); write ``/fits/<name>/lags-...``."""
+    alphas_arr = ridge.check_alphas(list(alphas)) if all(a > 0 for a in alphas) else None
+    if alphas_arr is None:
+        raise InputError(f"--alphas must all be > 0 (got {list(alphas)})")
+    if device == "cuda":
+        try:
+            ridge.get_array_module("cuda")
+        except Exception as exc:  # noqa: BLE001 - any failure to get CuPy/CUDA
+            raise InputError(f"--device cuda: {exc}; install the gpu extra "
+                             f"(pip install 'voxelflow[gpu]') or use --device cpu") from None
+    fgroup, bgroup = f"features/{features}", f"bold/{bold}"
+    workspace.require_complete(fgroup, f"voxelflow features --frames ... --name {features}")
+    battrs = workspace.require_complete(bgroup, f"voxelflow bold RUN.nii.gz ... --subject {bold}")
+    tr = float(battrs.get("tr") or battrs.get("voxelflow", {}).get("params", {}).get("tr"))
+    design = build_design(workspace.open_runs(fgroup), workspace.open_runs(bgroup), list(lags),
+                          tr, aggregate=aggregate, features_name=features, bold_name=bold)
+    train, test = split_train_test(design, test_samples=test_samples,
+                                   test_runs=list(test_runs) if test_runs else None)
+    folds = make_folds(cv, design.run[train])
+    bold_node = workspace.open_run(bgroup, 0)
+    n_voxels = int(design.Y.shape[1])
+    valid = (np.asarray(bold_node["valid"].values, bool) if "valid" in bold_node.coords
+             else np.ones(n_voxels, bool))
+
+    group = fit_group(name or f"{features}__{bold}", lags)
+    params = {
+        "stage": "fit", "features": fgroup, "bold": bgroup, "lags": [float(l) for l in lags],
+        "alphas": alphas_arr.tolist(), "test_samples": test_samples,
+        "test_runs": list(test_runs) if test_runs else None, "cv": cv, "aggregate": aggregate,
+        "weights": bool(save_weights), "predictions": bool(save_predictions),
+        "features_params": workspace.params(fgroup), "bold_params": workspace.params(bgroup),
+        "voxel_block": int(voxel_block),
+    }
+    template = _fit_template(alphas_arr, bold_node, n_voxels, voxel_block,
+                             int(design.X.shape[1]) if save_weights else None, test.size,
+                             save_predictions)
+    writer = workspace.start_stage(
+        group, params, [template], overwrite=overwrite, per_run=False,
+        group_attrs={"bold_group": bgroup, "features_group": fgroup,
+                     "lags": [float(l) for l in lags], "n_train": int(train.size),
+                     "n_test": int(test.size), "dropped_per_run": design.dropped,
+                     "tr": tr, "cv": str(cv), "aggregate": aggregate, "device": device},
+    )
+    pending = writer.pending_blocks(0)
+    skipped = template.n_blocks - len(pending)
+    n_constant = 0
+    if pending:
+        X = design.X.compute()
+        if not np.isfinite(X).all():
+            raise InputError(f"/{fgroup}: features contain NaN or infinite values; "
+                             f"re-extract them (voxelflow features ... --overwrite)")
+        try:
+            factors = ridge.factorize_ridge(X[train], X[test], alphas_arr, folds, device=device,
+                                            keep_weight_factors=save_weights)
+        except ValueError as exc:
+            raise _as_input_error(exc, f"/{fgroup} x /{bgroup}") from None
+        Y = design.Y
+        bar = tqdm(total=n_voxels, unit="voxel", desc=f"fit {lag_set_label(lags)}",
+                   disable=not progress, dynamic_ncols=True)
+        bar.update(n_voxels - sum(writer.block_slice(0, b).stop - writer.block_slice(0, b).start
+                                  for b in pending))
+        for b in pending:
+            sl = writer.block_slice(0, b)
+            block = np.asarray(Y[:, sl].compute(), dtype=np.float32)
+            ok = valid[sl] & np.isfinite(block).all(axis=0)
+            block[:, ~ok] = 0.0
+            out = ridge.ridge_chunk(factors, block[train], block[test],
+                                    return_weights=save_weights,
+                                    return_predictions=save_predictions)
+            out = {k: ridge._to_numpy(v) for k, v in out.items()}
+            arrays = {
+                "r_test": np.where(ok[None, :], out["r_test"], np.nan).astype(np.float32),
+                "r_cv": np.where(ok[None, :], out["r_cv"], np.nan).astype(np.float32),
+                "best_alpha": np.where(ok, out["best_alpha"], np.nan).astype(np.float32),
+                "r_test_cv": np.where(ok, out["r_test_cv"], np.nan).astype(np.float32),
+            }
+            if save_weights:
+                arrays["weights"] = np.where(ok[None, :], out["weights"], np.nan).astype(np.float32)
+            if save_predictions:
+                arrays["predictions"] = out["predictions"].astype(np.float32)
+            writer.write_block(0, b, arrays)
+            bar.update(sl.stop - sl.start)
+        bar.close()
+    writer.finish()
+    return summarize_fit(workspace, group, n_blocks_written=len(pending), n_skipped=skipped)
+
+
+def summarize_fit(workspace: Workspace, group: str, n_blocks_written: int = 0,
+                  n_skipped: int = 0) -> FitSummary:
+    """Read a fit group back and compute the printed summary (mean r over scored voxels)."""
+    ds = workspace.open_node(group)
+    r_test = ds["r_test"].values
+    scored = np.isfinite(r_test).all(axis=0)
+    if "valid" in ds.coords:
+        scored &= ds["valid"].values.astype(bool)
+    attrs = workspace.attrs(group)
+    n_invalid = int((~ds["valid"].values.astype(bool)).sum()) if "valid" in ds.coords else 0
+    mean_r = (np.nanmean(r_test[:, scored], axis=1) if scored.any()
+              else np.full(r_test.shape[0], np.nan))
+    return FitSummary(
+        group=group, alphas=ds["alpha"].values, mean_r=mean_r,
+        mean_r_cv_selected=float(np.nanmean(ds["r_test_cv"].values[scored])) if scored.any() else np.nan,
+        n_voxels=int(r_test.shape[1]), n_valid=int(scored.sum()),
+        n_constant=int(r_test.shape[1] - scored.sum() - n_invalid),
+        n_train=int(attrs.get("n_train", 0)), n_test=int(attrs.get("n_test", 0)),
+        dropped=list(attrs.get("dropped_per_run", [])), blocks_written=n_blocks_written,
+        blocks_skipped=n_skipped,
+    )
