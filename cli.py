@@ -249,8 +249,73 @@ def _int_arg(text: str, flag: str) -> int:
         raise InputError(f"{flag} must be an integer (got {text!r})") from None
 
 
+# ------------------------------------------------------------------ run / status / demo
+def add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run every stage of an experiment file, then the report")
+    p.add_argument("experiment", help="experiment TOML file (format: README)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_experiment
+    from pipeline.experiment import run_experiment
+    from pipeline.report import ranking, table_markdown
+
+    exp = load_experiment(args.experiment)
+    out = run_experiment(exp, dry_run=args.dry_run, progress=args.progress)
+    print(f"plan for {exp.source} (store {exp.store}):")
+    for stage in out["plan"]:
+        print("  " + stage.describe())
+    if args.dry_run:
+        return 0
+    table = out["report"]["table"]
+    print()
+    print(table_markdown(table))
+    top = ranking(table).iloc[0]
+    print(f"best (mean r at CV-selected alphas): {top['model']}, lags {top['lags']}")
+    print(f"report: {out['report']['files']['html']}")
+    return 0
+
+
+def add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="list the workspace's groups, shapes and completeness")
+    p.add_argument("--store", default=DEFAULT_STORE,
+                   help=f"workspace Zarr group (default ./{DEFAULT_STORE})")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from stores.inventory import describe_workspace
+
+    for line in describe_workspace(Workspace(args.store)):
+        print(line)
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on a generated movie with planted BOLD")
+    p.add_argument("--workdir", default="demo_workspace", help="where it all goes")
+    p.add_argument("--seconds", type=float, default=300.0, help="movie length in s (300)")
+    p.add_argument("--fps", type=float, default=4.0, help="frames per second (4)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.demo import print_summary, run_demo
+
+    print_summary(run_demo(Path(args.workdir), seconds=args.seconds, fps=args.fps,
+                           progress=args.progress))
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_frames, add_features,
-                                                              add_bold, add_export, add_fit]
+                                                              add_bold, add_export, add_fit, add_run,
+                                                              add_status, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,237 @@
+"""Experiment files: one TOML file -> a validated :class:`Experiment`.
+
+Every problem is reported as ``FILE:LINE: key: what is wrong`` before any heavy work
+starts (missing videos or NIfTI files, unknown keys, wrong types, bad lags/alphas).
+Relative paths are relative to the experiment file's folder.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+
+STUDY_ALPHAS = [0.5, 1, 5, 10, 1e2, 1e3, 1e4, 2.5e4, 5e4, 1e5, 1e6, 1e7]
+
+
+@dataclass
+class ModelSpec:
+    """One feature space: a backbone, its layer and weights (see ``voxelflow features``)."""
+
+    name: str
+    model: str
+    layer: str | None = None
+    weights: str = "imagenet"
+    pool: str | None = None
+    batch_size: int = 16
+
+
+@dataclass
+class Experiment:
+    name: str
+    source: Path
+    store: Path
+    reports: Path
+    stimulus_name: str
+    videos: list[Path]
+    fps: float
+    size: int
+    resize: str
+    subject: str
+    bold_runs: list[Path]
+    mask: Path | None
+    tr: float | None
+    zscore: bool
+    detrend: str
+    models: list[ModelSpec]
+    lag_sets: list[list[float]]
+    alphas: list[float]
+    test_samples: int | None
+    test_runs: list[int] | None
+    cv: int | str
+    aggregate: str
+    device: str
+    atlas: Path | None = None
+    atlas_labels: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
+    # section -> key -> (type(s), required)
+    "experiment": {"name": (str, True), "store": (str, False), "reports": (str, False),
+                   "device": (str, False)},
+    "stimulus": {"name": (str, True), "videos": (list, True), "fps": ((int, float), False),
+                 "size": (int, False), "resize": (str, False)},
+    "bold": {"subject": (str, True), "runs": (list, True), "mask": (str, False),
+             "tr": ((int, float), False), "zscore": (bool, False), "detrend": (str, False)},
+    "models": {"name": (str, True), "model": (str, True), "layer": (str, False),
+               "weights": (str, False), "pool": (str, False), "batch_size": (int, False)},
+    "fit": {"lag_sets": (list, True), "alphas": (list, False), "test_samples": (int, False),
+            "test_runs": (list, False), "cv": ((int, str), False), "aggregate": (str, False)},
+    "report": {"atlas": (str, False), "atlas_labels": (str, False)},
+}
+
+
+class _Locator:
+    """Finds the line of ``key`` inside ``[section]`` / ``[[section]]`` in the raw text."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def line_of(self, section: str | None, key: str | None = None, index: int = 0) -> int:
+        current, seen = None, -1
+        for n, raw in enumerate(self.lines, start=1):
+            line = raw.strip()
+            m = re.match(r"^\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?", line)
+            if m:
+                current = m.group(1)
+                if current == section:
+                    seen += 1
+                    if key is None and seen == index:
+                        return n
+                continue
+            if key and current == section and seen == index and re.match(
+                    rf"^{re.escape(key)}\s*=", line):
+                return n
+        return 1
+
+
+class _Checker:
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.loc = path, _Locator(text)
+
+    def fail(self, section: str, key: str | None, message: str, index: int = 0) -> None:
+        line = self.loc.line_of(section, key, index)
+        where = f"{section}.{key}" if key else f"[{section}]"
+        raise InputError(f"{self.path}:{line}: {where}: {message}")
+
+    def table(self, data: dict, section: str, index: int = 0) -> dict:
+        schema = SCHEMA[section]
+        for key, value in data.items():
+            if key not in schema:
+                close = ", ".join(sorted(schema))
+                self.fail(section, key, f"unknown key (known: {close})", index)
+            types, _ = schema[key]
+            if isinstance(value, bool) and types is not bool and bool not in (
+                    types if isinstance(types, tuple) else (types,)):
+                self.fail(section, key, f"expected {_type_name(types)}, got a boolean", index)
+            if not isinstance(value, types):
+                self.fail(section, key, f"expected {_type_name(types)}, got "
+                          f"{type(value).__name__} {value!r}", index)
+        for key, (_, required) in schema.items():
+            if required and key not in data:
+                self.fail(section, None, f"missing required key '{key}'", index)
+        return data
+
+    def existing(self, section: str, key: str, base: Path, value: str, index: int = 0) -> Path:
+        path = (base / value).expanduser()
+        if not path.exists():
+            self.fail(section, key, f"file not found: {path}", index)
+        return path
+
+
+def _type_name(types: Any) -> str:
+    if isinstance(types, tuple):
+        return " or ".join(t.__name__ for t in types)
+    return types.__name__
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Parse and validate an experiment file; raise :class:`InputError` naming key and line."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such experiment file")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    check = _Checker(path, text)
+    base = path.parent
+    for section in data:
+        if section not in SCHEMA:
+            check.fail(section, None, f"unknown section (known: {', '.join(SCHEMA)})")
+    for section in ("experiment", "stimulus", "bold", "fit"):
+        if section not in data:
+            raise InputError(f"{path}:1: missing section [{section}]")
+    exp = check.table(data["experiment"], "experiment")
+    stim = check.table(data["stimulus"], "stimulus")
+    bold = check.table(data["bold"], "bold")
+    fit = check.table(data["fit"], "fit")
+    report = check.table(data.get("report", {}), "report")
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise InputError(f"{path}:1: [[models]]: give at least one [[models]] table")
+    models = [ModelSpec(**check.table(m, "models", i)) for i, m in enumerate(models_raw)]
+    names = [m.name for m in models]
+    for i, name in enumerate(names):
+        if names.count(name) > 1:
+            check.fail("models", "name", f"duplicate model name {name!r}", i)
+
+    videos = [check.existing("stimulus", "videos", base, v) for v in _strings(check, "stimulus", "videos", stim["videos"])]
+    runs = [check.existing("bold", "runs", base, v) for v in _strings(check, "bold", "runs", bold["runs"])]
+    if len(videos) != len(runs):
+        check.fail("bold", "runs", f"{len(runs)} BOLD run(s) but {len(videos)} video(s) in "
+                   f"stimulus.videos; runs are paired by index")
+    mask = check.existing("bold", "mask", base, bold["mask"]) if "mask" in bold else None
+
+    lag_sets = []
+    for lags in fit["lag_sets"]:
+        if not isinstance(lags, list) or not lags or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in lags):
+            check.fail("fit", "lag_sets", f"each lag set is a list of seconds, got {lags!r}")
+        if any(x < 0 for x in lags):
+            check.fail("fit", "lag_sets", f"lags must be >= 0 s, got {lags!r}")
+        lag_sets.append([float(x) for x in lags])
+    alphas = fit.get("alphas", STUDY_ALPHAS)
+    if not alphas or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a > 0
+                             for a in alphas):
+        check.fail("fit", "alphas", f"alphas must be positive numbers, got {alphas!r}")
+    test_samples = fit.get("test_samples")
+    test_runs = fit.get("test_runs")
+    if (test_samples is None) == (test_runs is None):
+        check.fail("fit", None, "give exactly one of test_samples or test_runs")
+    if test_samples is not None and test_samples <= 0:
+        check.fail("fit", "test_samples", f"must be positive, got {test_samples}")
+    cv = fit.get("cv", 5)
+    if isinstance(cv, str) and cv != "runs" or isinstance(cv, int) and cv < 2:
+        check.fail("fit", "cv", f"cv is a number of folds >= 2 or \"runs\", got {cv!r}")
+    aggregate = fit.get("aggregate", "last")
+    if aggregate not in ("last", "mean"):
+        check.fail("fit", "aggregate", f"must be \"last\" or \"mean\", got {aggregate!r}")
+    resize = stim.get("resize", "squash")
+    if resize not in ("squash", "crop"):
+        check.fail("stimulus", "resize", f"must be \"squash\" or \"crop\", got {resize!r}")
+    fps = float(stim.get("fps", 20))
+    if fps <= 0:
+        check.fail("stimulus", "fps", f"must be positive, got {fps}")
+    detrend = bold.get("detrend", "none")
+    if detrend not in ("none", "linear"):
+        check.fail("bold", "detrend", f"must be \"none\" or \"linear\", got {detrend!r}")
+    device = exp.get("device", "cpu")
+    if device not in ("cpu", "cuda"):
+        check.fail("experiment", "device", f"must be \"cpu\" or \"cuda\", got {device!r}")
+    return Experiment(
+        name=exp["name"], source=path, store=(base / exp.get("store", "voxelflow.zarr")),
+        reports=(base / exp.get("reports", "reports")), stimulus_name=stim["name"],
+        videos=videos, fps=fps, size=int(stim.get("size", 224)), resize=resize,
+        subject=bold["subject"], bold_runs=runs, mask=mask,
+        tr=float(bold["tr"]) if "tr" in bold else None, zscore=bool(bold.get("zscore", True)),
+        detrend=detrend, models=models, lag_sets=lag_sets,
+        alphas=[float(a) for a in alphas], test_samples=test_samples,
+        test_runs=[int(r) for r in test_runs] if test_runs is not None else None,
+        cv=cv, aggregate=aggregate, device=device,
+        atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
+        atlas_labels=(check.existing("report", "atlas_labels", base, report["atlas_labels"])
+                      if "atlas_labels" in report else None),
+    )
+
+
+def _strings(check: _Checker, section: str, key: str, values: list) -> list[str]:
+    if not values or not all(isinstance(v, str) for v in values):
+        check.fail(section, key, f"expected a non-empty list of file names, got {values!r}")
+    return values

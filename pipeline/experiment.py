@@ -1,0 +1,223 @@
+"""One experiment file -> the stages to run, skipping finished work, then the report.
+
+The plan lists every stage with its store group and an action:
+
+- ``skip``: the group is complete and was made from the same request;
+- ``run``: the group does not exist yet;
+- ``resume``: the group was interrupted (same request): finish the missing blocks;
+- ``rerun``: the request changed (file, fps, model, lags, ...): replace the group.
+
+A stage's *request* is what the experiment asks of it (files with their size and
+modification time, stage options, and its upstream stages' requests); it is kept in
+the group's attrs (``voxelflow_request``), so a second run of the same file computes
+nothing, and a changed upstream stage reruns everything that depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.config import Experiment
+from pipeline.errors import InputError
+from stores.workspace import Workspace
+
+REQUEST_ATTR = "voxelflow_request"
+
+
+@dataclass
+class PlannedStage:
+    kind: str            # frames | features | bold | fit
+    group: str           # store group it writes
+    request: dict        # what the experiment asks of it
+    action: str = "run"  # skip | run | resume | rerun
+    note: str = ""
+    call: Callable[[bool], Any] | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.request, sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        text = f"{self.action:>6}  {self.kind:<8} /{self.group}"
+        return text + (f"  ({self.note})" if self.note else "")
+
+
+def _file_id(path: Path) -> dict:
+    """Identity of an input file: resolved path, size and modification time."""
+    if not path.exists():
+        return {"file": str(path.resolve()), "missing": True}
+    st = path.stat()
+    return {"file": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _decide(ws: Workspace, stage: PlannedStage) -> PlannedStage:
+    state = ws.state(stage.group)
+    stored = ws.attrs(stage.group).get(REQUEST_ATTR)
+    if state is None:
+        stage.action = "run"
+    elif stored == stage.fingerprint:
+        stage.action = "skip" if state == "complete" else "resume"
+        if state != "complete":
+            stage.note = "interrupted earlier; finishing the missing blocks"
+    elif state == "complete" and stored is None:
+        stage.action = "rerun"
+        stage.note = "group made outside this experiment; replacing it"
+    else:
+        stage.action = "rerun"
+        stage.note = "parameters or inputs changed since it was made"
+    return stage
+
+
+def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool = True
+               ) -> list[PlannedStage]:
+    """Every stage of the experiment in order, each with its action (nothing is run)."""
+    ws = ws or Workspace(exp.store)
+    from pipeline.bold import run_bold_stage
+    from pipeline.features import run_features_stage
+    from pipeline.fit import fit_group, run_fit_stage
+    from pipeline.frames import run_frames_stage
+
+    stages: list[PlannedStage] = []
+    frames_req = {"videos": [_file_id(v) for v in exp.videos], "fps": exp.fps,
+                  "size": exp.size, "resize": exp.resize}
+    frames = PlannedStage("frames", f"frames/{exp.stimulus_name}", frames_req)
+    frames.call = lambda overwrite: run_frames_stage(
+        ws, exp.videos, exp.stimulus_name, fps=exp.fps, size=exp.size, resize=exp.resize,
+        overwrite=overwrite, progress=progress)
+    stages.append(frames)
+
+    bold_req = {"runs": [_file_id(p) for p in exp.bold_runs],
+                "mask": _file_id(exp.mask) if exp.mask else None, "tr": exp.tr,
+                "zscore": exp.zscore, "detrend": exp.detrend}
+    bold = PlannedStage("bold", f"bold/{exp.subject}", bold_req)
+    bold.call = lambda overwrite: run_bold_stage(
+        ws, exp.bold_runs, exp.subject, mask=exp.mask, tr=exp.tr, zscore=exp.zscore,
+        detrend=exp.detrend, overwrite=overwrite, progress=progress)
+    stages.append(bold)
+
+    for spec in exp.models:
+        feat_req = {"frames": frames_req, "model": spec.model, "layer": spec.layer,
+                    "weights": spec.weights, "pool": spec.pool, "device": exp.device}
+        feat = PlannedStage("features", f"features/{spec.name}", feat_req)
+        feat.call = (lambda overwrite, spec=spec: run_features_stage(
+            ws, exp.stimulus_name, spec.model, layers=[spec.layer] if spec.layer else None,
+            weights=spec.weights, device=exp.device, batch_size=spec.batch_size,
+            name=spec.name, pool=spec.pool, overwrite=overwrite, progress=progress))
+        stages.append(feat)
+        for lags in exp.lag_sets:
+            fit_req = {"features": feat_req, "bold": bold_req, "lags": lags,
+                       "alphas": exp.alphas, "test_samples": exp.test_samples,
+                       "test_runs": exp.test_runs, "cv": exp.cv, "aggregate": exp.aggregate}
+            name = f"{exp.name}/{spec.name}"
+            fit = PlannedStage("fit", fit_group(name, lags), fit_req)
+            fit.call = (lambda overwrite, spec=spec, lags=lags, name=name: run_fit_stage(
+                ws, spec.name, exp.subject, lags, exp.alphas, test_samples=exp.test_samples,
+                test_runs=exp.test_runs, cv=exp.cv, aggregate=exp.aggregate,
+                device=exp.device, name=name, overwrite=overwrite, progress=progress))
+            stages.append(fit)
+
+    rerun_groups: set[str] = set()
+    for stage in stages:
+        _decide(ws, stage)
+        if stage.action == "skip" and _depends_on_rerun(stage, rerun_groups, exp):
+            stage.action, stage.note = "rerun", "an upstream stage reruns"
+        if stage.action in ("rerun", "run"):
+            rerun_groups.add(stage.group)
+    return stages
+
+
+def _depends_on_rerun(stage: PlannedStage, rerun: set[str], exp: Experiment) -> bool:
+    if stage.kind == "features":
+        return f"frames/{exp.stimulus_name}" in rerun
+    if stage.kind == "fit":
+        model = stage.group.split("/")[2]
+        return f"bold/{exp.subject}" in rerun or f"features/{model}" in rerun
+    return False
+
+
+def execute_plan(ws: Workspace, stages: list[PlannedStage],
+                 log: Callable[[str], None] = print) -> list[PlannedStage]:
+    """Run every stage that is not ``skip``; return the stages that ran."""
+    ran = []
+    for stage in stages:
+        if stage.action == "skip":
+            continue
+        log(stage.describe())
+        t0 = time.perf_counter()
+        stage.call(stage.action == "rerun")
+        ws.update_attrs(stage.group, {REQUEST_ATTR: stage.fingerprint})
+        ws.consolidate()
+        log(f"        done in {time.perf_counter() - t0:.1f} s")
+        ran.append(stage)
+    return ran
+
+
+def collect_results(exp: Experiment, ws: Workspace) -> list:
+    """The fit of every (model, lag set) as :class:`pipeline.report.FitResult`."""
+    from pipeline.fit import fit_group
+    from pipeline.report import FitResult
+
+    results = []
+    for spec in exp.models:
+        for lags in exp.lag_sets:
+            group = fit_group(f"{exp.name}/{spec.name}", lags)
+            ds = ws.open_node(group).load()
+            ds.attrs.update(ws.attrs(group))
+            results.append(FitResult(spec.name, lags, ds))
+    return results
+
+
+def _roi_of_voxel(exp: Experiment, fit) -> tuple[np.ndarray | None, dict | None]:
+    if exp.atlas is None:
+        return None, None
+    import nibabel as nib
+
+    atlas = np.asarray(nib.load(str(exp.atlas)).dataobj)
+    try:
+        labels = atlas[fit["i"].values, fit["j"].values, fit["k"].values].astype(int)
+    except IndexError:
+        raise InputError(f"{exp.atlas}: atlas grid {atlas.shape} is not the BOLD grid; "
+                         f"resample it to the BOLD data first") from None
+    names = None
+    if exp.atlas_labels is not None:
+        names = {}
+        for line in exp.atlas_labels.read_text().splitlines():
+            parts = [p.strip() for p in line.replace(",", "\t").split("\t") if p.strip()]
+            if len(parts) >= 2 and parts[0].lstrip("-").isdigit():
+                names[int(parts[0])] = parts[1]
+    return labels, names
+
+
+def make_report(exp: Experiment, ws: Workspace) -> dict:
+    """Write ``reports/<experiment>/`` from the stored fits."""
+    from pipeline.bold import export_variable
+    from pipeline.fit import fit_group
+    from pipeline.report import write_report
+
+    results = collect_results(exp, ws)
+
+    def write_map(res, path: Path) -> None:
+        export_variable(ws, fit_group(f"{exp.name}/{res.model}", res.lags), "r_test_cv", path)
+
+    roi, names = _roi_of_voxel(exp, results[0].fit)
+    return write_report(results, exp.reports / exp.name, experiment=exp.name,
+                        write_map=write_map, roi_of_voxel=roi, roi_names=names)
+
+
+def run_experiment(exp: Experiment, *, dry_run: bool = False, progress: bool = True,
+                   log: Callable[[str], None] = print) -> dict:
+    """Plan, run what is needed, write the report; return plan, ran stages and report."""
+    ws = Workspace(exp.store)
+    stages = build_plan(exp, ws, progress=progress)
+    if dry_run:
+        return {"plan": stages, "ran": [], "report": None}
+    ran = execute_plan(ws, stages, log)
+    report = make_report(exp, ws)
+    return {"plan": stages, "ran": ran, "report": report}

