@@ -22,7 +22,7 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 install: $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base
-	$(PY) -m pipeline.demo
+	$(VENV)/bin/voxelflow demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

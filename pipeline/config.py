@@ -167,6 +167,13 @@ def load_experiment(path: str | Path) -> Experiment:
     if not isinstance(models_raw, list) or not models_raw:
         raise InputError(f"{path}:1: [[models]]: give at least one [[models]] table")
     models = [ModelSpec(**check.table(m, "models", i)) for i, m in enumerate(models_raw)]
+    from pipeline.features import check_model
+
+    for i, spec in enumerate(models):
+        try:
+            check_model(spec.model)
+        except InputError as exc:
+            check.fail("models", "model", str(exc), i)
     names = [m.name for m in models]
     for i, name in enumerate(names):
         if names.count(name) > 1:

@@ -103,7 +103,7 @@ def simulate_bold_files(features: np.ndarray, frame_times: np.ndarray, n_volumes
 
 
 def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: float = 1.0,
-             n_voxels: int = 2000, snr: float = 0.5, seed: int = 0, progress: bool = True,
+             n_voxels: int = 2000, snr: float = 1.0, seed: int = 0, progress: bool = True,
              log=print) -> dict:
     """Generate, simulate, run the experiment; return the experiment result dict."""
     from pipeline.experiment import build_plan, execute_plan, make_report
@@ -118,7 +118,7 @@ def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: flo
     mask = workdir / "simulated_mask.nii.gz"
     if not movie.exists():
         log(f"generating a {seconds:g} s synthetic movie -> {movie}")
-        write_scene_movie(movie, seconds, seed=seed)
+        write_scene_movie(movie, seconds, seed=seed, scene_seconds=2.5)
     n_volumes = int(seconds // tr)
     test_samples = int(round(0.2 * (n_volumes - PLANTED_LAGS[-1] / tr)))
     toml = workdir / "experiment.toml"
