@@ -118,7 +118,7 @@ def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: flo
     mask = workdir / "simulated_mask.nii.gz"
     if not movie.exists():
         log(f"generating a {seconds:g} s synthetic movie -> {movie}")
-        write_scene_movie(movie, seconds, seed=seed, scene_seconds=2.5)
+        write_scene_movie(movie, seconds, seed=seed, scene_seconds=1.0)
     n_volumes = int(seconds // tr)
     test_samples = int(round(0.2 * (n_volumes - PLANTED_LAGS[-1] / tr)))
     toml = workdir / "experiment.toml"

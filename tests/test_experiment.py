@@ -1,0 +1,184 @@
+"""Experiment runner, report and demo: planted answer, no recomputation, resume after
+SIGKILL, report values against the stored arrays, bad experiment files."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from conftest import ROOT, run_cli
+from pipeline.config import load_experiment
+from pipeline.demo import PLANTED_LAGS, PLANTED_MODEL, run_demo
+from pipeline.errors import InputError
+from pipeline.experiment import build_plan, run_experiment
+from pipeline.report import ranking
+
+SMALL = dict(seconds=100.0, fps=2.0, n_voxels=400, progress=False)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    out = run_demo(work, log=lambda *_: None, **SMALL)
+    return work, out
+
+
+def test_small_demo_ranks_the_planted_model_and_lags_first(demo):
+    _, out = demo
+    top = ranking(out["report"]["table"]).iloc[0]
+    assert top["model"] == PLANTED_MODEL
+    assert top["lags"] == ",".join(f"{l:g}" for l in PLANTED_LAGS)
+
+
+def test_second_run_recomputes_nothing(demo):
+    work, first = demo
+    exp = load_experiment(work / "experiment.toml")
+    plan = build_plan(exp, progress=False)
+    assert {s.action for s in plan} == {"skip"}, [s.describe() for s in plan]
+    again = run_experiment(exp, progress=False, log=lambda *_: None)
+    assert again["ran"] == []
+    pd.testing.assert_frame_equal(again["report"]["table"], first["report"]["table"])
+    res = run_cli("run", str(work / "experiment.toml"), "--dry-run")
+    assert res.returncode == 0 and "skip" in res.stdout and " run " not in res.stdout
+
+
+def test_changed_alphas_rerun_only_the_fits(demo, tmp_path):
+    work, _ = demo
+    text = (work / "experiment.toml").read_text().replace("alphas = [0.5, ", "alphas = [0.25, 0.5, ")
+    changed = work / "changed.toml"
+    changed.write_text(text)
+    plan = build_plan(load_experiment(changed), progress=False)
+    actions = {s.kind: set() for s in plan}
+    for s in plan:
+        actions[s.kind].add(s.action)
+    assert actions == {"frames": {"skip"}, "bold": {"skip"}, "features": {"skip"},
+                       "fit": {"rerun"}}
+
+
+def test_report_table_equals_values_recomputed_from_store(demo):
+    work, out = demo
+    table = pd.read_csv(out["report"]["files"]["table_csv"])
+    tree = xr.open_datatree(work / "voxelflow.zarr", engine="zarr")
+    for _, row in table.iterrows():
+        lags = "-".join(str(row["lags"]).split(","))
+        node = tree[f"fits/demo/{row['model']}/lags-{lags}"].to_dataset()
+        valid = node["valid"].values.astype(bool) & np.isfinite(node["r_test"].values).all(0)
+        for a_i, alpha in enumerate(node["alpha"].values):
+            expected = node["r_test"].values[a_i, valid].astype(np.float64).mean()
+            assert abs(row[f"{alpha:g}"] - expected) < 1e-6
+        assert abs(row["r_cv_selected"] - node["r_test_cv"].values[valid].mean()) < 1e-6
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.refs.append(attrs["src"])
+        if tag == "a":
+            self.refs.append(attrs["href"])
+
+
+def test_report_files_exist_and_images_are_real(demo):
+    _, out = demo
+    files = out["report"]["files"]
+    html = Path(files["html"])
+    parser = _Refs()
+    parser.feed(html.read_text())
+    assert len(parser.refs) >= 6
+    for ref in parser.refs:
+        target = html.parent / ref
+        assert target.exists() and target.stat().st_size > 0, ref
+        if ref.endswith(".png"):
+            from PIL import Image
+            with Image.open(target) as img:
+                assert img.size[0] > 200 and img.size[1] > 150
+                assert np.unique(np.asarray(img.convert("L"))).size > 10  # not a blank image
+    import nibabel as nib
+    best = nib.load(str(files["best_map_nifti"]))
+    assert np.isfinite(best.get_fdata()).all() and best.get_fdata().max() > 0.1
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_same_table(demo, tmp_path):
+    work, first = demo
+    # Same inputs, new store: copy the experiment file next to the inputs.
+    text = (work / "experiment.toml").read_text().replace('store = "voxelflow.zarr"',
+                                                         'store = "killed.zarr"')
+    text = text.replace('reports = "reports"', 'reports = "killed_reports"')
+    exp_file = work / "killed.toml"
+    exp_file.write_text(text)
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(exp_file), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    marker = work / "killed.zarr" / "features"
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.exists():
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run must be killed mid-way"
+    plan = build_plan(load_experiment(exp_file), progress=False)
+    assert any(s.action != "skip" for s in plan)
+    res = run_cli("run", str(exp_file), "--no-progress", timeout=600)
+    assert res.returncode == 0, res.stderr
+    table = pd.read_csv(work / "killed_reports" / "demo" / "table.csv")
+    expected = first["report"]["table"]
+    np.testing.assert_allclose(table.select_dtypes("number").values,
+                               expected.select_dtypes("number").values, atol=1e-6)
+
+
+BASE = """
+[experiment]
+name = "x"
+[stimulus]
+name = "m"
+videos = ["{video}"]
+[bold]
+subject = "s"
+runs = ["{bold}"]
+[[models]]
+name = "a"
+model = "resnet50"
+weights = "random:0"
+[fit]
+lag_sets = [[4], [4, 5]]
+alphas = [1, 10]
+test_samples = 10
+"""
+
+
+@pytest.mark.parametrize("edit, key", [
+    (("{video}", "missing.mp4"), "stimulus.videos"),
+    (('model = "resnet50"', 'model = "resnet5O"'), "models.model"),
+    (("[[4], [4, 5]]", "[[4], [-1, 5]]"), "fit.lag_sets"),
+    (("alphas = [1, 10]", "alphas = [0, 10]"), "fit.alphas"),
+    (('runs = ["{bold}"]', 'runs = ["{bold}", "{bold}"]'), "bold.runs"),
+    (("test_samples = 10", "test_sample = 10"), "fit.test_sample"),
+    (('[fit]', '[fit]\ncv = "five"'), "fit.cv"),
+])
+def test_bad_experiment_files_name_the_key_and_line(tmp_path, edit, key):
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    (tmp_path / "b.nii.gz").write_bytes(b"x")
+    text = BASE.replace(edit[0], edit[1]).replace("{video}", "v.mp4").replace("{bold}", "b.nii.gz")
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    with pytest.raises(InputError) as err:
+        load_experiment(path)
+    msg = str(err.value)
+    assert key in msg and f"{path}:" in msg, msg
+    line = int(msg.split(f"{path}:")[1].split(":")[0])
+    assert line > 1
+    res = run_cli("run", str(path))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
