@@ -99,9 +99,9 @@ def make_folds(cv: int | str, train_runs: np.ndarray) -> list[np.ndarray]:
     return contiguous_folds(train_runs.size, k)
 
 
-def _fit_template(n_alphas_: np.ndarray, bold_node: xr.Dataset, n_voxels: int, block: int,
+def _fit_template(alphas: np.ndarray, bold_node: xr.Dataset, n_voxels: int, block: int,
                   weights_dim: int | None, n_test: int, predictions: bool) -> RunTemplate:
-    alphas = n_alphas_
+    """Template of a fit group: per-voxel outputs chunked in voxel blocks of ``block``."""
     coords: dict = {"alpha": ("alpha", alphas)}
     for name in ("i", "j", "k", "valid"):
         if name in bold_node.coords:
@@ -146,9 +146,10 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
                   progress: bool = True) -> FitSummary:
     """Fit ridge for every alpha onto every voxel of ``/bold/<bold>`` from
     ``/features/<features>`` at ``lags`` (s); write ``/fits/<name>/lags-...``."""
-    alphas_arr = ridge.check_alphas(list(alphas)) if all(a > 0 for a in alphas) else None
-    if alphas_arr is None:
-        raise InputError(f"--alphas must all be > 0 (got {list(alphas)})")
+    try:
+        alphas_arr = ridge.check_alphas(list(alphas))
+    except ValueError:
+        raise InputError(f"--alphas must all be > 0 (got {list(alphas)})") from None
     if device == "cuda":
         try:
             ridge.get_array_module("cuda")
