@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
+from zarr.codecs import ZstdCodec
 
 from pipeline.errors import InputError
 from stores.workspace import RunTemplate, Workspace, iter_run_blocks
@@ -313,7 +315,10 @@ def frames_template(info: VideoInfo, times: np.ndarray, run: int, size: int) -> 
         },
     )
     encoding = {
-        "frames": {"chunks": (FRAME_CHUNK, size, size, 3), "shards": (FRAME_SHARD, size, size, 3)},
+        # zstd level 1: 2.2x smaller than raw frames at ~2.4x the speed of the default
+        # level 3 (2.7x smaller), so compression keeps up with decoding.
+        "frames": {"chunks": (FRAME_CHUNK, size, size, 3), "shards": (FRAME_SHARD, size, size, 3),
+                   "compressors": [ZstdCodec(level=1)]},
         "time": {"chunks": (max(n, 1),)},
         "run": {"chunks": (max(n, 1),)},
     }
@@ -360,22 +365,29 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
                sum(writer.block_slice(r, b).stop - writer.block_slice(r, b).start
                    for r, b, _ in iter_run_blocks(writer)))
     written = 0
-    for run, info in enumerate(infos):
-        source_index = frame_index_at(info.pts_s, times[run])
-        blocks = writer.pending_blocks(run)
-        stream: Iterator[np.ndarray] | None = None
-        next_sample = -1
-        for block in blocks:
-            region = writer.block_slice(run, block)
-            if stream is None or next_sample != region.start:
-                stream = iter_sampled_frames(info, source_index, region.start, size, resize)
-            out = np.empty((region.stop - region.start, size, size, 3), dtype=np.uint8)
-            for i in range(out.shape[0]):
-                out[i] = next(stream)
-            writer.write_block(run, block, {"frames": out})
-            next_sample = region.stop
-            written += 1
-            bar.update(out.shape[0])
+    # One writer thread: block k is compressed and written while block k+1 is decoded
+    # (at most two blocks in memory).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="frames-writer") as pool:
+        pending_write: Future | None = None
+        for run, info in enumerate(infos):
+            source_index = frame_index_at(info.pts_s, times[run])
+            stream: Iterator[np.ndarray] | None = None
+            next_sample = -1
+            for block in writer.pending_blocks(run):
+                region = writer.block_slice(run, block)
+                if stream is None or next_sample != region.start:
+                    stream = iter_sampled_frames(info, source_index, region.start, size, resize)
+                out = np.empty((region.stop - region.start, size, size, 3), dtype=np.uint8)
+                for i in range(out.shape[0]):
+                    out[i] = next(stream)
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = pool.submit(writer.write_block, run, block, {"frames": out})
+                next_sample = region.stop
+                written += 1
+                bar.update(out.shape[0])
+        if pending_write is not None:
+            pending_write.result()
     bar.close()
     writer.finish()
     return {"group": group, "runs": len(infos), "frames": [int(t.size) for t in times],
