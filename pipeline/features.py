@@ -26,10 +26,10 @@ models (the values in ``weights.transforms()``), and mean 127/255, std 128/255
 that inception-style normalisation (``efficientnet_lite_builder.py``: MEAN_RGB 127,
 STDDEV_RGB 128).
 
-Throughput: a reader thread reads the next frame batch (and pins it for the GPU)
-while the model runs; a writer thread writes the previous feature block while the
-next one is computed; the forward runs under ``torch.inference_mode`` in
-channels_last, with optional autocast (``precision="bf16"|"fp16"``).
+Throughput: a reader thread reads the next frames (a frames shard, 128, at a time;
+pinned for the GPU) while the model runs; a writer thread writes the previous feature
+block while the next one is computed; the forward runs under ``torch.inference_mode``
+in channels_last, with optional autocast (``precision="bf16"|"fp16"``).
 
 Blocks and resume: a block is ``block_size`` time points of one run, one Zarr chunk
 of every layer's array (the write unit), flagged done after its data.  Default: 1,024
@@ -67,11 +67,13 @@ from pipeline.errors import InputError, WorkspaceConflict
 from stores.workspace import RunTemplate, StageWriter, Workspace
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
-EXTRA_MODELS = (EFFICIENTNET_LITE0,)
+AUTOENCODER = "autoencoder"  # the encoder of a voxelflow train-autoencoder checkpoint
+EXTRA_MODELS = (EFFICIENTNET_LITE0, AUTOENCODER)
 DEFAULT_LAYERS = {
     "resnet50": "avgpool",
     "vgg16": "classifier.4",
     EFFICIENTNET_LITE0: "_avg_pooling",
+    AUTOENCODER: "avgpool",  # the 2,048-d pooled bottleneck
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,6 +87,7 @@ BLOCK_BYTES = 64 * 2**20  # a block of all layers' features stays below this
 DEFAULT_BATCH = {"cpu": 16, "cuda": 64}
 OFFLINE_ENV = "VOXELFLOW_OFFLINE"  # "1": never try to download weights
 QUEUE_BATCHES = 4  # frame batches read ahead
+READ_FRAMES = 128  # frames per read from the frames store (one frames shard)
 
 
 # ---------------------------------------------------------------------------- models
@@ -133,6 +136,10 @@ def _construct(model: str, weights: Any = None):
         from efficientnet_lite_pytorch import EfficientNet
 
         return _quiet_build(EfficientNet.from_name, "efficientnet-lite0")
+    if model == AUTOENCODER:
+        from pipeline.autoencoder import encoder_skeleton
+
+        return encoder_skeleton()
     return torchvision.models.get_model(model, weights=weights)
 
 
@@ -305,6 +312,8 @@ def load_backbone(model: str, weights: str = "imagenet") -> Backbone:
     """
     check_model(model)
     kind, value = parse_weights(weights)
+    if model == AUTOENCODER:
+        return _autoencoder_backbone(weights, kind, value)
     lite = model == EFFICIENTNET_LITE0
     mean, std = (LITE_MEAN, LITE_STD) if lite else (IMAGENET_MEAN, IMAGENET_STD)
     file: Path | None = None
@@ -339,6 +348,18 @@ def load_backbone(model: str, weights: str = "imagenet") -> Backbone:
                     tuple(float(m) for m in mean), tuple(float(s) for s in std), weights_name)
 
 
+def _autoencoder_backbone(weights: str, kind: str, value: Any) -> Backbone:
+    """The encoder of a ``voxelflow train-autoencoder`` checkpoint (``--weights CKPT``)."""
+    if kind != "file":
+        raise InputError(f"--model {AUTOENCODER} needs --weights CKPT, a checkpoint written by "
+                         f"voxelflow train-autoencoder (got --weights {weights})")
+    from pipeline.autoencoder import load_encoder
+
+    module, info = load_encoder(value)
+    return Backbone(AUTOENCODER, module, weights, str(value), sha256_file(value),
+                    info["mean"], info["std"], info["name"])
+
+
 def _torchvision_imagenet(model: str):
     import torchvision
 
@@ -350,33 +371,47 @@ def _torchvision_imagenet(model: str):
             f"(${OFFLINE_ENV}); put {file_name} (from {enum.url}) into {where}/ "
             f"(set TORCH_HOME to move the cache), or use --weights PATH|random:SEED"
         )
-    import socket
-
-    cached_before = cached.is_file()
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)
+    if not cached.is_file():
+        _download_weights(model, enum.url, file_name, cached)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = torchvision.models.get_model(model, weights=enum)
+            module = torchvision.models.get_model(model, weights=enum)  # from the cache
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if cached_before:
-            raise InputError(
-                f"{cached}: ImageNet weights for {model} could not be loaded ({reason[:120]}); "
-                f"the file may be damaged: delete it and download it again from {enum.url}"
-            ) from None
         raise InputError(
-            f"ImageNet weights for {model} are not in the torch cache and could not be "
-            f"downloaded ({reason[:120]}); put {file_name} (from {enum.url}) into {where}/ "
-            f"(set TORCH_HOME to move the cache), or use --weights PATH|random:SEED"
+            f"{cached}: ImageNet weights for {model} could not be loaded ({reason[:120]}); "
+            f"the file may be damaged: delete it and download it again from {enum.url}"
         ) from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
     tf = enum.transforms()
     mean = tuple(getattr(tf, "mean", IMAGENET_MEAN))
     std = tuple(getattr(tf, "std", IMAGENET_STD))
     return module, cached, str(enum), mean, std
+
+
+def _download_weights(model: str, url: str, file_name: str, cached: Path) -> None:
+    """Download ``url`` to ``cached`` (hash-checked, atomic); one-line error if impossible."""
+    import re
+    import socket
+
+    import torch
+
+    match = re.search(r"-([a-f0-9]+)\.", file_name)  # torchvision names carry a sha256 prefix
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), match.group(1) if match else None,
+                                       progress=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"ImageNet weights for {model} are not in the torch cache and could not be "
+            f"downloaded ({reason[:120]}); put {file_name} (from {url}) into {cached.parent}/ "
+            f"(set TORCH_HOME to move the cache), or use --weights PATH|random:SEED"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
 
 
 # ----------------------------------------------------------------------- extraction
@@ -663,7 +698,8 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
         raise InputError(f"--batch-size must be a positive number of frames (got {batch_size})")
     batch_size = int(batch_size)
     if block_size is not None and int(block_size) < 1:
-        raise InputError(f"--block-size must be a positive number of time points (got {block_size})")
+        raise InputError(
+            f"--block-size must be a positive number of time points (got {block_size})")
     check_model(model)
     layers = check_layers(model, layers)
     name = name or model
@@ -706,7 +742,7 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
         ]
         attrs = {
             "model": model, "layer": layer, "layers_in_pass": list(layers),
-            "weights": weights, "weights_name": backbone.weights_name,
+            "weights": weights_key, "weights_name": backbone.weights_name,
             "weights_file": backbone.weights_file, "weights_sha256": backbone.weights_sha256,
             "preprocessing": backbone.preprocessing,
             "preprocessing_mean": list(backbone.mean), "preprocessing_std": list(backbone.std),
@@ -737,7 +773,7 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
                desc="/" + (groups[0] if len(groups) == 1 else f"features/{name}.*"),
                disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
-    _run_jobs(jobs, frames_runs, extractor, writers, n_features, batch_size, bar)
+    forward_s = _run_jobs(jobs, frames_runs, extractor, writers, n_features, batch_size, bar)
     elapsed = time.perf_counter() - started
     bar.close()
     for w in writers:
@@ -748,33 +784,45 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
         "n_features": n_features, "layers": layers, "block_size": block,
         "batch_size": batch_size, "blocks_written": len(jobs),
         "blocks_skipped": n_blocks_total - len(jobs), "frames_computed": todo,
-        "compute_s": elapsed, "frames_per_s": todo / elapsed if todo and elapsed > 0 else 0.0,
+        "compute_s": elapsed, "forward_s": forward_s,
+        "frames_per_s": todo / elapsed if todo and elapsed > 0 else 0.0,
     }
 
 
 def _run_jobs(jobs: list[_Job], frames_runs: list[xr.Dataset], extractor: FeatureExtractor,
-              writers: list[StageWriter], n_features: list[int], batch_size: int, bar) -> None:
-    """Reader thread -> forward (this thread) -> writer thread, with bounded queues."""
+              writers: list[StageWriter], n_features: list[int], batch_size: int,
+              bar) -> float:
+    """Reader thread -> forward (this thread) -> writer thread, with bounded queues.
+
+    Returns the seconds this thread spent in the forward passes (and copying their
+    outputs to host memory): the rest of the loop's time is pipeline overhead.
+    """
     import torch
 
     if not jobs:
-        return
+        return 0.0
     pin = extractor.device.type == "cuda"
     stop = threading.Event()
     batches: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
     blocks: queue.Queue = queue.Queue(maxsize=1)
 
+    # Read about one frames shard (128) at a time with dask's synchronous scheduler:
+    # per-read overhead is then a small fraction, and no extra threads wake up to
+    # compete with the forward pass for the cores.
+    piece = batch_size * max(1, READ_FRAMES // batch_size)
+
     def read() -> None:
         for j, job in enumerate(jobs):
-            frames = frames_runs[job.run]["frames"]
-            for start in range(job.region.start, job.region.stop, batch_size):
-                stop_at = min(start + batch_size, job.region.stop)
-                arr = np.ascontiguousarray(frames[start:stop_at].values)
-                t = torch.from_numpy(arr)
-                if pin:
-                    t = t.pin_memory()
-                if not _put(batches, (j, start - job.region.start, t), stop):
-                    return
+            frames = frames_runs[job.run]["frames"].data
+            for first in range(job.region.start, job.region.stop, piece):
+                last = min(first + piece, job.region.stop)
+                arr = np.asarray(frames[first:last].compute(scheduler="synchronous"))
+                for start in range(first, last, batch_size):
+                    t = torch.from_numpy(arr[start - first:min(start + batch_size, last) - first])
+                    if pin:
+                        t = t.pin_memory()
+                    if not _put(batches, (j, start - job.region.start, t), stop):
+                        return
         _put(batches, _DONE, stop)
 
     def write() -> None:
@@ -794,6 +842,7 @@ def _run_jobs(jobs: list[_Job], frames_runs: list[xr.Dataset], extractor: Featur
         current = -1
         outs: list[np.ndarray] = []
         filled = 0
+        forward_s = 0.0
         while True:
             item = _get(batches, stop, [reader, writer])
             if item is _DONE:
@@ -804,9 +853,11 @@ def _run_jobs(jobs: list[_Job], frames_runs: list[xr.Dataset], extractor: Featur
                 length = job.region.stop - job.region.start
                 outs = [np.empty((length, f), dtype=np.float32) for f in n_features]
                 current, filled = j, 0
+            t0 = time.perf_counter()
             feats = extractor(frames)
             for out, f in zip(outs, feats):
                 out[offset:offset + f.shape[0]] = f.cpu().numpy()
+            forward_s += time.perf_counter() - t0
             filled += frames.shape[0]
             bar.update(frames.shape[0])
             if filled == job.region.stop - job.region.start:
@@ -819,6 +870,7 @@ def _run_jobs(jobs: list[_Job], frames_runs: list[xr.Dataset], extractor: Featur
             raise writer.error
         if reader.error is not None:
             raise reader.error
+        return forward_s
     finally:
         stop.set()
 

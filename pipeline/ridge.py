@@ -6,29 +6,37 @@ alpha, is scikit-learn's::
     minimise ||y_v - X w_v||^2 + alpha ||w_v||^2
 
 with ``X`` and ``y_v`` centred on the training samples (the intercept is the
-training mean). Everything that depends only on the design ``X`` -- one
-eigendecomposition per cross-validation fold plus one for the full training
-set -- is computed once (:func:`factorize_ridge`) and broadcast; each voxel
-chunk then costs a few matrix products for *all* alphas together
-(:func:`ridge_chunk`). Voxels are independent, so chunking over voxels is
-exact, and :func:`ridge_over_voxels` maps the chunk function over a Dask
-array of BOLD chunked along voxels.
+training mean). Everything that depends only on the design ``X`` is computed
+once (:func:`factorize_ridge`) and broadcast; each voxel chunk then costs a
+few matrix products for *all* alphas together (:func:`ridge_chunk`). Voxels
+are independent, so chunking over voxels is exact (up to BLAS rounding), and
+:func:`ridge_over_voxels` maps the chunk function over a Dask array of BOLD
+chunked along voxels.
 
 Two regimes, picked from the shape of the training design ``(n, p)``:
 
 ``primal`` (``p <= n``)
-    eigh of the float64 Gram matrix ``X^T X`` (``p x p``) per fold. The fold
-    cross-products are ``X^T Y`` of the whole training set minus the
-    held-out block's, so ``X^T Y`` costs one pass over the data in total.
+    the float64 Gram matrix ``X^T X`` (``p x p``); each fold's is the total
+    minus the held-out block's, centred via sums. The fold cross-products
+    ``X^T Y`` are likewise the total minus the held-out block's, so ``X^T Y``
+    costs one pass over the data in total.
 ``dual`` (``p > n``)
-    eigh of the float64 kernel ``X X^T`` (``n_train x n_train``) per fold.
+    the float64 kernel ``X X^T`` (``n_train x n_train``), built over feature
+    blocks (a Dask design is streamed, never held whole); each fold's is a
+    re-centred sub-block.
 
-Held-out predictions for alpha ``a`` are ``(A * d_a) @ B`` with
-``A = X_heldout V``, ``B = V^T (X^T y)_fold``, ``d_a = 1 / (s + a)`` and
-``(s, V)`` the eigendecomposition; by default the small ``(A * d_a) V^T``
-operators are precomputed ("dense" form) so each alpha is a single GEMM on
-the fold's right-hand side. Big products run in the compute dtype (float32
-for float32 data), decompositions and sums in float64.
+Per fold, held-out predictions for alpha ``a`` are ``(A * d_a) @ B`` with
+``(s, V)`` the eigendecomposition of the fold's Gram/kernel, ``A = X_heldout
+V``, ``B = V^T (X^T y)_fold`` and ``d_a = 1 / (s + a)``. By default the small
+operators ``(A * d_a) V^T = X_heldout (G + a)^-1`` are precomputed ("dense"
+form, within a memory budget), so every alpha is part of one stacked GEMM on
+the fold's right-hand side; on CPU they are built with one float64 Cholesky
+per alpha, which for a dozen alphas is twice as fast as eigh (whose
+tridiagonal reduction is memory-bound) and gives the same operators. Folds
+beyond the budget keep the eigh factors ("factored" form). Big products run
+in the compute dtype (float32 for float32 data), decompositions and sums in
+float64. Held-out predictions are centred on the held-out block (r is
+unchanged) so float32 sums stay accurate.
 
 For recordings too long for one time block, :func:`ridge_over_voxels`
 accumulates ``X^T X`` and ``X^T Y`` over time chunks instead
@@ -36,11 +44,10 @@ accumulates ``X^T X`` and ``X^T Y`` over time chunks instead
 :func:`ridge_chunk_from_statistics`); the results equal the direct path.
 
 Arrays are ``(sample, feature)`` for designs and ``(sample, voxel)`` for
-BOLD. ``device="cuda"`` runs the same code with CuPy.
+BOLD. ``device="cuda"`` runs the same code with CuPy (imported lazily).
 """
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +84,11 @@ __all__ = [
 TIE_BREAK_SLOPE = 1e-10
 
 #: Default cap on the memory of the precomputed dense CV operators, bytes.
-DEFAULT_MAX_DENSE_BYTES = 1 << 30
+#: The study's dual shape (8,192 features) needs 0.78 GB for all five folds;
+#: under 512 MiB three are dense and two factored (~12 % more flops per
+#: voxel), which keeps a worker's peak below the BOLD matrix size. Raise it
+#: where memory is plentiful.
+DEFAULT_MAX_DENSE_BYTES = 512 << 20
 
 
 # --------------------------------------------------------------------------
@@ -178,6 +189,24 @@ def _check_targets(y: Any, name: str, n_samples: int, xp: Any) -> None:
             "those voxels out before fitting.")
 
 
+#: With at most this many alphas, "auto" builds dense operators with one
+#: Cholesky per alpha on CPU: eigh's tridiagonal reduction is memory-bound
+#: (a 3,600-sample kernel: ~20 CPU-s for eigh + build vs ~13 CPU-s for 12
+#: LAPACK potrf + potrs on the project's 2-core machine).
+CHOLESKY_MAX_ALPHAS = 24
+
+
+def _resolve_decomposition(decomposition: str, n_alphas: int, device: str) -> str:
+    """'eigh' or 'cholesky' for decomposition='auto' (see CHOLESKY_MAX_ALPHAS)."""
+    if decomposition == "auto":
+        fast = device == "cpu" and n_alphas <= CHOLESKY_MAX_ALPHAS
+        return "cholesky" if fast else "eigh"
+    if decomposition in ("eigh", "cholesky"):
+        return decomposition
+    raise ValueError("decomposition must be 'auto', 'eigh' or 'cholesky'; got "
+                     f"{decomposition!r}.")
+
+
 def _resolve_regime(solver: str, n_train: int, n_features: int) -> str:
     """'primal' (Gram, p <= n) or 'dual' (kernel, p > n) for solver='auto'."""
     if solver == "auto":
@@ -215,41 +244,63 @@ def eigh_psd(matrix: Any, xp: Any = np) -> tuple[Any, Any]:
     return xp.maximum(eigenvalues, 0.0), eigenvectors
 
 
-def _solve_shifted(matrix: Any, alpha: float, right: Any, xp: Any) -> Any:
-    """``(matrix + alpha I)^-1 right`` by Cholesky, float64.
+def _solve_shifted(matrix: Any, alpha: float, right: Any, buffer: Any,
+                   solution: Any, xp: Any) -> Any | None:
+    """``(matrix + alpha I)^-1 right`` by Cholesky, float64, into ``solution``.
 
-    ``matrix`` (q, q) symmetric PSD is left unchanged; ``right`` is (q, r).
+    ``matrix`` (q, q) symmetric PSD is left unchanged; ``buffer`` (q, q) and
+    ``solution`` (q, r), Fortran-ordered, are scratch space reused across
+    alphas (no allocation per alpha); ``right`` is (q, r). Returns the
+    solution, or None when the shifted matrix is not positive definite.
     """
-    shifted = matrix.copy()
+    buffer[...] = matrix
     diagonal = xp.arange(matrix.shape[0])
-    shifted[diagonal, diagonal] += alpha
+    buffer[diagonal, diagonal] += alpha
+    solution[...] = right
     if xp is np:
-        import scipy.linalg  # noqa: PLC0415
+        from scipy.linalg import lapack  # noqa: PLC0415
 
-        factor = scipy.linalg.cho_factor(shifted.T, lower=True, overwrite_a=True,
-                                         check_finite=False)
-        return scipy.linalg.cho_solve(factor, right, check_finite=False)
+        # LAPACK directly (numpy's cholesky is unblocked and ~10x slower);
+        # buffer.T is the same symmetric matrix in Fortran order: in place.
+        factor, info = lapack.dpotrf(buffer.T, lower=1, overwrite_a=1, clean=0)
+        if info != 0:
+            return None
+        result, info = lapack.dpotrs(factor, solution, lower=1, overwrite_b=1)
+        return result if info == 0 else None
     import cupyx.scipy.linalg  # noqa: PLC0415
 
-    lower = xp.linalg.cholesky(shifted)
-    half = cupyx.scipy.linalg.solve_triangular(lower, right, lower=True)
-    return cupyx.scipy.linalg.solve_triangular(lower.T, half, lower=False)
+    try:
+        lower = xp.linalg.cholesky(buffer)
+    except xp.linalg.LinAlgError:
+        return None
+    if not bool(xp.isfinite(lower).all()):
+        return None
+    half = cupyx.scipy.linalg.solve_triangular(lower, solution, lower=True,
+                                               overwrite_b=True)
+    return cupyx.scipy.linalg.solve_triangular(lower, half, lower=True, trans="T",
+                                               overwrite_b=True)
 
 
 def _dense_operator_by_cholesky(train_matrix: Any, row_matrix: Any,
                                 alphas: np.ndarray, dtype: np.dtype, xp: Any,
-                                remove_constant: bool) -> PredictionOperator:
+                                remove_constant: bool) -> PredictionOperator | None:
     """Dense operators ``row_matrix (train_matrix + alpha)^-1``, one Cholesky
-    per alpha (float64), stored as (n_alphas, n_rows, q) in ``dtype``."""
+    per alpha (float64), stored as (n_alphas, n_rows, q) in ``dtype``; None
+    if a shifted matrix is not positive definite."""
     dense = xp.empty((len(alphas), row_matrix.shape[0], train_matrix.shape[0]),
                      dtype=dtype)
-    right = xp.ascontiguousarray(row_matrix.T)
+    right = row_matrix.T  # Fortran-ordered view when row_matrix is C-ordered
+    buffer = xp.empty_like(train_matrix)
+    solution = xp.empty(right.shape, dtype=xp.float64, order="F")
     for index, alpha in enumerate(alphas):
-        block = _solve_shifted(train_matrix, float(alpha), right, xp).T
+        result = _solve_shifted(train_matrix, float(alpha), right, buffer,
+                                solution, xp)
+        if result is None:
+            return None  # not positive definite: let the caller use eigh
         if remove_constant:
-            block = block - block.mean(axis=1, keepdims=True)
-        dense[index] = block
-    return PredictionOperator(dense=dense)
+            result -= result.mean(axis=0, keepdims=True)
+        dense[index] = result.T
+    return PredictionOperator(dense=dense, method="cholesky")
 
 
 def _shrinkage(eigenvalues: Any, alphas: np.ndarray, xp: Any) -> Any:
@@ -275,12 +326,14 @@ class PredictionOperator:
     left : (n_rows, q) or None -- rows in the eigenbasis (``A``)
     right : (q, q) or None -- eigenvectors (``V`` or ``U``)
     shrinkage : (n_alphas, q) or None -- ``1 / (s + alpha)``
+    method : how it was built, "eigh" or "cholesky" (for flop counts)
     """
 
     dense: Any = None
     left: Any = None
     right: Any = None
     shrinkage: Any = None
+    method: str = "eigh"
 
     @property
     def n_rows(self) -> int:
@@ -320,14 +373,21 @@ def _build_operator(train_matrix: Any, row_matrix: Any, alphas: np.ndarray,
     if form == "cholesky" and not keep_basis:
         operator = _dense_operator_by_cholesky(train_matrix, row_matrix, alphas,
                                                dtype, xp, remove_constant)
-        return operator, None, None
+        if operator is not None:
+            return operator, None, None
+        form = "dense"  # tiny alpha on a singular matrix: eigh clamps instead
     eigenvalues, eigenvectors = eigh_psd(train_matrix, xp)
+    del train_matrix  # destroyed by eigh; freed here if the caller passed a temporary
     rows_in_basis = row_matrix @ eigenvectors
     shrinkage = _shrinkage(eigenvalues, alphas, xp)
     if form == "factored":
-        operator = PredictionOperator(
-            left=rows_in_basis.astype(dtype), right=eigenvectors.astype(dtype),
-            shrinkage=shrinkage.astype(dtype))
+        left = rows_in_basis.astype(dtype)
+        del rows_in_basis
+        right = eigenvectors.astype(dtype)
+        if not keep_basis:
+            eigenvectors = None
+        operator = PredictionOperator(left=left, right=right,
+                                      shrinkage=shrinkage.astype(dtype))
         return operator, eigenvalues, eigenvectors
     dense = xp.empty((len(alphas), row_matrix.shape[0], eigenvectors.shape[0]),
                      dtype=dtype)
@@ -388,6 +448,8 @@ class RidgeFactors:
     basis, eigenvalues : full-fit eigenvectors (q, q) compute dtype and
         float64 eigenvalues (q,); kept only when weights are requested
     design_centred : dual with weights: centred training design (n, feature)
+    x_mean : float64 (feature,), training mean of the design
+    fold_sizes : held-out samples per fold
     """
 
     regime: str
@@ -454,7 +516,7 @@ def factorize_ridge(X_train: Any, X_test: Any | None, alphas: Any,
                     dtype: Any = None, solver: str = "auto",
                     operator_form: str = "auto",
                     max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
-                    decomposition: str = "eigh",
+                    decomposition: str = "auto",
                     keep_weight_factors: bool = False) -> RidgeFactors:
     """Decompose the training design once: per fold and for the full fit.
 
@@ -474,10 +536,11 @@ def factorize_ridge(X_train: Any, X_test: Any | None, alphas: Any,
         extra GEMM per fold and chunk); "auto" is dense within
         ``max_dense_bytes`` (bytes of dense operators), factored beyond
     decomposition : "eigh" (one float64 eigendecomposition per fold and one
-        for the full fit) or "cholesky" (dense operators from one float64
-        Cholesky solve per alpha instead: no eigh, faster on CPUs for a
-        dozen alphas; factored folds and weights still use eigh). Results
-        agree to rounding.
+        for the full fit), "cholesky" (dense operators from one float64
+        Cholesky solve per alpha instead; factored folds and weights still
+        use eigh) or "auto" (Cholesky on CPU for up to
+        :data:`CHOLESKY_MAX_ALPHAS` alphas, else eigh). Results agree to
+        rounding.
     keep_weight_factors : keep what :func:`ridge_chunk` needs for weights
 
     Returns
@@ -486,11 +549,18 @@ def factorize_ridge(X_train: Any, X_test: Any | None, alphas: Any,
     """
     xp = get_array_module(device)
     alphas = check_alphas(alphas)
-    X_train = xp.asarray(X_train)
-    _check_design(X_train, "X_train", xp)
+    if len(getattr(X_train, "shape", ())) != 2:
+        X_train = xp.asarray(X_train)
+        _check_design(X_train, "X_train", xp)
     n_train, n_features = (int(size) for size in X_train.shape)
+    regime = _resolve_regime(solver, n_train, n_features)
+    if not (_is_dask(X_train) and regime == "dual"):
+        # The dual regime streams a Dask design over feature blocks (checked
+        # block by block); everything else holds it in memory.
+        X_train = xp.asarray(_materialize(X_train))
+        _check_design(X_train, "X_train", xp)
     if X_test is not None:
-        X_test = xp.asarray(X_test)
+        X_test = xp.asarray(_materialize(X_test))
         _check_design(X_test, "X_test", xp)
         if X_test.shape[1] != n_features:
             raise ValueError(
@@ -500,10 +570,7 @@ def factorize_ridge(X_train: Any, X_test: Any | None, alphas: Any,
     compute = np.dtype(dtype) if dtype is not None else _compute_dtype(X_train.dtype)
     if compute not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64; got {compute}.")
-    if decomposition not in ("eigh", "cholesky"):
-        raise ValueError("decomposition must be 'eigh' or 'cholesky'; got "
-                         f"{decomposition!r}.")
-    regime = _resolve_regime(solver, n_train, n_features)
+    decomposition = _resolve_decomposition(decomposition, len(alphas), device)
     builder = _factorize_primal if regime == "primal" else _factorize_dual
     return builder(X_train, X_test, alphas, folds, xp=xp, dtype=compute,
                    device=device, operator_form=operator_form,
@@ -582,28 +649,58 @@ def _factorize_primal(X_train, X_test, alphas, folds, *, xp, dtype, device,
         fold_sizes=tuple(len(f) for f in folds))
 
 
-def _centred_kernels(X_train: Any, X_test: Any | None, x_mean: Any, dtype,
-                     xp: Any, block: int = 512) -> tuple[Any, Any]:
+def _is_dask(array: Any) -> bool:
+    """True for a Dask array (anything with a task graph and chunks)."""
+    return hasattr(array, "dask") and hasattr(array, "chunks")
+
+
+def _materialize(array: Any) -> Any:
+    """Compute a Dask array; return anything else unchanged."""
+    return array.compute() if _is_dask(array) else array
+
+
+def _feature_blocks(X: Any, block: int) -> Iterable[tuple[slice, Any]]:
+    """(columns, X[:, columns]) over feature blocks; a Dask design is read
+    one of its own feature chunks at a time, never whole."""
+    n_features = X.shape[1]
+    if _is_dask(X):
+        start = 0
+        for width in X.chunks[1]:
+            columns = slice(start, start + width)
+            yield columns, X[:, columns].compute()
+            start += width
+        return
+    for start in range(0, n_features, block):
+        columns = slice(start, start + block)
+        yield columns, X[:, columns]
+
+
+def _centred_kernels(X_train: Any, X_test: Any | None, dtype, xp: Any,
+                     block: int = 512) -> tuple[Any, Any, Any]:
     """Float64 kernels of the design centred on its training mean.
 
     Accumulated over feature blocks, so the float64 copy of X is only
-    (n, block). The design is first rounded to the compute dtype after
-    centring, exactly as the chunk products see it.
+    (n, block) and a Dask design is never held whole. Each block is centred
+    (float64 mean) and rounded to the compute dtype, as in the primal path.
 
-    Returns (train kernel (n, n), test-by-train kernel (n_test, n) or None).
+    Returns (train kernel (n, n), test-by-train kernel (n_test, n) or None,
+    training mean (feature,) float64).
     """
     n_train, n_features = X_train.shape
     kernel = xp.zeros((n_train, n_train), dtype=xp.float64)
     cross = None if X_test is None else xp.zeros(
         (X_test.shape[0], n_train), dtype=xp.float64)
-    for start in range(0, n_features, block):
-        columns = slice(start, start + block)
-        part = (X_train[:, columns].astype(xp.float64) - x_mean[columns])
-        part = part.astype(dtype).astype(xp.float64)
+    x_mean = xp.zeros(n_features, dtype=xp.float64)
+    for columns, part in _feature_blocks(X_train, block):
+        part = xp.asarray(part)
+        _check_design(part, f"X_train[:, {columns.start}:{columns.stop}]", xp)
+        x_mean[columns] = part.mean(axis=0, dtype=xp.float64)
+        part = (part.astype(xp.float64) - x_mean[columns]).astype(dtype)
+        part = part.astype(xp.float64)
         kernel += part @ part.T
         if cross is not None:
             cross += (X_test[:, columns].astype(xp.float64) - x_mean[columns]) @ part.T
-    return kernel, cross
+    return kernel, cross, x_mean
 
 
 def _recentre_kernel_block(block: Any, column_means: Any, overall: float) -> Any:
@@ -619,42 +716,53 @@ def _recentre_kernel_block(block: Any, column_means: Any, overall: float) -> Any
     return block
 
 
+def _dual_fold_operator(blocks: list, alphas: np.ndarray, form: str,
+                        dtype: np.dtype, xp: Any) -> PredictionOperator:
+    """One fold's operator from ``blocks = [K[train, train], K[held, train]]``
+    (popped, so that eigh can free the training block as soon as it is
+    decomposed). Both are re-centred on the fold's training mean; the
+    held-out rows also on their own mean."""
+    rows = blocks.pop()
+    column_means = blocks[0].mean(axis=0)
+    overall = float(column_means.mean())
+    rows = _recentre_kernel_block(rows, column_means, overall)
+    rows -= rows.mean(axis=0, keepdims=True)  # centre over held-out block
+    _recentre_kernel_block(blocks[0], column_means, overall)
+    operator, _, _ = _build_operator(blocks.pop(), rows, alphas, form, dtype, xp,
+                                     remove_constant=True)
+    return operator
+
+
 def _factorize_dual(X_train, X_test, alphas, folds, *, xp, dtype, device,
                     operator_form, max_dense_bytes, decomposition,
                     keep_weight_factors):
     """Dual factors: float64 kernel ``X X^T`` per fold (sub-blocks of one
     kernel, re-centred on each fold's training mean)."""
     n_train, n_features = X_train.shape
-    x_mean = _design_mean(X_train, xp)
-    kernel, cross = _centred_kernels(X_train, X_test, x_mean, dtype, xp)
+    kernel, cross, x_mean = _centred_kernels(X_train, X_test, dtype, xp)
     forms = _choose_forms(len(alphas), [(len(f), n_train - len(f)) for f in folds],
                           np.dtype(dtype).itemsize, operator_form, max_dense_bytes,
                           decomposition)
+    # The full fit first, on a copy of the kernel, while no fold operator is
+    # held yet: this keeps the peak memory of the factorisation low.
+    test_operator, eigenvalues, basis = _full_fit_operator(
+        kernel.copy(), cross, alphas, decomposition=decomposition, dtype=dtype,
+        xp=xp, remove_constant=True, keep_weight_factors=keep_weight_factors)
+    del cross
     fold_factors = []
-    for held_out, form in zip(folds, forms):
+    for number, (held_out, form) in enumerate(zip(folds, forms)):
         train = xp.asarray(train_indices(held_out, n_train))
         held = xp.asarray(held_out)
-        train_block = kernel[train[:, None], train]
-        column_means = train_block.mean(axis=0)
-        overall = float(column_means.mean())
-        rows = _recentre_kernel_block(kernel[held[:, None], train], column_means,
-                                      overall)
-        rows -= rows.mean(axis=0, keepdims=True)  # centre over held-out block
-        train_block = _recentre_kernel_block(train_block, column_means, overall)
-        operator, _, _ = _build_operator(train_block, rows, alphas, form, dtype,
-                                         xp, remove_constant=True)
+        blocks = [kernel[train[:, None], train], kernel[held[:, None], train]]
+        if number == len(folds) - 1:
+            kernel = None  # last fold: release the full kernel before solving
+        operator = _dual_fold_operator(blocks, alphas, form, dtype, xp)
         fold_factors.append(FoldFactors(held_out=held, train=train,
                                         x_sum_train=None, operator=operator))
-        del train_block, rows
     design_centred = None
     if keep_weight_factors:
-        design_centred = (X_train.astype(xp.float64) - x_mean).astype(dtype)
-    # The kernel is already centred on the full training mean; it is the
-    # last thing decomposed, so it may be destroyed in place.
-    test_operator, eigenvalues, basis = _full_fit_operator(
-        kernel, cross, alphas, decomposition=decomposition, dtype=dtype, xp=xp,
-        remove_constant=True, keep_weight_factors=keep_weight_factors)
-    del kernel, cross
+        design = xp.asarray(_materialize(X_train))
+        design_centred = (design.astype(xp.float64) - x_mean).astype(dtype)
     return RidgeFactors(
         regime="dual", alphas=alphas, dtype=np.dtype(dtype), device=device,
         n_train=n_train, n_test=0 if X_test is None else int(X_test.shape[0]),
@@ -688,11 +796,38 @@ def _project(operator: PredictionOperator, rhs: Any) -> Any:
     return rhs if operator.dense is not None else operator.right.T @ rhs
 
 
-def _predict(operator: PredictionOperator, projected: Any, alpha_index: int) -> Any:
-    """Predictions (n_rows, voxel) of one alpha from a projected rhs."""
+#: Rows per stacked GEMM: matrix products with fewer than ~2,000 rows run
+#: at ~75 % of the float32 peak on CPU, stacked alphas at ~100 %.
+STACKED_ROWS = 2048
+
+
+def _predictions(operator: PredictionOperator, projected: Any, xp: Any
+                 ) -> Iterable[tuple[int, Any]]:
+    """Predictions of every alpha, a few alphas per matrix product.
+
+    Yields ``(first_alpha, predictions)`` with predictions of shape
+    (n_batch_alphas, n_rows, voxel): dense operators are stacked into one
+    ``(n_alphas * n_rows, q)`` product; factored ones build ``A * d_a`` for
+    enough alphas to fill about :data:`STACKED_ROWS` rows.
+    """
+    n_rows, n_voxels = operator.n_rows, projected.shape[1]
     if operator.dense is not None:
-        return operator.dense[alpha_index] @ projected
-    return (operator.left * operator.shrinkage[alpha_index]) @ projected
+        n_alphas, _, q = operator.dense.shape
+        stacked = operator.dense.reshape(n_alphas * n_rows, q) @ projected
+        yield 0, stacked.reshape(n_alphas, n_rows, n_voxels)
+        return
+    n_alphas, q = operator.shrinkage.shape
+    batch = max(1, min(n_alphas, -(-STACKED_ROWS // max(n_rows, 1))))
+    for first in range(0, n_alphas, batch):
+        shrinkage = operator.shrinkage[first:first + batch]
+        left = (operator.left[None, :, :] * shrinkage[:, None, :])
+        stacked = left.reshape(-1, q) @ projected
+        yield first, stacked.reshape(len(shrinkage), n_rows, n_voxels)
+
+
+def _n_alphas_of(operator: PredictionOperator) -> int:
+    source = operator.dense if operator.dense is not None else operator.shrinkage
+    return int(source.shape[0])
 
 
 def _held_out_scores(operator: PredictionOperator, rhs: Any,
@@ -704,14 +839,13 @@ def _held_out_scores(operator: PredictionOperator, rhs: Any,
     """
     projected = _project(operator, rhs)
     y_ss = _column_dot(y_held_out, y_held_out, xp)
-    n_alphas = (operator.dense if operator.dense is not None
-                else operator.shrinkage).shape[0]
-    scores = xp.empty((n_alphas, rhs.shape[1]), dtype=xp.float64)
-    for index in range(n_alphas):
-        prediction = _predict(operator, projected, index)
-        scores[index] = correlation_from_sums(
-            _column_dot(prediction, y_held_out, xp),
-            _column_dot(prediction, prediction, xp), y_ss, xp=xp)
+    scores = xp.empty((_n_alphas_of(operator), rhs.shape[1]), dtype=xp.float64)
+    for first, batch in _predictions(operator, projected, xp):
+        for offset, prediction in enumerate(batch):
+            scores[first + offset] = correlation_from_sums(
+                _column_dot(prediction, y_held_out, xp),
+                _column_dot(prediction, prediction, xp), y_ss, xp=xp)
+        del batch
     return scores
 
 
@@ -801,15 +935,18 @@ def _test_outputs(factors: RidgeFactors, rhs: Any, y_mean: Any, Y_test: Any,
     predictions = None
     if want_predictions:
         predictions = xp.zeros((factors.n_test, rhs.shape[1]), dtype=factors.dtype)
-    for index in range(factors.n_alphas):
-        prediction = _predict(operator, projected, index)
-        if predictions is not None:
-            chosen = best == index
-            predictions[:, chosen] = prediction[:, chosen]
-        prediction -= prediction.mean(axis=0, dtype=xp.float64).astype(factors.dtype)
-        r_test[index] = correlation_from_sums(
-            _column_dot(prediction, y_centred, xp),
-            _column_dot(prediction, prediction, xp), y_ss, xp=xp)
+    for first, batch in _predictions(operator, projected, xp):
+        for offset, prediction in enumerate(batch):
+            index = first + offset
+            if predictions is not None:
+                chosen = best == index
+                predictions[:, chosen] = prediction[:, chosen]
+            prediction -= prediction.mean(axis=0, dtype=xp.float64).astype(
+                factors.dtype)
+            r_test[index] = correlation_from_sums(
+                _column_dot(prediction, y_centred, xp),
+                _column_dot(prediction, prediction, xp), y_ss, xp=xp)
+        del batch
     if predictions is not None:
         predictions += y_mean.astype(factors.dtype)
     return r_test, predictions
@@ -948,7 +1085,7 @@ def ridge_cv_scores(X_train: Any, Y_train: Any, X_test: Any | None,
                     return_predictions: bool = False,
                     operator_form: str = "auto",
                     max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
-                    decomposition: str = "eigh",
+                    decomposition: str = "auto",
                     ) -> dict[str, np.ndarray]:
     """Fit ridge for every alpha and voxel, select alpha by CV, score on test.
 
@@ -1052,10 +1189,9 @@ def ridge_flops(factors: RidgeFactors, n_voxels: int, *,
                 include_factorization: bool = True) -> float:
     """Floating-point operations of the exact computation, for ``n_voxels``.
 
-    Counts every matrix product of :func:`ridge_chunk` (2 m k n each),
-    the elementwise correlation sums (4 per element), and, if asked, the
-    factorisation: Gram/kernel products and eigh counted as
-    ``(4/3 + 2) q^3`` (tridiagonal reduction + back-transformation).
+    Counts every matrix product of :func:`ridge_chunk` (``2 m k n`` each)
+    and the elementwise correlation sums (4 per element); with
+    ``include_factorization``, also :func:`_factorization_flops`.
     """
     n_alphas, p, n = factors.n_alphas, factors.n_features, factors.n_train
     total = 0.0
@@ -1064,9 +1200,8 @@ def ridge_flops(factors: RidgeFactors, n_voxels: int, *,
     for fold in factors.folds:
         n_held = int(fold.held_out.shape[0])
         q = p if factors.regime == "primal" else n - n_held
-        operator = fold.operator
-        if operator.dense is None:
-            total += 2.0 * q * q * n_voxels
+        if fold.operator.dense is None:
+            total += 2.0 * q * q * n_voxels  # B = V^T rhs
         total += n_alphas * (2.0 * n_held * q + 4.0 * n_held) * n_voxels
     if factors.test is not None:
         q = p if factors.regime == "primal" else n
@@ -1076,27 +1211,36 @@ def ridge_flops(factors: RidgeFactors, n_voxels: int, *,
     return total
 
 
+def _operator_flops(operator: PredictionOperator, n_rows: int, q: int,
+                    n_alphas: int) -> float:
+    """Flops to build one operator: eigh counted as ``(4/3 + 2) q^3``
+    (tridiagonal reduction + back-transformation), Cholesky as ``q^3 / 3``
+    plus ``2 r q^2`` for its two triangular solves."""
+    if operator.method == "cholesky":
+        return n_alphas * (q ** 3 / 3.0 + 2.0 * n_rows * q * q)
+    total = (4.0 / 3.0 + 2.0) * q ** 3 + 2.0 * n_rows * q * q
+    if operator.dense is not None:
+        total += n_alphas * 2.0 * n_rows * q * q
+    return total
+
+
 def _factorization_flops(factors: RidgeFactors) -> float:
-    """Approximate flops of :func:`factorize_ridge` (products + eigh)."""
+    """Approximate flops of :func:`factorize_ridge`: Gram or kernel products,
+    held-out downdates and every operator build (see :func:`_operator_flops`)."""
     n_alphas, p, n = factors.n_alphas, factors.n_features, factors.n_train
-    eigh = lambda q: (4.0 / 3.0 + 2.0) * q ** 3  # noqa: E731
-    total = 0.0
     if factors.regime == "primal":
-        total += 2.0 * n * p * p  # Gram
-        sizes = [(int(f.held_out.shape[0]), p, f.operator.dense is not None)
-                 for f in factors.folds]
+        total = 2.0 * n * p * p  # Gram; the held-out Grams add up to it again
+        total += 2.0 * sum(factors.fold_sizes) * p * p
         full_q = p
     else:
-        total += 2.0 * n * n * p + 2.0 * factors.n_test * n * p  # kernels
-        sizes = [(int(f.held_out.shape[0]), n - int(f.held_out.shape[0]),
-                  f.operator.dense is not None) for f in factors.folds]
+        total = 2.0 * n * n * p + 2.0 * factors.n_test * n * p  # kernels
         full_q = n
-    for n_rows, q, dense in sizes:
-        total += eigh(q) + 2.0 * n_rows * q * q
-        if dense:
-            total += n_alphas * 2.0 * n_rows * q * q
+    for fold in factors.folds:
+        n_held = int(fold.held_out.shape[0])
+        q = p if factors.regime == "primal" else n - n_held
+        total += _operator_flops(fold.operator, n_held, q, n_alphas)
     if factors.test is not None:
-        total += eigh(full_q) + (n_alphas + 1) * 2.0 * factors.n_test * full_q ** 2
+        total += _operator_flops(factors.test, factors.n_test, full_q, n_alphas)
     return total
 
 
@@ -1171,7 +1315,7 @@ def ridge_over_voxels(X_train: Any, Y_train: Any, X_test: Any | None,
                       return_predictions: bool = False,
                       operator_form: str = "auto",
                       max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
-                      decomposition: str = "eigh",
+                      decomposition: str = "auto",
                       block_voxels: int = DEFAULT_BLOCK_VOXELS,
                       voxel: Any = None, factors: Any = None) -> Any:
     """Lazy ridge over every voxel of Dask BOLD chunked along voxels.
@@ -1239,10 +1383,6 @@ def ridge_over_voxels(X_train: Any, Y_train: Any, X_test: Any | None,
             return_predictions=return_predictions)
     else:
         if factors is None:
-            if hasattr(X_train, "dask"):
-                X_train = X_train.compute()
-            if X_test is not None and hasattr(X_test, "dask"):
-                X_test = X_test.compute()
             factors = factorize_ridge(
                 X_train, X_test, alphas, folds, device=device, dtype=compute,
                 solver=solver, operator_form=operator_form,

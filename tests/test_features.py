@@ -48,10 +48,6 @@ def ws(frames_store, tmp_path) -> Workspace:
     return Workspace(dest)
 
 
-def _frames(ws: Workspace, name: str) -> np.ndarray:
-    return ws.open_run(f"frames/{name}", 0)["frames"].values
-
-
 # ----------------------------------------------------- independent reference forwards
 def _reference(model: str, frames: np.ndarray) -> np.ndarray:
     """Direct forward written here, not with pipeline code: own model, own normalisation,
@@ -81,9 +77,9 @@ def _reference(model: str, frames: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model, frames_name, n_features, weights, batch, block", [
-    ("resnet50", "handful", 2048, "random:0", 3, 4),  # blocks of 4 + 2, batches 3 + 1, 2
+    ("resnet50", "three", 2048, "random:0", 2, 2),  # blocks of 2 + 1, batches 2, 1
     ("vgg16", "three", 4096, "random:0", 2, 16),
-    ("efficientnet_lite0", "few", 1280, "imagenet", 16, 1024),
+    ("efficientnet_lite0", "handful", 1280, "imagenet", 16, 1024),
 ])
 def test_features_equal_a_direct_forward(ws, model, frames_name, n_features, weights,
                                          batch, block):
@@ -132,22 +128,22 @@ def test_several_layers_flattened_and_pooled_and_queried_by_time(ws):
     # resnet18: its last block's output averaged over space IS avgpool; flattened, it
     # keeps (C, H, W) in C order.
     last = "layer4.1.relu_1"
-    run_features_stage(ws, "few", "resnet18", layers=[last, "avgpool"], weights="random:3",
-                       name="r18", progress=False)
-    run_features_stage(ws, "few", "resnet18", layers=[last], weights="random:3",
+    run_features_stage(ws, "handful", "resnet18", layers=[last, "avgpool"],
+                       weights="random:3", name="r18", progress=False)
+    run_features_stage(ws, "handful", "resnet18", layers=[last], weights="random:3",
                        name="r18pool", pool="avg", progress=False)
     tree = xr.open_datatree(ws.path, engine="zarr")
     flat = tree[f"features/r18.{last}/run-000"]["features"].values
     avg = tree["features/r18.avgpool/run-000"]["features"].values
     pooled = tree["features/r18pool/run-000"]["features"].values
     assert tree[f"features/r18.{last}"].attrs["feature_shape"] == [512, 7, 7]
-    assert flat.shape == (15, 512 * 7 * 7) and avg.shape == pooled.shape == (15, 512)
-    np.testing.assert_allclose(flat.reshape(15, 512, 7, 7).mean(axis=(2, 3)), avg, atol=1e-5)
+    assert flat.shape == (6, 512 * 7 * 7) and avg.shape == pooled.shape == (6, 512)
+    np.testing.assert_allclose(flat.reshape(6, 512, 7, 7).mean(axis=(2, 3)), avg, atol=1e-5)
     np.testing.assert_allclose(pooled, avg, atol=1e-5)
-    # Query by time: 4 s .. 10 s of each run (frames every 2 s).
-    sel = tree["features/r18.avgpool"].sel(time=slice(4, 10))["run-000"]
-    np.testing.assert_array_equal(sel["time"].values, [4.0, 6.0, 8.0, 10.0])
-    np.testing.assert_array_equal(sel["features"].values, avg[2:6])
+    # Query by time: 5 s .. 15 s of each run (frames every 5 s).
+    sel = tree["features/r18.avgpool"].sel(time=slice(5, 15))["run-000"]
+    np.testing.assert_array_equal(sel["time"].values, [5.0, 10.0, 15.0])
+    np.testing.assert_array_equal(sel["features"].values, avg[1:4])
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -156,21 +152,22 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted(frames_store, tmp_path):
-    # 15 frames in blocks of 2 -> 8 blocks; a small model keeps this fast (blocking and
-    # resume do not depend on the model).
+    # 6 frames in blocks of 1 -> 6 blocks; a small model keeps this fast (blocking and
+    # resume do not depend on the model).  The reference and the rerun run in this
+    # process (the same code as the CLI calls), the killed run in a real one.
     store_ref, store = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     shutil.copytree(frames_store, store_ref)
     shutil.copytree(frames_store, store)
-    args = ["features", "--frames", "few", "--model", "resnet18", "--weights", "random:0",
-            "--batch-size", "2", "--block-size", "2", "--no-progress"]
-    n_blocks = 8
-    ref = run_cli(*args, "--store", str(store_ref))
-    assert ref.returncode == 0, ref.stderr
+    kw = dict(weights="random:0", batch_size=1, block_size=1, progress=False)
+    run_features_stage(Workspace(store_ref), "handful", "resnet18", **kw)
+    n_blocks = 6
 
+    args = ["features", "--frames", "handful", "--model", "resnet18", "--weights", "random:0",
+            "--batch-size", "1", "--block-size", "1", "--no-progress", "--store", str(store)]
     run_dir = store / "features/resnet18/run-000"
     done_dir = run_dir / "block_done/c"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--store", str(store)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if done_dir.exists() and len(list(done_dir.iterdir())) >= 2:
@@ -183,10 +180,9 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(frames_store, tmp_pa
     assert Workspace(store).state("features/resnet18") == "writing"
     stamps = {b: (run_dir / f"features/c/{b}/0").stat().st_mtime_ns for b in done}
 
-    resumed = run_cli(*args, "--store", str(store))
-    assert resumed.returncode == 0, resumed.stderr
-    skipped = int(resumed.stdout.split("blocks written, ")[1].split(" already")[0])
-    assert skipped >= len(done)
+    summary = run_features_stage(Workspace(store), "handful", "resnet18", **kw)
+    assert summary["blocks_skipped"] >= len(done)
+    assert summary["blocks_written"] == n_blocks - summary["blocks_skipped"]
     # Finished blocks were not recomputed (their chunk files are untouched) ...
     assert all((run_dir / f"features/c/{b}/0").stat().st_mtime_ns == stamps[b] for b in done)
     # ... and the result is byte-identical to the uninterrupted run.

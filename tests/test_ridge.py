@@ -155,7 +155,8 @@ def test_fit_ridge_matches_sklearn_with_per_voxel_alpha():
 
 
 def test_operator_forms_and_decompositions_agree():
-    options = [dict(operator_form="dense"), dict(operator_form="factored"),
+    options = [dict(operator_form="dense", decomposition="eigh"),
+               dict(operator_form="factored"),
                dict(operator_form="dense", decomposition="cholesky"),
                dict(max_dense_bytes=1)]  # auto: every fold over budget -> factored
     for regime, (n_train, n_features) in REGIMES.items():
@@ -254,6 +255,28 @@ def test_voxel_chunking_is_exact(regime, dtype):
                                    atol=1e-6)
     assert lazy.r_test.dims == ("alpha", "voxel")
     assert lazy.best_alpha.dims == ("voxel",)
+
+
+@pytest.mark.parametrize("regime", ["primal", "dual"])
+def test_dask_design_gives_same_results(regime):
+    n_train, n_features = REGIMES[regime]
+    x_train, y_train, x_test, y_test = make_problem(n_train, n_features, 8,
+                                                    np.float64)
+    folds = contiguous_folds(n_train, 4)
+    direct = ridge.ridge_cv_scores(x_train, y_train, x_test, y_test, ALPHAS, folds,
+                                   solver=regime, return_weights=True)
+    lazy = ridge.ridge_over_voxels(
+        da.from_array(x_train, chunks=(-1, 32)), da.from_array(y_train, chunks=(-1, 3)),
+        x_test, da.from_array(y_test, chunks=(-1, 3)), ALPHAS, folds, solver=regime,
+        return_weights=True).compute()
+    for key in ("r_cv", "r_test", "weights"):
+        np.testing.assert_allclose(lazy[key].values, direct[key], rtol=1e-10,
+                                   atol=1e-12)
+    bad = x_train.copy()
+    bad[3, n_features - 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ridge.factorize_ridge(da.from_array(bad, chunks=(-1, 32)), x_test, ALPHAS,
+                              folds, solver=regime)
 
 
 def test_dask_path_computes_factors_once_and_one_task_per_chunk():
