@@ -170,12 +170,12 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(frames_store, tmp_pa
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if done_dir.exists() and len(list(done_dir.iterdir())) >= 2:
+        if done_dir.exists() and len(_finished(done_dir)) >= 2:
             break
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = sorted(int(p.name) for p in done_dir.iterdir())
+    done = sorted(int(p.name) for p in _finished(done_dir))
     assert 0 < len(done) < n_blocks, "kill must land mid-stage"
     assert Workspace(store).state("features/resnet18") == "writing"
     stamps = {b: (run_dir / f"features/c/{b}/0").stat().st_mtime_ns for b in done}
@@ -269,3 +269,9 @@ def test_list_layers(capsys):
     assert "default layer: avgpool" in out.err
     with pytest.raises(InputError, match="efficientnet_lite0"):
         list_layers("efficientnet_lite")
+
+
+def _finished(done_dir):
+    """Done-flag chunk files; a killed atomic write leaves a ``*.partial`` temp file."""
+    return [p for p in done_dir.iterdir() if not p.name.endswith(".partial")]
+

@@ -123,6 +123,11 @@ def test_rerun_with_other_parameters_is_refused_then_overwritten(tmp_path, index
     np.testing.assert_allclose(ds["time"].values[:3], [0, 0.5, 1.0])
 
 
+def _finished(done_dir: Path) -> list[Path]:
+    """Done-flag chunk files; a killed atomic write leaves a ``*.partial`` temp file."""
+    return [p for p in done_dir.iterdir() if not p.name.endswith(".partial")]
+
+
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
@@ -143,12 +148,12 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted(tmp_path):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if done_dir.exists() and len(list(done_dir.iterdir())) >= 3:
+        if done_dir.exists() and len(_finished(done_dir)) >= 3:
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_at_kill = len(list(done_dir.iterdir()))
+    done_at_kill = len(_finished(done_dir))
     assert 0 < done_at_kill < n_blocks, "kill must land mid-stage"
     assert Workspace(store).state("frames/m") == "writing"
 
