@@ -2,21 +2,21 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP_QUIET ?= -q
+PIPFLAGS ?= -q
 
 .PHONY: demo test install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
+	$(PY) -m pip install $(PIPFLAGS) --upgrade pip
 
 # Reinstall only when the project's dependency list changes.
 $(VENV)/.installed-base: pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_QUIET) -e .
+	$(PY) -m pip install $(PIPFLAGS) -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_QUIET) -e '.[test]'
+	$(PY) -m pip install $(PIPFLAGS) -e '.[test]'
 	touch $@ $(VENV)/.installed-base
 
 install: $(VENV)/.installed-base
