@@ -123,6 +123,84 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------ train-autoencoder
+def add_train_autoencoder(sub: argparse._SubParsersAction) -> None:
+    # Defaults are pipeline.autoencoder's DEFAULT_* (written out: no torch import here).
+    p = sub.add_parser(
+        "train-autoencoder",
+        help="train the ResNet-50 autoencoder on the training frames of /frames/NAME",
+        description="Train an autoencoder (ResNet-50 encoder, mirrored ResNet decoder) to "
+                    "reconstruct the training frames of /frames/NAME; test frames are never "
+                    "read.  Writes the checkpoint OUT (resumable: rerun the same command) and "
+                    "OUT-stem.preview.png.  Extract its 2,048-d code with: voxelflow features "
+                    "--frames NAME --model autoencoder --weights OUT")
+    p.add_argument("--frames", required=True, metavar="NAME", help="reads /frames/NAME")
+    split = p.add_mutually_exclusive_group(required=True)
+    split.add_argument("--train-until", type=float, metavar="SECONDS",
+                       help="train on the frames shown before SECONDS (runs played one "
+                            "after another)")
+    split.add_argument("--train-runs", nargs="+", metavar="R",
+                       help="train on these whole runs (0-based), e.g. 0,1,2 or 0 1 2")
+    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="passes over the training frames (default 10)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="train for N steps instead of --epochs")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="frames per step (default 16 on cpu, 64 on cuda)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="peak AdamW learning rate (default 1e-4); cosine decay to 0")
+    p.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                   help="linear learning-rate warmup (default min(100, a tenth of the steps))")
+    p.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="AdamW weight decay (default 1e-4)")
+    p.add_argument("--weights", default="imagenet", metavar="imagenet|PATH|random:SEED",
+                   help="initial ResNet-50 weights, as for voxelflow features (default imagenet)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder only (encoder weights and BN statistics fixed)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="data order and init seed (default 0)")
+    p.add_argument("--shuffle-buffer", type=int, default=1024, metavar="FRAMES",
+                   help="frames held for shuffling (default 1024)")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
+                   help="steps between checkpoints (default 100)")
+    p.add_argument("--no-preview", dest="preview", action="store_false",
+                   help="do not write the reconstruction preview PNG")
+    _store_arg(p)
+    p.set_defaults(func=cmd_train_autoencoder)
+
+
+def cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from pipeline.autoencoder import train_autoencoder
+
+    runs = None
+    if args.train_runs:
+        runs = [_int_arg(r, "--train-runs") for item in args.train_runs
+                for r in item.split(",") if r.strip()]
+    s = train_autoencoder(
+        Workspace(args.store), args.frames, args.out, train_until=args.train_until,
+        train_runs=runs, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        weights=args.weights, freeze_encoder=args.freeze_encoder, device=args.device,
+        seed=args.seed,
+        shuffle_buffer=args.shuffle_buffer, checkpoint_every=args.checkpoint_every,
+        overwrite=args.overwrite, progress=args.progress, preview=args.preview,
+    )
+    frames = "; ".join(f"run {r} frames {a}-{b - 1}" for r, a, b in s["train_frames"])
+    how = ("already complete, nothing to do" if s["steps_run"] == 0 else
+           f"{s['steps_run']} step(s) run now"
+           + (f", resumed at step {s['resumed_from']}" if s["resumed_from"] else "")
+           + f", {s['frames_per_s']:.1f} frames/s")
+    final = "n/a" if s["final_loss"] is None else f"{s['final_loss']:.4g}"
+    print(f"wrote {s['checkpoint']}: {s['steps']} steps of {s['batch_size']} frames "
+          f"({s['epochs']:.2f} epochs of {s['n_train']} training frames of /{s['frames_group']}: "
+          f"{frames}); {how}")
+    print(f"final loss {final} (mean of the last 10 steps; predicting the mean training "
+          f"frame: {s['mean_frame_mse']:.4g})" + (f"; preview {s['preview']}" if s["preview"]
+                                                 else ""))
+    return 0
+
+
 # ---------------------------------------------------------------------- bold
 def add_bold(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -313,9 +391,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_frames, add_features,
-                                                              add_bold, add_export, add_fit, add_run,
-                                                              add_status, add_demo]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_frames, add_features, add_train_autoencoder, add_bold, add_export, add_fit, add_run,
+    add_status, add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -278,14 +278,11 @@ def _load_state_file(model: str, path: Path) -> dict:
     return state
 
 
-def _check_state_fits(model: str, module, state: dict, path: Path) -> None:
-    """Raise a one-line :class:`InputError` when ``state`` is not ``model``'s state_dict."""
-    own = module.state_dict()
+def describe_state_mismatch(state: dict, own: dict) -> str:
+    """How the tensors of ``state`` differ from ``own`` (two state_dicts); "" if they fit."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if not (missing or unexpected or mismatched):
-        return
     parts = []
     if mismatched:
         k = mismatched[0]
@@ -295,10 +292,17 @@ def _check_state_fits(model: str, module, state: dict, path: Path) -> None:
         parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-    raise InputError(
-        f"--weights {path}: the state_dict does not fit {model} ({'; '.join(parts)}); "
-        f"give weights saved from a {model}"
-    )
+    return "; ".join(parts)
+
+
+def _check_state_fits(model: str, module, state: dict, path: Path) -> None:
+    """Raise a one-line :class:`InputError` when ``state`` is not ``model``'s state_dict."""
+    mismatch = describe_state_mismatch(state, module.state_dict())
+    if mismatch:
+        raise InputError(
+            f"--weights {path}: the state_dict does not fit {model} ({mismatch}); "
+            f"give weights saved from a {model}"
+        )
 
 
 def load_backbone(model: str, weights: str = "imagenet") -> Backbone:

@@ -34,3 +34,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run ``cli.main(argv)`` in process; assert exit 2 and one ``voxelflow: error:`` line."""
+    import cli
+
+    status = cli.main(list(argv))
+    out = capsys.readouterr()
+    assert status == 2, (out.out, out.err)
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("voxelflow: error: "), out.err
+    return lines[0]

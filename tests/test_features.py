@@ -16,7 +16,7 @@ import torchvision
 import xarray as xr
 
 import cli
-from conftest import BBB, ROOT, run_cli
+from conftest import cli_error, BBB, ROOT, run_cli
 from pipeline.errors import InputError, WorkspaceConflict
 from pipeline.features import (FeatureExtractor, list_layers, load_backbone,
                                run_features_stage)
@@ -193,51 +193,42 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(frames_store, tmp_pa
 
 
 # ------------------------------------------------------------------------- bad input
-def _cli_error(capsys, *argv: str) -> str:
-    status = cli.main(list(argv))
-    out = capsys.readouterr()
-    assert status == 2, (out.out, out.err)
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("voxelflow: error: "), out.err
-    return lines[0]
-
-
 @pytest.mark.parametrize("case", ["model", "layer", "frames", "wrong_arch", "cuda",
                                   "not_weights", "imagenet_absent"])
 def test_bad_input_is_one_line_error_and_nothing_written(ws, tmp_path, capsys, monkeypatch, case):
     base = ["features", "--frames", "handful", "--store", str(ws.path), "--no-progress",
             "--name", "x"]
     if case == "model":
-        msg = _cli_error(capsys, *base, "--model", "resnet5O", "--weights", "random:0")
+        msg = cli_error(capsys, *base, "--model", "resnet5O", "--weights", "random:0")
         assert "unknown model 'resnet5O'" in msg and "resnet50" in msg
     elif case == "layer":
-        msg = _cli_error(capsys, *base, "--model", "resnet50", "--layer", "avgpol",
+        msg = cli_error(capsys, *base, "--model", "resnet50", "--layer", "avgpol",
                          "--weights", "random:0")
         assert "no layer 'avgpol'" in msg and "avgpool" in msg and "--list-layers" in msg
     elif case == "frames":
-        msg = _cli_error(capsys, *base[:2], "nope", *base[3:], "--model", "resnet50",
+        msg = cli_error(capsys, *base[:2], "nope", *base[3:], "--model", "resnet50",
                          "--weights", "random:0")
         assert "/frames/nope" in msg and "voxelflow frames" in msg
     elif case == "wrong_arch":
         path = tmp_path / "resnet18.pt"
         torch.save(torchvision.models.resnet18().state_dict(), path)
-        msg = _cli_error(capsys, *base, "--model", "resnet50", "--weights", str(path))
+        msg = cli_error(capsys, *base, "--model", "resnet50", "--weights", str(path))
         assert str(path) in msg and "does not fit resnet50" in msg
     elif case == "cuda":
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
-        msg = _cli_error(capsys, *base, "--model", "resnet50", "--weights", "random:0",
+        msg = cli_error(capsys, *base, "--model", "resnet50", "--weights", "random:0",
                          "--device", "cuda")
         assert "--device cuda" in msg and "--device cpu" in msg
     elif case == "not_weights":
         path = tmp_path / "notes.pt"
         path.write_text("not a checkpoint\n")
-        msg = _cli_error(capsys, *base, "--model", "resnet50", "--weights", str(path))
+        msg = cli_error(capsys, *base, "--model", "resnet50", "--weights", str(path))
         assert str(path) in msg and "state_dict" in msg
     elif case == "imagenet_absent":
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
         monkeypatch.setenv("VOXELFLOW_OFFLINE", "1")
-        msg = _cli_error(capsys, *base, "--model", "resnet50")
+        msg = cli_error(capsys, *base, "--model", "resnet50")
         assert "resnet50-11ad3fa6.pth" in msg
         assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in msg
     assert Workspace(ws.path).state("features/x") is None
