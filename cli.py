@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from pipeline.cluster import dask_client
 from pipeline.errors import VoxelflowError
 from stores.workspace import DEFAULT_STORE, Workspace
 
@@ -30,6 +31,17 @@ def _store_arg(parser: argparse.ArgumentParser) -> None:
                         help="replace a group made with other parameters")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the progress bar")
+    _cluster_args(parser)
+
+
+def _cluster_args(parser: argparse.ArgumentParser) -> None:
+    cluster = parser.add_argument_group("where blocks run (default: this process, threads)")
+    cluster.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                         help="run blocks on a running Dask cluster, e.g. tcp://HOST:8786")
+    cluster.add_argument("--workers", type=int, metavar="N", default=None,
+                         help="start a local Dask cluster of N process workers")
+    cluster.add_argument("--memory-limit", metavar="SIZE", default=None,
+                         help="memory limit per local worker, e.g. 4GiB (with --workers)")
 
 
 # ---------------------------------------------------------------------- frames
@@ -333,6 +345,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("experiment", help="experiment TOML file (format: README)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    _cluster_args(p)
     p.set_defaults(func=cmd_run)
 
 
@@ -378,6 +391,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=300.0, help="movie length in s (300)")
     p.add_argument("--fps", type=float, default=4.0, help="frames per second (4)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    _cluster_args(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -414,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with dask_client(getattr(args, "scheduler", None), getattr(args, "workers", None),
+                         getattr(args, "memory_limit", None)):
+            return int(args.func(args) or 0)
     except VoxelflowError as exc:
         print(f"voxelflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT_ERROR

@@ -164,6 +164,13 @@ class StageWriter:
         ``arrays`` maps variable name -> data for ``block_slice(run, block)`` along the
         block dimension (full extent along the other dimensions).
         """
+        self.write_block_data(run, block, arrays)
+        self.mark_done(run, block)
+
+    def write_block_data(self, run: int, block: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write one block's data region only (what a Dask worker does); the client
+        process then calls :meth:`mark_done`.  Safe to call concurrently for different
+        blocks: regions are shard-aligned, so no two writers touch the same file."""
         template = self.templates[run]
         region = template.block_slice(block)
         root = self.workspace._root("r+")
@@ -178,7 +185,10 @@ class StageWriter:
             index = [slice(None)] * var.ndim
             index[axis] = region
             root[f"{self.run_path(run)}/{name}"][tuple(index)] = np.asarray(data, dtype=var.dtype)
-        root[f"{self.run_path(run)}/{DONE_VAR}"][block] = 1
+
+    def mark_done(self, run: int, block: int) -> None:
+        """Set the block's done flag (only the client process does this)."""
+        self.workspace._root("r+")[f"{self.run_path(run)}/{DONE_VAR}"][block] = 1
         self._done[run][block] = 1
 
     def finish(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
