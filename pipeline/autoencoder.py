@@ -625,7 +625,7 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
                       shuffle_buffer: int = DEFAULT_BUFFER,
                       checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                       overwrite: bool = False, progress: bool = True,
-                      preview: bool = True) -> dict:
+                      preview: bool = True, request: str | None = None) -> dict:
     """Train the ResNet-50 autoencoder on the training frames of ``/frames/<frames_name>``.
 
     Writes the checkpoint ``out`` (every ``checkpoint_every`` steps and at the end) and
@@ -633,7 +633,8 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
     n_train / batch_size)`` steps).  An unfinished checkpoint at ``out`` made with the
     same configuration is resumed; a finished one is left as it is; one with another
     configuration is refused unless ``overwrite``.  Every input is checked before
-    anything is written.  Returns a summary dict (steps, losses, final loss,
+    anything is written.  ``request`` (the experiment runner's fingerprint of what it
+    asked for) is kept in the checkpoint as ``request``.  Returns a summary dict (steps, losses, final loss,
     mean-frame baseline, frames/s, paths).
     """
     from pipeline.features import check_device, parse_weights, sha256_file
@@ -759,6 +760,7 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
             "mean": list(mean), "std": list(std), "input_size": [height, width],
             "train_frames": [list(r) for r in ranges], "n_train": n_train,
             "frames_group": group, "torch_version": str(torch.__version__),
+            "request": request,
         }
 
     # ---- train

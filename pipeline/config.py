@@ -28,6 +28,29 @@ class ModelSpec:
     weights: str = "imagenet"
     pool: str | None = None
     batch_size: int = 16
+    # The autoencoder only (model = "autoencoder"): where its checkpoint is (trained by
+    # the experiment unless train = false), and the training settings.  ``weights`` is
+    # then the initial ResNet-50 trunk (imagenet | PATH | random:SEED).
+    checkpoint: Path | None = None
+    train: bool = True
+    epochs: int | None = None
+    train_steps: int | None = None
+    train_batch_size: int | None = None
+    lr: float | None = None
+    freeze_encoder: bool = False
+
+    @property
+    def is_autoencoder(self) -> bool:
+        return self.model == "autoencoder"
+
+    def train_options(self) -> dict:
+        """Keyword arguments of :func:`pipeline.autoencoder.train_autoencoder`."""
+        opts = {"weights": self.weights, "freeze_encoder": self.freeze_encoder}
+        for key, name in (("epochs", "epochs"), ("steps", "train_steps"),
+                          ("batch_size", "train_batch_size"), ("lr", "lr")):
+            if getattr(self, name) is not None:
+                opts[key] = getattr(self, name)
+        return opts
 
 
 @dataclass
@@ -69,7 +92,10 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "bold": {"subject": (str, True), "runs": (list, True), "mask": (str, False),
              "tr": ((int, float), False), "zscore": (bool, False), "detrend": (str, False)},
     "models": {"name": (str, True), "model": (str, True), "layer": (str, False),
-               "weights": (str, False), "pool": (str, False), "batch_size": (int, False)},
+               "weights": (str, False), "pool": (str, False), "batch_size": (int, False),
+               "checkpoint": (str, False), "train": (bool, False), "epochs": (int, False),
+               "train_steps": (int, False), "train_batch_size": (int, False),
+               "lr": ((int, float), False), "freeze_encoder": (bool, False)},
     "fit": {"lag_sets": (list, True), "alphas": (list, False), "test_samples": (int, False),
             "test_runs": (list, False), "cv": ((int, str), False), "aggregate": (str, False)},
     "report": {"atlas": (str, False), "atlas_labels": (str, False)},
@@ -174,6 +200,8 @@ def load_experiment(path: str | Path) -> Experiment:
             check_model(spec.model)
         except InputError as exc:
             check.fail("models", "model", str(exc), i)
+        _check_autoencoder_keys(check, spec, models_raw[i], i, base, exp_name=exp["name"],
+                                store=base / exp.get("store", "voxelflow.zarr"))
     names = [m.name for m in models]
     for i, name in enumerate(names):
         if names.count(name) > 1:
@@ -236,6 +264,37 @@ def load_experiment(path: str | Path) -> Experiment:
         atlas_labels=(check.existing("report", "atlas_labels", base, report["atlas_labels"])
                       if "atlas_labels" in report else None),
     )
+
+
+AUTOENCODER_KEYS = ("checkpoint", "train", "epochs", "train_steps", "train_batch_size", "lr",
+                    "freeze_encoder")
+
+
+def _check_autoencoder_keys(check: _Checker, spec: ModelSpec, raw: dict, index: int,
+                            base: Path, *, exp_name: str, store: Path) -> None:
+    """Training keys belong to autoencoder models; resolve and check the checkpoint path.
+
+    Default checkpoint: ``<store folder>/autoencoders/<experiment>-<model name>.pt``.
+    """
+    if not spec.is_autoencoder:
+        for key in AUTOENCODER_KEYS:
+            if key in raw:
+                check.fail("models", key, f"only for model = \"autoencoder\" (this model "
+                           f"is {spec.model!r})", index)
+        return
+    for key in ("epochs", "train_steps", "train_batch_size"):
+        if key in raw and raw[key] < 1:
+            check.fail("models", key, f"must be a positive integer, got {raw[key]}", index)
+    if "lr" in raw and not raw["lr"] > 0:
+        check.fail("models", "lr", f"must be positive, got {raw['lr']}", index)
+    if "checkpoint" in raw:
+        spec.checkpoint = (base / raw["checkpoint"]).expanduser()
+    else:
+        spec.checkpoint = store.parent / "autoencoders" / f"{exp_name}-{spec.name}.pt"
+    if not spec.train and not spec.checkpoint.is_file():
+        check.fail("models", "checkpoint" if "checkpoint" in raw else "train",
+                   f"train = false needs an existing checkpoint, not found: {spec.checkpoint} "
+                   f"(make it with voxelflow train-autoencoder, or set train = true)", index)
 
 
 def _strings(check: _Checker, section: str, key: str, values: list) -> list[str]:

@@ -33,19 +33,25 @@ REQUEST_ATTR = "voxelflow_request"
 
 @dataclass
 class PlannedStage:
-    kind: str            # frames | features | bold | fit
-    group: str           # store group it writes
+    kind: str            # frames | bold | train | features | fit
+    group: str           # store group it writes (train: the checkpoint file)
     request: dict        # what the experiment asks of it
     action: str = "run"  # skip | run | resume | rerun
     note: str = ""
     call: Callable[[bool], Any] | None = field(default=None, repr=False)
+    upstream: list[str] = field(default_factory=list)  # groups/files it reads
 
     @property
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.request, sort_keys=True).encode()).hexdigest()[:16]
 
+    @property
+    def writes_file(self) -> bool:
+        return self.kind == "train"
+
     def describe(self) -> str:
-        text = f"{self.action:>6}  {self.kind:<8} /{self.group}"
+        target = self.group if self.writes_file else f"/{self.group}"
+        text = f"{self.action:>6}  {self.kind:<8} {target}"
         return text + (f"  ({self.note})" if self.note else "")
 
 
@@ -57,9 +63,27 @@ def _file_id(path: Path) -> dict:
     return {"file": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _checkpoint_state(path: Path) -> tuple[str | None, str | None]:
+    """(state, stored request) of an autoencoder checkpoint file, like a group's."""
+    if not path.is_file():
+        return None, None
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - damaged or foreign file: replace it
+        return "writing", None
+    if not isinstance(ckpt, dict):
+        return "writing", None
+    return ("complete" if ckpt.get("complete") else "writing"), ckpt.get("request")
+
+
 def _decide(ws: Workspace, stage: PlannedStage) -> PlannedStage:
-    state = ws.state(stage.group)
-    stored = ws.attrs(stage.group).get(REQUEST_ATTR)
+    if stage.writes_file:
+        state, stored = _checkpoint_state(Path(stage.group))
+    else:
+        state = ws.state(stage.group)
+        stored = ws.attrs(stage.group).get(REQUEST_ATTR)
     if state is None:
         stage.action = "run"
     elif stored == stage.fingerprint:
@@ -85,9 +109,10 @@ def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool =
     from pipeline.frames import run_frames_stage
 
     stages: list[PlannedStage] = []
+    frames_group, bold_group = f"frames/{exp.stimulus_name}", f"bold/{exp.subject}"
     frames_req = {"videos": [_file_id(v) for v in exp.videos], "fps": exp.fps,
                   "size": exp.size, "resize": exp.resize}
-    frames = PlannedStage("frames", f"frames/{exp.stimulus_name}", frames_req)
+    frames = PlannedStage("frames", frames_group, frames_req)
     frames.call = lambda overwrite: run_frames_stage(
         ws, exp.videos, exp.stimulus_name, fps=exp.fps, size=exp.size, resize=exp.resize,
         overwrite=overwrite, progress=progress)
@@ -96,19 +121,31 @@ def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool =
     bold_req = {"runs": [_file_id(p) for p in exp.bold_runs],
                 "mask": _file_id(exp.mask) if exp.mask else None, "tr": exp.tr,
                 "zscore": exp.zscore, "detrend": exp.detrend}
-    bold = PlannedStage("bold", f"bold/{exp.subject}", bold_req)
+    bold = PlannedStage("bold", bold_group, bold_req)
     bold.call = lambda overwrite: run_bold_stage(
         ws, exp.bold_runs, exp.subject, mask=exp.mask, tr=exp.tr, zscore=exp.zscore,
         detrend=exp.detrend, overwrite=overwrite, progress=progress)
     stages.append(bold)
 
     for spec in exp.models:
+        weights, feat_upstream, train_req = spec.weights, [frames_group], None
+        if spec.is_autoencoder:
+            train = _train_stage(exp, ws, spec, frames_req, bold_req, progress)
+            weights = str(spec.checkpoint)
+            if spec.train:
+                stages.append(train)
+                train_req = train.request
+                feat_upstream.append(train.group)
+            else:
+                train_req = _file_id(spec.checkpoint)
         feat_req = {"frames": frames_req, "model": spec.model, "layer": spec.layer,
-                    "weights": spec.weights, "pool": spec.pool, "device": exp.device}
-        feat = PlannedStage("features", f"features/{spec.name}", feat_req)
-        feat.call = (lambda overwrite, spec=spec: run_features_stage(
+                    "weights": weights, "pool": spec.pool, "device": exp.device,
+                    "trained": train_req}
+        feat = PlannedStage("features", f"features/{spec.name}", feat_req,
+                            upstream=feat_upstream)
+        feat.call = (lambda overwrite, spec=spec, weights=weights: run_features_stage(
             ws, exp.stimulus_name, spec.model, layers=[spec.layer] if spec.layer else None,
-            weights=spec.weights, device=exp.device, batch_size=spec.batch_size,
+            weights=weights, device=exp.device, batch_size=spec.batch_size,
             name=spec.name, pool=spec.pool, overwrite=overwrite, progress=progress))
         stages.append(feat)
         for lags in exp.lag_sets:
@@ -116,7 +153,8 @@ def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool =
                        "alphas": exp.alphas, "test_samples": exp.test_samples,
                        "test_runs": exp.test_runs, "cv": exp.cv, "aggregate": exp.aggregate}
             name = f"{exp.name}/{spec.name}"
-            fit = PlannedStage("fit", fit_group(name, lags), fit_req)
+            fit = PlannedStage("fit", fit_group(name, lags), fit_req,
+                               upstream=[feat.group, bold_group])
             fit.call = (lambda overwrite, spec=spec, lags=lags, name=name: run_fit_stage(
                 ws, spec.name, exp.subject, lags, exp.alphas, test_samples=exp.test_samples,
                 test_runs=exp.test_runs, cv=exp.cv, aggregate=exp.aggregate,
@@ -126,20 +164,55 @@ def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool =
     rerun_groups: set[str] = set()
     for stage in stages:
         _decide(ws, stage)
-        if stage.action == "skip" and _depends_on_rerun(stage, rerun_groups, exp):
+        if stage.action == "skip" and any(g in rerun_groups for g in stage.upstream):
             stage.action, stage.note = "rerun", "an upstream stage reruns"
         if stage.action in ("rerun", "run"):
             rerun_groups.add(stage.group)
     return stages
 
 
-def _depends_on_rerun(stage: PlannedStage, rerun: set[str], exp: Experiment) -> bool:
-    if stage.kind == "features":
-        return f"frames/{exp.stimulus_name}" in rerun
-    if stage.kind == "fit":
-        model = stage.group.split("/")[2]
-        return f"bold/{exp.subject}" in rerun or f"features/{model}" in rerun
-    return False
+def _train_stage(exp: Experiment, ws: Workspace, spec, frames_req: dict, bold_req: dict,
+                 progress: bool) -> PlannedStage:
+    """The autoencoder's training on the frames no test sample uses
+    (:func:`training_split`); writes ``spec.checkpoint``."""
+    from pipeline.autoencoder import train_autoencoder
+
+    options = spec.train_options()
+    request = {"frames": frames_req, "bold": bold_req, "lag_sets": exp.lag_sets,
+               "test_samples": exp.test_samples, "test_runs": exp.test_runs,
+               "aggregate": exp.aggregate, "options": options, "device": exp.device}
+    stage = PlannedStage("train", str(spec.checkpoint), request,
+                         upstream=[f"frames/{exp.stimulus_name}", f"bold/{exp.subject}"])
+
+    def call(overwrite: bool):
+        spec.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        return train_autoencoder(ws, exp.stimulus_name, spec.checkpoint,
+                                 **training_split(exp, ws), **options, device=exp.device,
+                                 overwrite=overwrite, progress=progress,
+                                 request=stage.fingerprint)
+
+    stage.call = call
+    return stage
+
+
+def training_split(exp: Experiment, ws: Workspace) -> dict:
+    """``{"train_until": s}`` or ``{"train_runs": [...]}``: the stimulus frames before the
+    earliest frame any test sample of any lag set uses (runs played in order), read
+    from the stored frames and BOLD time coordinates."""
+    from pipeline.lags import first_test_frame
+
+    frames = ws.open_runs(f"frames/{exp.stimulus_name}")
+    if exp.test_runs is not None:
+        return {"train_runs": [r for r in range(len(frames)) if r not in exp.test_runs]}
+    bold_group = f"bold/{exp.subject}"
+    tr = float(ws.attrs(bold_group)["tr"])
+    frame_times = [ds["time"].values for ds in frames]
+    run, index = first_test_frame(frame_times,
+                                  [ds["time"].values for ds in ws.open_runs(bold_group)],
+                                  exp.lag_sets, tr, aggregate=exp.aggregate,
+                                  test_samples=exp.test_samples)
+    offset = sum(t.size for t in frame_times[:run]) / exp.fps
+    return {"train_until": offset + index / exp.fps}
 
 
 def execute_plan(ws: Workspace, stages: list[PlannedStage],
@@ -152,8 +225,9 @@ def execute_plan(ws: Workspace, stages: list[PlannedStage],
         log(stage.describe())
         t0 = time.perf_counter()
         stage.call(stage.action == "rerun")
-        ws.update_attrs(stage.group, {REQUEST_ATTR: stage.fingerprint})
-        ws.consolidate()
+        if not stage.writes_file:  # a checkpoint keeps its request itself
+            ws.update_attrs(stage.group, {REQUEST_ATTR: stage.fingerprint})
+            ws.consolidate()
         log(f"        done in {time.perf_counter() - t0:.1f} s")
         ran.append(stage)
     return ran

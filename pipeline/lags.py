@@ -192,3 +192,37 @@ def split_train_test(design: LaggedDesign, *, test_samples: int | None = None,
     if is_test.all():
         raise InputError("--test-runs leaves no training runs")
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def first_test_frame(frame_times: list[np.ndarray], bold_times: list[np.ndarray],
+                     lag_sets: list[list[float]], tr: float, *, aggregate: str = "last",
+                     test_samples: int | None = None,
+                     test_runs: list[int] | None = None) -> tuple[int, int]:
+    """``(run, frame)``: the earliest stimulus frame that any test sample's design uses.
+
+    ``frame_times[r]`` (n_frames_r,) and ``bold_times[r]`` (n_volumes_r,) are the time
+    coordinates (s) of run ``r``.  Over every lag set, the test samples are chosen as
+    :func:`split_train_test` does (the last ``test_samples`` kept samples, or whole
+    ``test_runs``), and each one's frames are found as :func:`run_design_indices` does.
+    Frames strictly before the returned one (runs in order) are never part of a test
+    sample, so a model trained on them (the autoencoder) has not seen the test
+    stimulus.  With ``test_runs`` the earliest frame of the first test run is returned.
+    """
+    if test_runs is not None:
+        return int(min(test_runs)), 0
+    earliest: tuple[int, int] | None = None
+    for lags in lag_sets:
+        kept = []
+        for r, (ft, bt) in enumerate(zip(frame_times, bold_times)):
+            keep, per_lag = run_design_indices(np.asarray(ft, np.float64),
+                                               np.asarray(bt, np.float64), lags, tr, aggregate)
+            if keep.size:
+                first = np.min([(p[:, 0] if p.ndim == 2 else p) for p in per_lag], axis=0)
+                kept.extend((r, int(f)) for f in first)
+        if not test_samples or not 0 < test_samples < len(kept):
+            raise InputError(f"test_samples must be between 1 and {len(kept) - 1} for lags "
+                             f"{lags} (got {test_samples})")
+        candidate = min(kept[-test_samples:])
+        earliest = candidate if earliest is None else min(earliest, candidate)
+    assert earliest is not None
+    return earliest

@@ -167,6 +167,9 @@ test_samples = 10
     (('runs = ["{bold}"]', 'runs = ["{bold}", "{bold}"]'), "bold.runs"),
     (("test_samples = 10", "test_sample = 10"), "fit.test_sample"),
     (('[fit]', '[fit]\ncv = "five"'), "fit.cv"),
+    (('weights = "random:0"', 'weights = "random:0"\nepochs = 3'), "models.epochs"),
+    (('model = "resnet50"', 'model = "autoencoder"\ntrain = false'), "models.train"),
+    (('model = "resnet50"', 'model = "autoencoder"\ntrain_steps = 0'), "models.train_steps"),
 ])
 def test_bad_experiment_files_name_the_key_and_line(tmp_path, edit, key):
     (tmp_path / "v.mp4").write_bytes(b"x")
@@ -182,3 +185,66 @@ def test_bad_experiment_files_name_the_key_and_line(tmp_path, edit, key):
     assert line > 1
     res = run_cli("run", str(path))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+AUTOENCODER_MODEL = """
+[[models]]
+name = "ae"
+model = "autoencoder"
+weights = "random:0"
+train_steps = 3
+train_batch_size = 4
+lr = 1e-3
+checkpoint = "ae/ae.pt"
+
+[fit]"""
+
+
+def test_experiment_trains_the_autoencoder_on_training_frames_only(demo):
+    """An autoencoder model: the experiment trains it (frames before the earliest frame
+    of any test sample), extracts its code, fits it; a second run skips everything."""
+    import torch
+
+    work, _ = demo
+    text = (work / "experiment.toml").read_text()
+    head, fit = text.split("[[models]]", 1)[0], text.split("[fit]", 1)[1]
+    head = head.replace("size = 224", "size = 64").replace('name = "demo"', 'name = "ae_demo"')
+    head = head.replace('store = "voxelflow.zarr"', 'store = "ae_ws.zarr"')
+    fit = fit.replace("lag_sets = [", "lag_sets = [[4, 5, 6, 7]] # ").replace(
+        "cv = 5", "cv = 2")
+    path = work / "ae.toml"  # next to the demo's movie and BOLD files
+    path.write_text(head + AUTOENCODER_MODEL + fit)
+    exp = load_experiment(path)
+    plan = build_plan(exp, progress=False)
+    assert [s.kind for s in plan] == ["frames", "bold", "train", "features", "fit"]
+    out = run_experiment(exp, progress=False, log=lambda *_: None)
+    assert [s.kind for s in out["ran"]] == ["frames", "bold", "train", "features", "fit"]
+    ckpt = torch.load(work / "ae" / "ae.pt", map_location="cpu", weights_only=True)
+    assert ckpt["complete"] and ckpt["step"] == 3
+    # Independently: the first BOLD sample held out is at t0 = (n - test_samples) * TR
+    # (all samples kept: the movie is longer than the lags); its lag-7 s frame is the
+    # earliest test frame, so training ends strictly before t0 - 7 s.
+    bold = xr.open_datatree(work / "ae_ws.zarr", engine="zarr")["bold/simulated/run-000"]
+    times = bold["time"].values
+    t0 = times[times.size - exp.test_samples]
+    (run, start, stop), = ckpt["train_frames"]
+    assert run == 0 and start == 0 and stop == int(round((t0 - 7) * exp.fps))
+    assert out["report"]["table"]["model"].tolist() == ["ae"]
+    again = build_plan(load_experiment(path), progress=False)
+    assert {s.action for s in again} == {"skip"}, [s.describe() for s in again]
+
+
+def test_the_readme_study_file_is_valid(tmp_path):
+    """The README's experiment file (the study's setup) parses as it is printed."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### `voxelflow run EXPERIMENT.toml", 1)[1]
+    text = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    for name in ("movie_run1.mp4", "sub01_run1.nii.gz", "cortex_mask.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    exp = load_experiment(path)
+    assert [m.model for m in exp.models] == ["resnet50", "vgg16", "autoencoder"]
+    assert exp.lag_sets == [[4], [4, 5, 6, 7], [4, 5, 6], [4, 4.5, 5, 5.5]]
+    assert len(exp.alphas) == 12 and exp.test_samples == 300 and exp.fps == 20
+    assert exp.models[2].checkpoint == tmp_path / "autoencoders" / "study-autoencoder.pt"
