@@ -44,7 +44,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import dask.array as da
 import nibabel as nib
@@ -53,8 +53,10 @@ from nibabel.arrayproxy import ArrayProxy
 import xarray as xr
 from tqdm.auto import tqdm
 
+from pipeline.cluster import active_client, require_shared_path, run_block_tasks
 from pipeline.errors import InputError
-from stores.workspace import RunTemplate, Workspace
+from stores.scratch import TransposeScratch
+from stores.workspace import RunTemplate, StageWriter, Workspace
 
 CHUNK_VOXELS = 4096  # voxels per Zarr chunk (all time points) == voxels per resumable block
 READ_BUDGET = 4 * 2**20  # bytes of volumes (as stored) read from a NIfTI at once
@@ -564,33 +566,38 @@ def run_bold_stage(workspace: Workspace, runs: Sequence[str | Path], subject: st
     bar = tqdm(total=writer.n_pending(), unit="chunk", desc=group, disable=not progress,
                dynamic_ncols=True)
     written = 0
-    for run, info in enumerate(infos):
-        blocks = writer.pending_blocks(run)
-        if not blocks:
-            continue
-        tb = time_block or scratch_time_block(info.n_volumes, n_vox)
-        scratch = workspace.scratch(group, run, info.n_volumes, n_vox, tb,
-                                    templates[run].block_size, _scratch_token(params, run, tb))
-        _fill_scratch(scratch, info, flat_index, progress)
-        width = templates[run].block_size
-        buffer = np.empty((info.n_volumes, width), dtype=np.float32)  # reused by every chunk
-        for block in blocks:
-            region = writer.block_slice(run, block)
-            if region.stop - region.start < width:
-                # The last, partial chunk: Zarr pads it to a whole chunk, so give back
-                # the full-width buffer first and read these few voxels on their own.
-                buffer = None
-            x = scratch.read_voxels(region, out=buffer)  # a view of `buffer` when given
-            raw_mean, raw_std = standardize(x, zscore, detrend)
-            workspace.write_array(group, "raw_mean", raw_mean, (run, region))
-            workspace.write_array(group, "raw_std", raw_std, (run, region))
-            with workspace.dense_writes():
-                writer.write_block(run, block, {"bold": x})
-            written += 1
-            bar.update(1)
-            del x
-        del buffer
-        scratch.remove()
+    client = active_client()
+    if client is not None:
+        written = _bold_on_cluster(client, workspace, writer, infos, params, flat_index,
+                                   time_block, zscore, detrend, bar, progress)
+    else:
+        for run, info in enumerate(infos):
+            blocks = writer.pending_blocks(run)
+            if not blocks:
+                continue
+            tb = time_block or scratch_time_block(info.n_volumes, n_vox)
+            scratch = workspace.scratch(group, run, info.n_volumes, n_vox, tb,
+                                        templates[run].block_size, _scratch_token(params, run, tb))
+            _fill_scratch(scratch, info, flat_index, progress)
+            width = templates[run].block_size
+            buffer = np.empty((info.n_volumes, width), dtype=np.float32)  # reused by every chunk
+            for block in blocks:
+                region = writer.block_slice(run, block)
+                if region.stop - region.start < width:
+                    # The last, partial chunk: Zarr pads it to a whole chunk, so give back
+                    # the full-width buffer first and read these few voxels on their own.
+                    buffer = None
+                x = scratch.read_voxels(region, out=buffer)  # a view of `buffer` when given
+                raw_mean, raw_std = standardize(x, zscore, detrend)
+                workspace.write_array(group, "raw_mean", raw_mean, (run, region))
+                workspace.write_array(group, "raw_std", raw_std, (run, region))
+                with workspace.dense_writes():
+                    writer.write_block(run, block, {"bold": x})
+                written += 1
+                bar.update(1)
+                del x
+            del buffer
+            scratch.remove()
     bar.close()
 
     n_invalid = _finish_group(workspace, group, writer, infos, n_vox)
@@ -614,15 +621,140 @@ def _fill_scratch(scratch, info: RunInfo, flat_index: np.ndarray, progress: bool
     bar = tqdm(total=len(pending) * scratch.time_block, unit="vol",
                desc=f"read {info.path.name}", disable=not progress, dynamic_ncols=True,
                leave=False)
+    _fill_blocks(scratch, reader, flat_index, pending, bar.update)
+    bar.close()
+
+
+def _fill_blocks(scratch: TransposeScratch, reader: RunReader, flat_index: np.ndarray,
+                 blocks: Sequence[int], on_block: Callable[[int], object] | None = None
+                 ) -> int:
+    """Read time blocks ``blocks`` of a run, keep the voxels of ``flat_index`` ((voxel,)
+    Fortran-order flat indices) and write each ``(time_block, voxel)`` float32 block
+    into ``scratch`` (its tiles, then its flag).  One buffer is reused for all blocks;
+    ``on_block(volumes)`` is called after each.  Returns the number of volumes read."""
     buffer = np.empty((scratch.time_block, flat_index.size), dtype=np.float32)  # reused
-    for block in pending:
+    volumes = 0
+    for block in blocks:
         region = scratch.block_slice(block)
         out = buffer[: region.stop - region.start]
         for first, values in reader.iter_masked(flat_index, region.start, region.stop):
             out[first - region.start:first - region.start + values.shape[0]] = values
         scratch.write_block(block, out)
-        bar.update(out.shape[0])
-    bar.close()
+        volumes += out.shape[0]
+        if on_block is not None:
+            on_block(out.shape[0])
+    return volumes
+
+
+# ==================================================================== on a Dask cluster
+@dataclass(frozen=True)
+class ScratchSpec:
+    """How any process reopens the transpose scratch of one run (see :meth:`open`)."""
+
+    store: str  # absolute path of the workspace
+    group: str
+    run: int
+    n_time: int
+    n_voxel: int
+    time_block: int
+    voxel_chunk: int
+    token: str
+
+    def open(self) -> TransposeScratch:
+        """The scratch as the client created it (same parameters, so never recreated)."""
+        return Workspace(self.store).scratch(self.group, self.run, self.n_time, self.n_voxel,
+                                             self.time_block, self.voxel_chunk, self.token)
+
+
+def scratch_blocks_task(spec: ScratchSpec, run_file: str, blocks: list[int],
+                        flat_index: np.ndarray) -> int:
+    """Pass 1 as a Dask task: read time blocks ``blocks`` of a run into its scratch.
+
+    ``flat_index`` (voxel,) int64 is the Fortran-order flat index of the mask's voxels.
+    Each block is ``(time_block, voxel)`` float32, written as its tiles and then flagged
+    in the scratch's own ``done`` file (one byte per block, so concurrent tasks never
+    touch the same bytes).  Returns the number of volumes read.
+    """
+    return _fill_blocks(spec.open(), RunReader(run_file), flat_index, blocks)
+
+
+def bold_chunk_task(spec: ScratchSpec, run_node: str, start: int, stop: int, zscore: bool,
+                    detrend: str) -> int:
+    """Pass 2 as a Dask task: standardise voxels ``start:stop`` of one run and write them.
+
+    Reads the ``(n_time, stop - start)`` float32 block from the scratch, detrends /
+    z-scores it (:func:`standardize`), writes the raw per-voxel ``raw_mean``/``raw_std``
+    of the run into the group and the block into ``run_node/bold``.  The region is one
+    whole output chunk, so concurrent tasks never share a file.  Returns the voxels.
+    """
+    workspace = Workspace(spec.store)
+    region = slice(start, stop)
+    x = spec.open().read_voxels(region)
+    raw_mean, raw_std = standardize(x, zscore, detrend)
+    workspace.write_array(spec.group, "raw_mean", raw_mean, (spec.run, region))
+    workspace.write_array(spec.group, "raw_std", raw_std, (spec.run, region))
+    with workspace.dense_writes():
+        workspace.write_array(run_node, "bold", x, (slice(None), region))
+    return stop - start
+
+
+def _scratch_task_blocks(run_file: Path, pending: list[int]) -> list[list[int]]:
+    """Pass-1 tasks of one run: a time block each, or all of them in one task for a
+    gzip file (reading volume ``t`` of a ``.nii.gz`` decompresses everything before it,
+    so only one sequential reader per file is efficient)."""
+    if str(run_file).endswith(".gz"):
+        return [list(pending)] if pending else []
+    return [[block] for block in pending]
+
+
+def _bold_on_cluster(client, workspace: Workspace, writer: StageWriter,
+                     infos: Sequence[RunInfo], params: dict, flat_index: np.ndarray,
+                     time_block: int | None, zscore: bool, detrend: str, bar,
+                     progress: bool) -> int:
+    """Both passes on the cluster, run after run (so one run's scratch exists at a time).
+
+    Pass 1: :func:`scratch_blocks_task` per time block (per run for a gzip file); each
+    task carries ``flat_index`` itself (8 bytes a voxel) rather than a scattered copy,
+    so a task rerun after its worker died never depends on data that died with it.
+    Pass 2: :func:`bold_chunk_task` per pending voxel chunk; the client marks each chunk
+    done as it completes.  Returns the chunks written.
+    """
+    store = os.path.abspath(workspace.path)
+    require_shared_path(client, store)
+    group = writer.group
+    n_vox = int(flat_index.size)
+    written = 0
+    for run, info in enumerate(infos):
+        blocks = writer.pending_blocks(run)
+        if not blocks:
+            continue
+        run_file = os.path.abspath(info.path)
+        require_shared_path(client, run_file)
+        tb = time_block or scratch_time_block(info.n_volumes, n_vox)
+        spec = ScratchSpec(store, group, run, info.n_volumes, n_vox, tb,
+                           writer.templates[run].block_size, _scratch_token(params, run, tb))
+        scratch = spec.open()  # created here, before any task reopens it
+        groups = _scratch_task_blocks(info.path, scratch.pending_blocks())
+        tasks = [(b[0], (spec, run_file, b, flat_index)) for b in groups]
+        read_bar = tqdm(total=sum(map(len, groups)) * scratch.time_block, unit="vol",
+                        desc=f"read {info.path.name}", disable=not progress or not tasks,
+                        dynamic_ncols=True, leave=False)
+        for _, volumes in run_block_tasks(client, scratch_blocks_task, tasks):
+            read_bar.update(volumes)
+        read_bar.close()
+        if not spec.open().complete:
+            raise AssertionError(f"{scratch.path}: pass 1 finished with blocks missing")
+        chunk_tasks = []
+        for block in blocks:
+            region = writer.block_slice(run, block)
+            chunk_tasks.append((block, (spec, writer.run_path(run), region.start, region.stop,
+                                        bool(zscore), detrend)))
+        for block, _ in run_block_tasks(client, bold_chunk_task, chunk_tasks):
+            writer.mark_done(run, block)
+            written += 1
+            bar.update(1)
+        scratch.remove()
+    return written
 
 
 def _finish_group(workspace: Workspace, group: str, writer, infos: Sequence[RunInfo],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
 from pipeline.errors import InputError
@@ -81,7 +82,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
         raise InputError(f"--workers must be a positive integer (got {workers})")
     cluster = LocalCluster(n_workers=int(workers), threads_per_worker=threads_per_worker,
                            processes=True, memory_limit=memory_limit or "auto",
-                           dashboard_address=None, silence_logs=40)
+                           dashboard_address=":0", silence_logs=40)  # ":0": any free port; None still binds 8787
     client = Client(cluster, set_as_default=True)
     try:
         yield client
@@ -120,12 +121,15 @@ def run_block_tasks(client, fn: Callable[..., Any], tasks: Sequence[tuple[Hashab
         broadcast = dict(zip(broadcast.keys(), scattered))
     limit = in_flight or IN_FLIGHT_PER_THREAD * client_threads(client)
     todo = list(tasks)
+    # A token per call: two calls with the same fn and block keys (two models' feature
+    # stages, a rerun) never share a Dask key, whose old result the scheduler may still hold.
+    token = uuid.uuid4().hex[:8]
     keys: dict[Any, Hashable] = {}
     pending = as_completed()
 
     def submit(key: Hashable, args: tuple) -> None:
         future = client.submit(fn, *args, **broadcast, pure=False, retries=TASK_RETRIES,
-                               key=f"voxelflow-{fn.__name__}-{os.getpid()}-{_key_text(key)}")
+                               key=f"voxelflow-{fn.__name__}-{token}-{_key_text(key)}")
         keys[future.key] = key
         pending.add(future)
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import io
 import json
@@ -63,6 +64,7 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
+from pipeline.cluster import active_client, require_shared_path, run_block_tasks
 from pipeline.errors import InputError, WorkspaceConflict
 from stores.workspace import RunTemplate, StageWriter, Workspace
 
@@ -777,7 +779,15 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
                desc="/" + (groups[0] if len(groups) == 1 else f"features/{name}.*"),
                disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
-    forward_s = _run_jobs(jobs, frames_runs, extractor, writers, n_features, batch_size, bar)
+    client = active_client()
+    if client is None:
+        forward_s = _run_jobs(jobs, frames_runs, extractor, writers, n_features, batch_size,
+                              bar)
+    else:
+        spec = ExtractorSpec(model, weights_key, tuple(layers), device, pool, precision,
+                             backbone.weights_sha256)
+        forward_s = _run_jobs_on_cluster(client, workspace, jobs, frames_group, spec, writers,
+                                         batch_size, bar)
     elapsed = time.perf_counter() - started
     bar.close()
     for w in writers:
@@ -889,3 +899,116 @@ def _put_checked(q: queue.Queue, item: Any, stop: threading.Event, writer: _Work
         except queue.Full:
             if stop.is_set():
                 return False
+
+
+# ------------------------------------------------------------------ on a Dask cluster
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """What a worker needs to build the same :class:`FeatureExtractor` as the client.
+
+    ``weights`` is the spec with a file path made absolute (the group's ``weights``
+    param); ``weights_sha256`` is the client's hash of that file (None for imagenet
+    torchvision/random weights), checked on the worker so that every process computes
+    with the same weights.
+    """
+
+    model: str
+    weights: str
+    layers: tuple[str, ...]
+    device: str
+    pool: str | None
+    precision: str
+    weights_sha256: str | None
+
+
+@functools.lru_cache(maxsize=1)
+def worker_extractor(spec: ExtractorSpec) -> FeatureExtractor:
+    """The extractor of ``spec``, built once per worker process (kept for the next task).
+
+    Torch intra-op threads follow ``OMP_NUM_THREADS``, which Dask's nanny sets to 1 in
+    every worker process (``distributed.nanny.pre-spawn-environ``), so that several
+    single-threaded workers on one machine do not oversubscribe its cores; it is applied
+    again here in case torch was imported before the variable was set.  Without the
+    variable (an in-process worker) torch's setting is left alone.  One model is kept
+    at a time.  The features are bitwise those of the threaded path run with the same
+    number of torch threads; with another number, oneDNN may split its reductions
+    differently (differences in the last bits, ~1e-6 relative, for some models/sizes).
+    """
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+    backbone = load_backbone(spec.model, spec.weights)
+    if backbone.weights_sha256 != spec.weights_sha256:
+        raise InputError(
+            f"--weights {spec.weights}: this dask worker reads a different file "
+            f"(sha256 {str(backbone.weights_sha256)[:12]}..., the client read "
+            f"{str(spec.weights_sha256)[:12]}...); give workers the same weights file")
+    return FeatureExtractor(backbone, spec.layers, device=spec.device, pool=spec.pool,
+                            precision=spec.precision)
+
+
+def features_block_task(store: str, frames_node: str, start: int, stop: int,
+                        targets: list[tuple[int, str]], spec: ExtractorSpec,
+                        batch_size: int) -> tuple[int, float]:
+    """Compute one feature block and write it (a Dask task).
+
+    Reads ``frames[start:stop]`` (time, y, x, rgb) uint8 of ``frames_node`` about one
+    frames shard at a time (as the threaded path does, so memory is one read piece plus
+    the block's features), runs the extractor in batches of ``batch_size`` frames
+    counted from ``start`` (the batches of the threaded path, hence the same numbers),
+    and writes layer ``i``'s ``(stop - start, n_features_i)`` float32 block into
+    ``node/features[start:stop]`` for each ``(i, node)`` of ``targets``.  Returns
+    ``(frames, forward seconds)``; the done flags are left to the client.
+    """
+    import torch
+
+    extractor = worker_extractor(spec)
+    workspace = Workspace(store)
+    piece = batch_size * max(1, READ_FRAMES // batch_size)
+    outs: list[np.ndarray] = []
+    forward_s = 0.0
+    for first in range(start, stop, piece):
+        last = min(first + piece, stop)
+        frames = workspace.read_array(frames_node, "frames", slice(first, last))
+        for b in range(0, last - first, batch_size):
+            t0 = time.perf_counter()
+            feats = extractor(torch.from_numpy(frames[b:b + batch_size]))
+            if not outs:
+                outs = [np.empty((stop - start, f.shape[1]), dtype=np.float32) for f in feats]
+            offset = first - start + b
+            for out, f in zip(outs, feats):
+                out[offset:offset + f.shape[0]] = f.cpu().numpy()
+            forward_s += time.perf_counter() - t0
+        del frames
+    for i, node in targets:
+        workspace.write_array(node, "features", outs[i], slice(start, stop))
+    return stop - start, forward_s
+
+
+def _run_jobs_on_cluster(client, workspace: Workspace, jobs: list[_Job], frames_group: str,
+                         spec: ExtractorSpec, writers: list[StageWriter], batch_size: int,
+                         bar) -> float:
+    """One :func:`features_block_task` per job on the cluster; the client marks blocks done.
+
+    Returns the summed forward seconds of the workers.
+    """
+    store = os.path.abspath(workspace.path)
+    require_shared_path(client, store)
+    if Path(spec.weights).is_absolute():  # a weights file (the param is resolved)
+        require_shared_path(client, spec.weights)
+    tasks = []
+    for j, job in enumerate(jobs):
+        targets = [(i, writers[i].run_path(job.run)) for i in job.writers]
+        frames_node = Workspace.run_path(frames_group, job.run)
+        tasks.append((j, (store, frames_node, job.region.start, job.region.stop, targets, spec,
+                          batch_size)))
+    forward_s = 0.0
+    for j, (n_frames, seconds) in run_block_tasks(client, features_block_task, tasks):
+        job = jobs[j]
+        for i in job.writers:
+            writers[i].mark_done(job.run, job.block)
+        forward_s += seconds
+        bar.update(n_frames)
+    return forward_s

@@ -12,6 +12,7 @@ decoder's state; the video itself is never held in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,8 +27,9 @@ import xarray as xr
 from tqdm.auto import tqdm
 from zarr.codecs import ZstdCodec
 
+from pipeline.cluster import active_client, require_shared_path, run_block_tasks
 from pipeline.errors import InputError
-from stores.workspace import RunTemplate, Workspace, iter_run_blocks
+from stores.workspace import RunTemplate, StageWriter, Workspace, iter_run_blocks
 
 FRAME_CHUNK = 16  # frames per Zarr chunk
 FRAME_SHARD = 128  # frames per shard == frames per resumable block
@@ -364,9 +366,25 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
     bar.update(sum(times[r].size for r in range(len(times))) -
                sum(writer.block_slice(r, b).stop - writer.block_slice(r, b).start
                    for r, b, _ in iter_run_blocks(writer)))
+    client = active_client()
+    if client is not None:
+        written = _frames_on_cluster(client, workspace, writer, infos, times, size, resize, bar)
+    else:
+        written = _frames_threaded(writer, infos, times, size, resize, bar)
+    bar.close()
+    writer.finish()
+    return {"group": group, "runs": len(infos), "frames": [int(t.size) for t in times],
+            "blocks_written": written, "blocks_skipped": skipped_blocks}
+
+
+def _frames_threaded(writer: StageWriter, infos: list[VideoInfo], times: list[np.ndarray],
+                     size: int, resize: str, bar) -> int:
+    """Decode the pending blocks here, in order; returns the number of blocks written.
+
+    One writer thread: block k is compressed and written while block k+1 is decoded
+    (at most two blocks in memory).
+    """
     written = 0
-    # One writer thread: block k is compressed and written while block k+1 is decoded
-    # (at most two blocks in memory).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="frames-writer") as pool:
         pending_write: Future | None = None
         for run, info in enumerate(infos):
@@ -388,7 +406,55 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
                 bar.update(out.shape[0])
         if pending_write is not None:
             pending_write.result()
-    bar.close()
-    writer.finish()
-    return {"group": group, "runs": len(infos), "frames": [int(t.size) for t in times],
-            "blocks_written": written, "blocks_skipped": skipped_blocks}
+    return written
+
+
+# ------------------------------------------------------------------ on a Dask cluster
+def _frames_on_cluster(client, workspace: Workspace, writer: StageWriter,
+                       infos: list[VideoInfo], times: list[np.ndarray], size: int, resize: str,
+                       bar) -> int:
+    """Decode every pending block as one task on the cluster; mark each done here.
+
+    A task gets the video's :class:`VideoInfo` (with an absolute path) and the source
+    frame index of its own samples only, so what travels per task is small.  Returns the
+    number of blocks written.
+    """
+    store = os.path.abspath(workspace.path)
+    require_shared_path(client, store)
+    tasks = []
+    for run, info in enumerate(infos):
+        require_shared_path(client, info.path)
+        info = dataclasses.replace(info, path=Path(os.path.abspath(info.path)))
+        source_index = frame_index_at(info.pts_s, times[run])
+        for block in writer.pending_blocks(run):
+            region = writer.block_slice(run, block)
+            args = (store, writer.run_path(run), info, source_index[region], region.start,
+                    size, resize)
+            tasks.append(((run, block), args))
+    written = 0
+    for (run, block), n_frames in run_block_tasks(client, frames_block_task, tasks):
+        writer.mark_done(run, block)
+        written += 1
+        bar.update(n_frames)
+    return written
+
+
+def frames_block_task(store: str, node: str, info: VideoInfo, source_index: np.ndarray,
+                      start: int, size: int, resize: str) -> int:
+    """Decode one block of samples and write it into ``node/frames`` (a Dask task).
+
+    ``source_index`` (n,) int64 is :func:`frame_index_at` of the block's own sample
+    times; the block is samples ``start:start + n`` of the run, a whole frames shard
+    (or the run's last, shorter one).  Decoding seeks to the keyframe before the
+    block's first frame, which gives the same pixels as decoding from the start.
+    Writes ``(n, size, size, 3)`` uint8 and returns ``n``; the block's done flag is
+    left to the client.
+    """
+    n = int(source_index.size)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    stream = iter_sampled_frames(info, source_index, 0, size, resize)
+    for i in range(n):
+        out[i] = next(stream)
+    stream.close()
+    Workspace(store).write_array(node, "frames", out, slice(start, start + n))
+    return n
