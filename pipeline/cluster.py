@@ -80,9 +80,10 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
         return
     if int(workers) < 1:
         raise InputError(f"--workers must be a positive integer (got {workers})")
+    # dashboard ":0" takes any free port (None still binds 8787 and warns when it is taken)
     cluster = LocalCluster(n_workers=int(workers), threads_per_worker=threads_per_worker,
                            processes=True, memory_limit=memory_limit or "auto",
-                           dashboard_address=":0", silence_logs=40)  # ":0": any free port; None still binds 8787
+                           dashboard_address=":0", silence_logs=40)
     client = Client(cluster, set_as_default=True)
     try:
         yield client
