@@ -31,6 +31,7 @@ from pipeline.errors import InputError
 
 TASK_RETRIES = 3  # a task whose worker died is resubmitted this many times
 IN_FLIGHT_PER_THREAD = 2  # tasks submitted ahead per worker thread (bounds memory)
+CONNECT_TIMEOUT = "10s"  # to reach a --scheduler address
 
 
 def active_client():
@@ -69,8 +70,8 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
 
     if scheduler:
         try:
-            client = Client(scheduler, timeout="20s", set_as_default=True)
-        except (OSError, TimeoutError) as exc:
+            client = Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=True)
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: unknown scheme
             raise InputError(f"--scheduler {scheduler}: cannot connect ({exc}); start one "
                              f"with `dask scheduler` and `dask worker ADDRESS`") from None
         try:

@@ -14,12 +14,23 @@ BOLD group's ``i, j, k, valid`` coordinates):
 The design is decomposed once; voxel blocks (4,096 by default) are then computed and
 written one at a time with a done flag each, so memory holds one block of BOLD and an
 interrupted fit resumes where it stopped.
+
+On a Dask cluster (``--scheduler ADDRESS`` / ``--workers N``, see
+:mod:`pipeline.cluster`) the client still decomposes the design once; the factors (as
+host arrays), the BOLD block plan (:class:`BoldBlockReader`) and the writer are
+scattered to every worker once, and each pending block is one task
+(:func:`fit_block_task`) that reads its BOLD from the workspace, computes exactly what
+the local loop computes (:func:`block_outputs`), writes its region and returns small;
+the client sets the block's done flag.  With ``device="cuda"`` each worker copies the
+factors to its GPU once and every block runs in CuPy, results copied back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import dask.array as da
 import numpy as np
@@ -27,10 +38,11 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from pipeline import ridge
+from pipeline.cluster import active_client, require_shared_path, run_block_tasks
 from pipeline.errors import InputError
 from pipeline.lags import LaggedDesign, build_design, split_train_test
 from pipeline.scoring import contiguous_folds, run_folds
-from stores.workspace import RunTemplate, Workspace
+from stores.workspace import RunTemplate, StageWriter, Workspace
 
 VOXEL_BLOCK = 4096
 
@@ -109,21 +121,24 @@ def _fit_template(alphas: np.ndarray, bold_node: xr.Dataset, n_voxels: int, bloc
     block = min(block, max(n_voxels, 1))
     na = alphas.size
     data = {
-        "r_test": (("alpha", "voxel"), da.empty((na, n_voxels), np.float32, chunks=(na, block))),
-        "r_cv": (("alpha", "voxel"), da.empty((na, n_voxels), np.float32, chunks=(na, block))),
-        "best_alpha": (("voxel",), da.empty(n_voxels, np.float32, chunks=block)),
-        "r_test_cv": (("voxel",), da.empty(n_voxels, np.float32, chunks=block)),
+        "r_test": (("alpha", "voxel"),
+                   da.empty((na, n_voxels), dtype=np.float32, chunks=(na, block))),
+        "r_cv": (("alpha", "voxel"),
+                 da.empty((na, n_voxels), dtype=np.float32, chunks=(na, block))),
+        "best_alpha": (("voxel",), da.empty(n_voxels, dtype=np.float32, chunks=block)),
+        "r_test_cv": (("voxel",), da.empty(n_voxels, dtype=np.float32, chunks=block)),
     }
     encoding = {"r_test": {"chunks": (na, block)}, "r_cv": {"chunks": (na, block)},
                 "best_alpha": {"chunks": (block,)}, "r_test_cv": {"chunks": (block,)}}
     if weights_dim:
         data["weights"] = (("lag_feature", "voxel"),
-                           da.empty((weights_dim, n_voxels), np.float32,
+                           da.empty((weights_dim, n_voxels), dtype=np.float32,
                                     chunks=(weights_dim, block)))
         encoding["weights"] = {"chunks": (weights_dim, block)}
     if predictions:
         data["predictions"] = (("test_sample", "voxel"),
-                               da.empty((n_test, n_voxels), np.float32, chunks=(n_test, block)))
+                               da.empty((n_test, n_voxels), dtype=np.float32,
+                                        chunks=(n_test, block)))
         encoding["predictions"] = {"chunks": (n_test, block)}
     ds = xr.Dataset(data, coords=coords)
     ds["r_test"].attrs["long_name"] = "test-set Pearson r per alpha"
@@ -135,6 +150,163 @@ def _fit_template(alphas: np.ndarray, bold_node: xr.Dataset, n_voxels: int, bloc
 
 def _as_input_error(exc: ValueError, what: str) -> InputError:
     return InputError(f"{what}: {exc}")
+
+
+# ----------------------------------------------------------------- one voxel block
+def _slice_len(sl: slice) -> int:
+    """Number of voxels of a block's slice."""
+    return int(sl.stop - sl.start)
+
+
+def block_outputs(factors: ridge.RidgeFactors, block: np.ndarray, ok: np.ndarray,
+                  train: np.ndarray, test: np.ndarray, save_weights: bool,
+                  save_predictions: bool) -> dict[str, np.ndarray]:
+    """The stored float32 outputs of one voxel block.
+
+    ``block`` (sample, voxel) float32 BOLD of the design's samples (modified: voxels
+    not ``ok`` are zeroed); ``ok`` (voxel,) bool, valid and finite voxels (the others
+    get NaN); ``train``/``test`` sample indices.  Returns ``r_test``/``r_cv``
+    (alpha, voxel), ``best_alpha``/``r_test_cv`` (voxel,), and ``weights``
+    (lag_feature, voxel) / ``predictions`` (test_sample, voxel) when asked for, as
+    host (NumPy) arrays whatever the factors' device.
+    """
+    block[:, ~ok] = 0.0
+    out = ridge.ridge_chunk(factors, block[train], block[test], return_weights=save_weights,
+                            return_predictions=save_predictions)
+    out = {k: ridge._to_numpy(v) for k, v in out.items()}
+    arrays = {
+        "r_test": np.where(ok[None, :], out["r_test"], np.nan).astype(np.float32),
+        "r_cv": np.where(ok[None, :], out["r_cv"], np.nan).astype(np.float32),
+        "best_alpha": np.where(ok, out["best_alpha"], np.nan).astype(np.float32),
+        "r_test_cv": np.where(ok, out["r_test_cv"], np.nan).astype(np.float32),
+    }
+    if save_weights:
+        arrays["weights"] = np.where(ok[None, :], out["weights"], np.nan).astype(np.float32)
+    if save_predictions:
+        arrays["predictions"] = out["predictions"].astype(np.float32)
+    return arrays
+
+
+def _fit_blocks_here(writer: StageWriter, factors: ridge.RidgeFactors, Y: da.Array,
+                     pending: Sequence[int], train: np.ndarray, test: np.ndarray,
+                     valid: np.ndarray, save_weights: bool, save_predictions: bool,
+                     bar: tqdm) -> None:
+    """Local path: each pending block is read from the lazy design ``Y`` (sample,
+    voxel), computed in this process and written with its done flag."""
+    for b in pending:
+        sl = writer.block_slice(0, b)
+        block = np.asarray(Y[:, sl].compute(), dtype=np.float32)
+        ok = valid[sl] & np.isfinite(block).all(axis=0)
+        writer.write_block(0, b, block_outputs(factors, block, ok, train, test,
+                                               save_weights, save_predictions))
+        bar.update(_slice_len(sl))
+
+
+@dataclass(frozen=True)
+class BoldBlockReader:
+    """Reads the design's BOLD rows for a voxel slice straight from the workspace.
+
+    What a cluster task needs instead of the client's lazy ``design.Y``: the
+    workspace's absolute path and, per run, the run's node and the kept BOLD sample
+    indices (the design's rows are the runs' kept samples, concatenated in run order).
+    """
+
+    store: str
+    nodes: tuple[str, ...]
+    keep: tuple[np.ndarray, ...]
+    var: str = "bold"
+
+    @classmethod
+    def from_design(cls, workspace: Workspace, group: str, design: LaggedDesign
+                    ) -> "BoldBlockReader":
+        """Kept samples per run, recovered from the design's ``run``/``time`` rows."""
+        nodes, keep = [], []
+        for r in np.unique(design.run):
+            times = np.asarray(workspace.open_run(group, int(r))["time"].values, np.float64)
+            rows = design.time[design.run == r]
+            index = np.searchsorted(times, rows)
+            if index.max(initial=-1) >= times.size or not np.array_equal(times[index], rows):
+                raise AssertionError(f"/{group} run {r}: design times are not BOLD times")
+            nodes.append(Workspace.run_path(group, int(r)))
+            keep.append(index.astype(np.int64))
+        return cls(str(Path(workspace.path).resolve()), tuple(nodes), tuple(keep))
+
+    def read(self, voxels: slice) -> np.ndarray:
+        """float32 (sample, voxel) BOLD of the design's samples for ``voxels``."""
+        parts = []
+        for node, keep in zip(self.nodes, self.keep):
+            ds = xr.open_zarr(self.store, group=node, consolidated=False, zarr_format=3,
+                              chunks=None, decode_timedelta=False)
+            column = np.asarray(ds[self.var].isel(voxel=voxels).values, dtype=np.float32)
+            parts.append(column[keep])
+        return np.concatenate(parts, axis=0)
+
+
+#: The worker's GPU copy of the broadcast factors (``--device cuda``): ``[host
+#: factors, device factors]``.  The host object is kept referenced so that it is
+#: compared by identity (a later fit's factors are another object).
+_DEVICE_FACTORS: list[Any] = []
+
+
+def _factors_on_device(factors: ridge.RidgeFactors, device: str) -> ridge.RidgeFactors:
+    """The factors with their arrays on ``device``, copied once per worker process."""
+    if device == "cpu":
+        return factors
+    if _DEVICE_FACTORS and _DEVICE_FACTORS[0] is factors:
+        return _DEVICE_FACTORS[1]
+    _DEVICE_FACTORS.clear()  # free the previous fit's device copy first
+    moved = _map_arrays(factors, ridge.get_array_module(device).asarray)
+    _DEVICE_FACTORS.extend([factors, moved])
+    return moved
+
+
+def _map_arrays(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``value`` with ``fn`` applied to every array (ndim >= 1) inside it, through
+    nested dataclasses and tuples; ``alphas`` stays a host array (it indexes NumPy)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _map_arrays(getattr(value, f.name), fn)
+                                             for f in dataclasses.fields(value)
+                                             if f.name != "alphas"})
+    if isinstance(value, tuple):
+        return tuple(_map_arrays(v, fn) for v in value)
+    if hasattr(value, "__array__") and hasattr(value, "shape") and value.ndim > 0:
+        return fn(value)
+    return value
+
+
+def fit_block_task(block: int, voxels: slice, *, factors: ridge.RidgeFactors,
+                   reader: BoldBlockReader, writer: StageWriter, train: np.ndarray,
+                   test: np.ndarray, valid: np.ndarray, device: str, save_weights: bool,
+                   save_predictions: bool) -> tuple[int, int]:
+    """One cluster task: read the block's BOLD, compute, write its region (data only).
+
+    ``factors`` are host (NumPy) arrays, moved to the worker's GPU once for
+    ``device="cuda"``.  Returns ``(block, voxels scored)``; the client marks the
+    block done.
+    """
+    data = reader.read(voxels)
+    ok = valid[voxels] & np.isfinite(data).all(axis=0)
+    arrays = block_outputs(_factors_on_device(factors, device), data, ok, train, test,
+                           save_weights, save_predictions)
+    writer.write_block_data(0, block, arrays)
+    return block, int(ok.sum())
+
+
+def _fit_blocks_on_cluster(client, writer: StageWriter, factors: ridge.RidgeFactors,
+                           reader: BoldBlockReader, pending: Sequence[int],
+                           train: np.ndarray, test: np.ndarray, valid: np.ndarray,
+                           save_weights: bool, save_predictions: bool, bar: tqdm) -> None:
+    """Cluster path: the factors (host copies) and the block plan are scattered to
+    every worker once; one task per pending block; done flags are set here."""
+    remote = dataclasses.replace(writer, workspace=Workspace(Path(writer.workspace.path).resolve()))
+    host = _map_arrays(factors, ridge._to_numpy) if factors.device != "cpu" else factors
+    broadcast = {"factors": host, "reader": reader, "writer": remote, "train": train,
+                 "test": test, "valid": valid, "device": factors.device,
+                 "save_weights": save_weights, "save_predictions": save_predictions}
+    tasks = [(b, (b, writer.block_slice(0, b))) for b in pending]
+    for b, _ in run_block_tasks(client, fit_block_task, tasks, broadcast=broadcast):
+        writer.mark_done(0, b)
+        bar.update(_slice_len(writer.block_slice(0, b)))
 
 
 def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence[float],
@@ -191,8 +363,9 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
     )
     pending = writer.pending_blocks(0)
     skipped = template.n_blocks - len(pending)
-    n_constant = 0
+    client = active_client()
     if pending:
+        require_shared_path(client, workspace.path)  # before the costly decomposition
         X = design.X.compute()
         if not np.isfinite(X).all():
             raise InputError(f"/{fgroup}: features contain NaN or infinite values; "
@@ -202,32 +375,16 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
                                             keep_weight_factors=save_weights)
         except ValueError as exc:
             raise _as_input_error(exc, f"/{fgroup} x /{bgroup}") from None
-        Y = design.Y
+        done_voxels = n_voxels - sum(_slice_len(writer.block_slice(0, b)) for b in pending)
         bar = tqdm(total=n_voxels, unit="voxel", desc=f"fit {lag_set_label(lags)}",
-                   disable=not progress, dynamic_ncols=True)
-        bar.update(n_voxels - sum(writer.block_slice(0, b).stop - writer.block_slice(0, b).start
-                                  for b in pending))
-        for b in pending:
-            sl = writer.block_slice(0, b)
-            block = np.asarray(Y[:, sl].compute(), dtype=np.float32)
-            ok = valid[sl] & np.isfinite(block).all(axis=0)
-            block[:, ~ok] = 0.0
-            out = ridge.ridge_chunk(factors, block[train], block[test],
-                                    return_weights=save_weights,
-                                    return_predictions=save_predictions)
-            out = {k: ridge._to_numpy(v) for k, v in out.items()}
-            arrays = {
-                "r_test": np.where(ok[None, :], out["r_test"], np.nan).astype(np.float32),
-                "r_cv": np.where(ok[None, :], out["r_cv"], np.nan).astype(np.float32),
-                "best_alpha": np.where(ok, out["best_alpha"], np.nan).astype(np.float32),
-                "r_test_cv": np.where(ok, out["r_test_cv"], np.nan).astype(np.float32),
-            }
-            if save_weights:
-                arrays["weights"] = np.where(ok[None, :], out["weights"], np.nan).astype(np.float32)
-            if save_predictions:
-                arrays["predictions"] = out["predictions"].astype(np.float32)
-            writer.write_block(0, b, arrays)
-            bar.update(sl.stop - sl.start)
+                   disable=not progress, dynamic_ncols=True, initial=done_voxels)
+        if client is None:
+            _fit_blocks_here(writer, factors, design.Y, pending, train, test, valid,
+                             save_weights, save_predictions, bar)
+        else:
+            reader = BoldBlockReader.from_design(workspace, bgroup, design)
+            _fit_blocks_on_cluster(client, writer, factors, reader, pending, train, test,
+                                   valid, save_weights, save_predictions, bar)
         bar.close()
     writer.finish()
     return summarize_fit(workspace, group, n_blocks_written=len(pending), n_skipped=skipped)
