@@ -96,7 +96,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from pipeline.errors import InputError, WorkspaceConflict
+from pipeline.errors import InputError, WorkspaceConflict, exception_reason
 from stores.workspace import Workspace, describe_param_change
 
 AUTOENCODER = "autoencoder"
@@ -271,7 +271,7 @@ def read_checkpoint(path: str | Path, flag: str = "--weights") -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # not a torch file, damaged, unsafe pickle
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = exception_reason(exc)
         raise InputError(f"{flag} {path}: not a voxelflow autoencoder checkpoint "
                          f"({reason[:120]}); {make}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -54,7 +54,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from pipeline.cluster import active_client, require_shared_path, run_block_tasks
-from pipeline.errors import InputError
+from pipeline.errors import InputError, exception_reason
 from stores.scratch import TransposeScratch
 from stores.workspace import RunTemplate, StageWriter, Workspace
 
@@ -97,7 +97,7 @@ def _load(path: Path, what: str = "run") -> nib.spatialimages.SpatialImage:
     try:
         img = nib.load(str(path), mmap=False, keep_file_open=True)
     except Exception as exc:  # nibabel raises ImageFileError, OSError, ValueError, ...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = exception_reason(exc)
         raise InputError(f"{path}: not a readable NIfTI file ({reason}); give a .nii or "
                          f".nii.gz {what}") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -250,7 +250,7 @@ class RunReader:
         try:
             data = np.asanyarray(self._proxy[..., start:stop])
         except (EOFError, OSError, ValueError, zlib.error) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = exception_reason(exc)
             raise InputError(
                 f"{self.path}: could not read volumes {start}-{stop - 1} ({reason}); the file "
                 f"looks truncated or corrupt: re-download or re-export it") from None

@@ -153,6 +153,14 @@ class _Checker:
                 self.fail(section, None, f"missing required key '{key}'", index)
         return data
 
+    def choice(self, data: dict, section: str, key: str, choices: tuple[str, str]) -> str:
+        """``data[key]`` (default: the first choice), which must be one of ``choices``."""
+        value = data.get(key, choices[0])
+        if value not in choices:
+            self.fail(section, key, f"must be \"{choices[0]}\" or \"{choices[1]}\", got "
+                      f"{value!r}")
+        return value
+
     def existing(self, section: str, key: str, base: Path, value: str, index: int = 0) -> Path:
         path = (base / value).expanduser()
         if not path.exists():
@@ -235,21 +243,13 @@ def load_experiment(path: str | Path) -> Experiment:
     cv = fit.get("cv", 5)
     if isinstance(cv, str) and cv != "runs" or isinstance(cv, int) and cv < 2:
         check.fail("fit", "cv", f"cv is a number of folds >= 2 or \"runs\", got {cv!r}")
-    aggregate = fit.get("aggregate", "last")
-    if aggregate not in ("last", "mean"):
-        check.fail("fit", "aggregate", f"must be \"last\" or \"mean\", got {aggregate!r}")
-    resize = stim.get("resize", "squash")
-    if resize not in ("squash", "crop"):
-        check.fail("stimulus", "resize", f"must be \"squash\" or \"crop\", got {resize!r}")
+    aggregate = check.choice(fit, "fit", "aggregate", ("last", "mean"))
+    resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
     fps = float(stim.get("fps", 20))
     if fps <= 0:
         check.fail("stimulus", "fps", f"must be positive, got {fps}")
-    detrend = bold.get("detrend", "none")
-    if detrend not in ("none", "linear"):
-        check.fail("bold", "detrend", f"must be \"none\" or \"linear\", got {detrend!r}")
-    device = exp.get("device", "cpu")
-    if device not in ("cpu", "cuda"):
-        check.fail("experiment", "device", f"must be \"cpu\" or \"cuda\", got {device!r}")
+    detrend = check.choice(bold, "bold", "detrend", ("none", "linear"))
+    device = check.choice(exp, "experiment", "device", ("cpu", "cuda"))
     return Experiment(
         name=exp["name"], source=path, store=(base / exp.get("store", "voxelflow.zarr")),
         reports=(base / exp.get("reports", "reports")), stimulus_name=stim["name"],

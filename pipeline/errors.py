@@ -17,3 +17,10 @@ class InputError(VoxelflowError):
 
 class WorkspaceConflict(VoxelflowError):
     """A workspace group already holds results made with other parameters."""
+
+
+def exception_reason(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its class name when the message is empty),
+    for quoting a library's error inside a one-line voxelflow message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

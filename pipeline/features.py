@@ -65,7 +65,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from pipeline.cluster import active_client, require_shared_path, run_block_tasks
-from pipeline.errors import InputError, WorkspaceConflict
+from pipeline.errors import InputError, WorkspaceConflict, exception_reason
 from stores.workspace import RunTemplate, StageWriter, Workspace
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
@@ -265,7 +265,7 @@ def _load_state_file(model: str, path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe content
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = exception_reason(exc)
         raise InputError(
             f"--weights {path}: not a PyTorch state_dict file ({reason[:150]}); save one "
             f"with torch.save(model.state_dict(), PATH)"
@@ -384,7 +384,7 @@ def _torchvision_imagenet(model: str):
             warnings.simplefilter("ignore")
             module = torchvision.models.get_model(model, weights=enum)  # from the cache
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = exception_reason(exc)
         raise InputError(
             f"{cached}: ImageNet weights for {model} could not be loaded ({reason[:120]}); "
             f"the file may be damaged: delete it and download it again from {enum.url}"
@@ -410,7 +410,7 @@ def _download_weights(model: str, url: str, file_name: str, cached: Path) -> Non
         torch.hub.download_url_to_file(url, str(cached), match.group(1) if match else None,
                                        progress=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = exception_reason(exc)
         raise InputError(
             f"ImageNet weights for {model} are not in the torch cache and could not be "
             f"downloaded ({reason[:120]}); put {file_name} (from {url}) into {cached.parent}/ "
@@ -544,7 +544,7 @@ class FeatureExtractor:
                                                                       self.precision):
                 outputs = self.graph(self.normalise(x))
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = exception_reason(exc)
             raise InputError(
                 f"{model} cannot take {height}x{width} frames up to layer(s) "
                 f"{', '.join(self.layers)} ({reason[:150]}); make frames at the model's input "

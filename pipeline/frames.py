@@ -265,6 +265,14 @@ def iter_sampled_frames(info: VideoInfo, source_index: np.ndarray, start_sample:
             )
 
 
+def take_frames(stream: Iterator[np.ndarray], n: int, size: int) -> np.ndarray:
+    """The next ``n`` frames of ``stream`` as one uint8 ``(n, size, size, 3)`` block."""
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        out[i] = next(stream)
+    return out
+
+
 def _require(frame: np.ndarray | None, info: VideoInfo, k: int) -> np.ndarray:
     if frame is None:
         raise InputError(f"{info.path}: frame for sample {k} could not be decoded")
@@ -395,9 +403,7 @@ def _frames_threaded(writer: StageWriter, infos: list[VideoInfo], times: list[np
                 region = writer.block_slice(run, block)
                 if stream is None or next_sample != region.start:
                     stream = iter_sampled_frames(info, source_index, region.start, size, resize)
-                out = np.empty((region.stop - region.start, size, size, 3), dtype=np.uint8)
-                for i in range(out.shape[0]):
-                    out[i] = next(stream)
+                out = take_frames(stream, region.stop - region.start, size)
                 if pending_write is not None:
                     pending_write.result()
                 pending_write = pool.submit(writer.write_block, run, block, {"frames": out})
@@ -451,10 +457,8 @@ def frames_block_task(store: str, node: str, info: VideoInfo, source_index: np.n
     left to the client.
     """
     n = int(source_index.size)
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
     stream = iter_sampled_frames(info, source_index, 0, size, resize)
-    for i in range(n):
-        out[i] = next(stream)
+    out = take_frames(stream, n, size)
     stream.close()
     Workspace(store).write_array(node, "frames", out, slice(start, start + n))
     return n
