@@ -10,9 +10,9 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from pipeline.cluster import dask_client
-from pipeline.errors import VoxelflowError
-from stores.workspace import DEFAULT_STORE, Workspace
+from voxelflow.pipeline.execution.cluster import dask_client
+from voxelflow.pipeline.errors import VoxelflowError
+from voxelflow.stores.workspace import DEFAULT_STORE, Workspace
 
 EXIT_INPUT_ERROR = 2
 
@@ -58,7 +58,7 @@ def add_frames(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_frames(args: argparse.Namespace) -> int:
-    from pipeline.frames import run_frames_stage
+    from voxelflow.pipeline.stages.frames import run_frames_stage
 
     summary = run_frames_stage(
         Workspace(args.store), args.videos, args.name, fps=args.fps, size=args.size,
@@ -105,8 +105,8 @@ def add_features(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from pipeline.errors import InputError
-    from pipeline.features import (available_models, default_layer, list_layers,
+    from voxelflow.pipeline.errors import InputError
+    from voxelflow.pipeline.stages.features import (available_models, default_layer, list_layers,
                                    run_features_stage)
 
     if args.list_models:
@@ -137,7 +137,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------ train-autoencoder
 def add_train_autoencoder(sub: argparse._SubParsersAction) -> None:
-    # Defaults are pipeline.autoencoder's DEFAULT_* (written out: no torch import here).
+    # Defaults are voxelflow.pipeline.models.autoencoder's DEFAULT_* (written out: no torch import here).
     p = sub.add_parser(
         "train-autoencoder",
         help="train the ResNet-50 autoencoder on the training frames of /frames/NAME",
@@ -183,7 +183,7 @@ def add_train_autoencoder(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_autoencoder(args: argparse.Namespace) -> int:
-    from pipeline.autoencoder import train_autoencoder
+    from voxelflow.pipeline.models.autoencoder import train_autoencoder
 
     runs = None
     if args.train_runs:
@@ -238,7 +238,7 @@ def add_bold(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bold(args: argparse.Namespace) -> int:
-    from pipeline.bold import CHUNK_VOXELS, run_bold_stage
+    from voxelflow.pipeline.stages.bold import CHUNK_VOXELS, run_bold_stage
 
     summary = run_bold_stage(
         Workspace(args.store), args.runs, args.subject, mask=args.mask, tr=args.tr,
@@ -276,7 +276,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.bold import describe_export, export_variable
+    from voxelflow.pipeline.stages.bold import describe_export, export_variable
 
     print(describe_export(export_variable(Workspace(args.store), args.group, args.var,
                                           args.out)))
@@ -285,7 +285,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------- fit
 def add_fit(sub: argparse._SubParsersAction) -> None:
-    from pipeline.config import STUDY_ALPHAS
+    from voxelflow.pipeline.study.config import STUDY_ALPHAS
 
     p = sub.add_parser("fit", help="lagged ridge from /features/NAME onto every voxel of /bold/SUBJ")
     p.add_argument("--features", required=True, help="features group name (/features/NAME)")
@@ -310,9 +310,9 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from pipeline.errors import InputError
-    from pipeline.fit import parse_alphas, run_fit_stage
-    from pipeline.lags import parse_lags
+    from voxelflow.pipeline.errors import InputError
+    from voxelflow.pipeline.stages.fit import parse_alphas, run_fit_stage
+    from voxelflow.pipeline.design.lags import parse_lags
 
     cv = args.cv if args.cv == "runs" else _int_arg(args.cv, "--cv")
     test_runs = ([_int_arg(r, "--test-runs") for r in args.test_runs.split(",")]
@@ -331,7 +331,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _int_arg(text: str, flag: str) -> int:
-    from pipeline.errors import InputError
+    from voxelflow.pipeline.errors import InputError
 
     try:
         return int(text)
@@ -350,9 +350,9 @@ def add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_experiment
-    from pipeline.experiment import run_experiment
-    from pipeline.report import ranking, table_markdown
+    from voxelflow.pipeline.study.config import load_experiment
+    from voxelflow.pipeline.study.experiment import run_experiment
+    from voxelflow.pipeline.study.report import ranking, table_markdown
 
     exp = load_experiment(args.experiment)
     out = run_experiment(exp, dry_run=args.dry_run, progress=args.progress)
@@ -378,7 +378,7 @@ def add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from stores.inventory import describe_workspace
+    from voxelflow.stores.inventory import describe_workspace
 
     for line in describe_workspace(Workspace(args.store)):
         print(line)
@@ -398,7 +398,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.demo import print_summary, run_demo
+    from voxelflow.pipeline.study.demo import print_summary, run_demo
 
     print_summary(run_demo(Path(args.workdir), seconds=args.seconds, fps=args.fps,
                            progress=args.progress))

@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 BBB = Path(os.environ.get("VOXELFLOW_SHARED_DATA", ROOT.parent / "shared" / "data")) / \
     "big_buck_bunny_0_30.webm"
@@ -54,13 +53,13 @@ def uptime() -> str:
 
 def make_frames(store: Path, n_frames: int, name: str, size: int) -> int:
     """Write ``/frames/<name>`` (``size`` px) with about ``n_frames`` frames; return the count."""
-    from pipeline.frames import run_frames_stage
-    from stores import Workspace
+    from voxelflow.pipeline.stages.frames import run_frames_stage
+    from voxelflow.stores import Workspace
 
     if BBB.exists():
         video, seconds = BBB, 30.0
     else:
-        from pipeline.synthetic import write_moving_video
+        from voxelflow.pipeline.synthetic.movies import write_moving_video
 
         seconds = max(10.0, n_frames / 20)
         video = store.parent / f"clip_{int(seconds)}.mp4"
@@ -77,7 +76,7 @@ def bare_fps(frames, batch: int, steps: int, with_step: bool) -> float:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.autoencoder import make_adamw, build_autoencoder
+    from voxelflow.pipeline.models.autoencoder import make_adamw, build_autoencoder
 
     torch.manual_seed(0)
     model, backbone = build_autoencoder("random:0")
@@ -101,8 +100,8 @@ def bare_fps(frames, batch: int, steps: int, with_step: bool) -> float:
 
 def pipeline_run(store: Path, name: str, out: Path, batch: int, steps: int,
                  buffer: int, checkpoint_every: int = 100) -> dict:
-    from pipeline.autoencoder import train_autoencoder
-    from stores import Workspace
+    from voxelflow.pipeline.models.autoencoder import train_autoencoder
+    from voxelflow.stores import Workspace
 
     return train_autoencoder(
         Workspace(store), name, out, train_runs=[0], steps=steps, batch_size=batch, lr=1e-4,
@@ -115,8 +114,8 @@ def rss_child(store: str, name: str, out: str, batch: int, steps: int, buffer: i
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 
-    import pipeline.autoencoder  # noqa: F401
-    import pipeline.features  # noqa: F401
+    import voxelflow.pipeline.models.autoencoder  # noqa: F401
+    import voxelflow.pipeline.stages.features  # noqa: F401
 
     def status(key: str) -> float:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -153,7 +152,7 @@ def main() -> None:
 
     import torch
 
-    from stores import Workspace
+    from voxelflow.stores import Workspace
 
     print(f"start: {uptime()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHAPE = (96, 96, 72)
 N_MASK = 65_665
@@ -105,7 +104,7 @@ def step_read(run: Path, mask_path: Path) -> dict:
     import nibabel as nib
     import numpy as np
 
-    from pipeline.bold import RunReader, load_mask, mask_voxels, probe_run
+    from voxelflow.pipeline.stages.bold import RunReader, load_mask, mask_voxels, probe_run
 
     rss0 = _status_mib("VmRSS")
     info = probe_run(run)
@@ -128,8 +127,8 @@ def step_ingest(run: Path, mask_path: Path, store: Path) -> dict:
     import xarray  # noqa: F401
     import zarr  # noqa: F401
 
-    from pipeline.bold import run_bold_stage
-    from stores import Workspace
+    from voxelflow.pipeline.stages.bold import run_bold_stage
+    from voxelflow.stores import Workspace
 
     rss0, hwm0 = _status_mib("VmRSS"), _status_mib("VmHWM")
     t0 = time.perf_counter()

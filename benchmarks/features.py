@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 BBB = Path(os.environ.get("VOXELFLOW_SHARED_DATA", ROOT.parent / "shared" / "data")) / \
     "big_buck_bunny_0_30.webm"
@@ -48,13 +47,13 @@ BBB = Path(os.environ.get("VOXELFLOW_SHARED_DATA", ROOT.parent / "shared" / "dat
 
 def make_frames(store: Path, n_frames: int, name: str) -> int:
     """Write ``/frames/<name>`` with about ``n_frames`` frames; return the count."""
-    from pipeline.frames import run_frames_stage
-    from stores import Workspace
+    from voxelflow.pipeline.stages.frames import run_frames_stage
+    from voxelflow.stores import Workspace
 
     if BBB.exists():
         video, seconds = BBB, 30.0
     else:
-        from pipeline.synthetic import write_moving_video
+        from voxelflow.pipeline.synthetic.movies import write_moving_video
 
         seconds = max(10.0, n_frames / 20)
         video = store.parent / "clip.mp4"
@@ -90,8 +89,8 @@ def bare_fps(model: str, frames, batch: int, channels_last: bool) -> float:
 
 
 def pipeline_fps(store: Path, frames_name: str, model: str, batch: int, device: str) -> dict:
-    from pipeline.features import run_features_stage
-    from stores import Workspace
+    from voxelflow.pipeline.stages.features import run_features_stage
+    from voxelflow.stores import Workspace
 
     Workspace(store).delete(f"features/bench-{model}")  # compute everything, every time
     return run_features_stage(Workspace(store), frames_name, model, weights="random:0",
@@ -112,8 +111,8 @@ def child(args: argparse.Namespace) -> None:
     import torch  # noqa: F401 - count the imports in the baseline
     import torchvision  # noqa: F401
 
-    import pipeline.features  # noqa: F401
-    from stores import Workspace
+    import voxelflow.pipeline.stages.features  # noqa: F401
+    from voxelflow.stores import Workspace
 
     after_imports = _vm("VmRSS")
     summary = pipeline_fps(Path(args.store), args.child, args.model, args.batch_size,
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rss:
             make_frames(store, args.short, "short")
             make_frames(store, args.long, "long")
-        from stores import Workspace
+        from voxelflow.stores import Workspace
 
         frames = Workspace(store).open_run("frames/bench", 0)["frames"].values
         bare, pipe, ratios, shares = [], [], [], []

@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline.frames import frame_index_at, iter_sampled_frames, probe_video, run_frames_stage, sample_times  # noqa: E402
-from pipeline.synthetic import write_moving_video  # noqa: E402
-from stores import Workspace  # noqa: E402
+from voxelflow.pipeline.stages.frames import frame_index_at, iter_sampled_frames, probe_video, run_frames_stage, sample_times  # noqa: E402
+from voxelflow.pipeline.synthetic.movies import write_moving_video  # noqa: E402
+from voxelflow.stores import Workspace  # noqa: E402
 
 DEFAULT_CLIP = ROOT.parent / "shared" / "data" / "big_buck_bunny_0_30.webm"
 
@@ -58,12 +57,12 @@ def full_stage(clip: Path, fps: float, size: int, store: Path) -> tuple[int, flo
 def child_peak_rss(video: Path, workdir: Path) -> dict:
     """Run the stage in a fresh interpreter; return its peak RSS (MiB) and frame count."""
     code = (
-        "import json,resource,sys;sys.path.insert(0,%r);"
-        "from pipeline.frames import run_frames_stage;from stores import Workspace;"
+        "import json,resource,sys;"
+        "from voxelflow.pipeline.stages.frames import run_frames_stage;from voxelflow.stores import Workspace;"
         "s=run_frames_stage(Workspace(%r),[%r],'m',fps=20,size=224,progress=False);"
         "print(json.dumps({'frames':sum(s['frames']),"
         "'rss_mib':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))"
-    ) % (str(ROOT), str(workdir / f"{video.stem}.zarr"), str(video))
+    ) % (str(workdir / f"{video.stem}.zarr"), str(video))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -47,7 +47,6 @@ from typing import Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STUDY_ALPHAS = [0.5, 1, 5, 10, 1e2, 1e3, 1e4, 2.5e4, 5e4, 1e5, 1e6, 1e7]
 SIGNAL_FEATURES = 32
@@ -110,7 +109,7 @@ def make_problem(n_samples: int, n_features: int, n_voxels: int, seed: int
 def run_voxelflow(device: str, X: np.ndarray, Y: np.ndarray, n_train: int,
                   folds: list[np.ndarray], chunk: int) -> dict[str, np.ndarray]:
     """factorize_ridge + ridge_chunk per voxel chunk; host (numpy) outputs (voxel,)."""
-    from pipeline import ridge
+    from voxelflow.pipeline import ridge
 
     xp = ridge.get_array_module(device)
     factors = ridge.factorize_ridge(X[:n_train], X[n_train:], STUDY_ALPHAS, folds,
@@ -132,7 +131,7 @@ def run_himalaya(backend_name: str, X: np.ndarray, Y: np.ndarray, n_train: int,
     from himalaya.ridge import RidgeCV
     from himalaya.scoring import correlation_score
 
-    from pipeline.scoring import train_indices
+    from voxelflow.pipeline.ridge.scoring import train_indices
 
     backend = set_backend(backend_name, on_error="raise")
     cv = [(train_indices(fold, n_train), fold) for fold in folds]
@@ -171,7 +170,7 @@ def timed(fn: Callable[[], dict], gpu: bool) -> tuple[float, dict]:
 
 
 def bench_ridge(args: argparse.Namespace) -> None:
-    from pipeline.scoring import contiguous_folds
+    from voxelflow.pipeline.ridge.scoring import contiguous_folds
 
     n_train = args.samples - args.test_samples
     X, Y = make_problem(args.samples, args.features, args.voxels, args.seed)
@@ -238,10 +237,10 @@ def bare_fps(model: str, frames: np.ndarray, batch: int) -> float:
 
 
 def bench_features(args: argparse.Namespace) -> None:
-    from pipeline.features import run_features_stage
-    from pipeline.frames import run_frames_stage
-    from pipeline.synthetic import write_moving_video
-    from stores import Workspace
+    from voxelflow.pipeline.stages.features import run_features_stage
+    from voxelflow.pipeline.stages.frames import run_frames_stage
+    from voxelflow.pipeline.synthetic.movies import write_moving_video
+    from voxelflow.stores import Workspace
 
     with tempfile.TemporaryDirectory(prefix="vf-gpu-") as tmp:
         video = Path(tmp) / "clip.mp4"

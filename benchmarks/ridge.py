@@ -9,7 +9,7 @@ on 32 features whose SNR varies over voxels, so alpha choice is meaningful.
 Every method runs in its own subprocess so that its peak RSS (``ru_maxrss``)
 and CPU time are its own:
 
-* ``voxelflow``: ``pipeline.ridge.factorize_ridge`` + ``ridge_over_voxels``
+* ``voxelflow``: ``voxelflow.pipeline.ridge.factorize_ridge`` + ``ridge_over_voxels``
   on Dask arrays -- features streamed by feature block, BOLD generated per
   voxel chunk (neither is ever materialised whole) -- computed with Dask's
   synchronous scheduler (BLAS uses both cores). Default engine settings.
@@ -23,7 +23,7 @@ and CPU time are its own:
 * ``generate``: only generates the BOLD chunks (in both timings).
 
 It prints wall and CPU time, peak RSS, himalaya/voxelflow time ratios,
-voxelflow's achieved GFLOP/s (``pipeline.ridge.ridge_flops``: every matrix
+voxelflow's achieved GFLOP/s (``voxelflow.pipeline.ridge.ridge_flops``: every matrix
 product of the computation including the factorisation, eigh counted as
 (4/3 + 2) q^3, Cholesky as q^3/3) next to a float32 4096^3 matmul measured in
 the same run, how often the two select the same alpha, and load averages
@@ -46,7 +46,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PAPER_ALPHAS = [0.5, 1, 5, 10, 1e2, 1e3, 1e4, 2.5e4, 5e4, 1e5, 1e6, 1e7]
 BOLD_BYTES_PER_VOXEL_SAMPLE = 4
@@ -137,7 +136,7 @@ def run_voxelflow(args, signal_features, folds, alphas) -> dict:
     import dask
     import dask.array as da
 
-    from pipeline import ridge
+    from voxelflow.pipeline import ridge
 
     n_train, n_samples = args.train, args.train + args.test
     design = lazy_design(n_samples, args.features[0], args.seed)
@@ -182,7 +181,7 @@ def run_himalaya(args, signal_features, folds, alphas) -> dict:
     from himalaya.ridge import RidgeCV
     from himalaya.scoring import correlation_score
 
-    from pipeline.scoring import train_indices
+    from voxelflow.pipeline.ridge.scoring import train_indices
 
     set_backend("numpy", on_error="raise")
     n_train = args.train
@@ -210,7 +209,7 @@ def run_himalaya(args, signal_features, folds, alphas) -> dict:
 
 def worker(args) -> None:
     """Run one method in this process and print one JSON line."""
-    from pipeline.scoring import contiguous_folds
+    from voxelflow.pipeline.ridge.scoring import contiguous_folds
 
     n_samples = args.train + args.test
     first_block = design_block(n_samples, args.seed, 0,

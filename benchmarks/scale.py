@@ -45,10 +45,9 @@ import psutil
 import xarray as xr
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from pipeline.config import STUDY_ALPHAS  # noqa: E402
-from stores import RunTemplate, Workspace  # noqa: E402
+from voxelflow.pipeline.study.config import STUDY_ALPHAS  # noqa: E402
+from voxelflow.stores import RunTemplate, Workspace  # noqa: E402
 
 TR = 1.0
 FEATURE_BLOCK = 512   # samples of features generated and written at once
@@ -169,7 +168,7 @@ class MemorySampler:
         thread.join(timeout=10)
 
     def _refresh(self) -> None:
-        from pipeline.cluster import active_client
+        from voxelflow.pipeline.execution.cluster import active_client
 
         client = active_client()
         if client is None:
@@ -243,8 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import cli
-
+    from voxelflow import cli
     n_train = args.samples - args.test_samples
     store = args.workdir / "scale.zarr"
     ws = Workspace(store)

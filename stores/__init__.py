@@ -1,11 +1,10 @@
 """Storage: the only package that touches Zarr paths, templates and resume state."""
 
-from stores.workspace import (
+from voxelflow.stores.workspace import (
     DEFAULT_STORE,
     RunTemplate,
     StageWriter,
     Workspace,
-    iter_run_blocks,
     run_node_name,
 )
 
@@ -14,6 +13,5 @@ __all__ = [
     "RunTemplate",
     "StageWriter",
     "Workspace",
-    "iter_run_blocks",
     "run_node_name",
 ]

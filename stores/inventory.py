@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zarr
 
-from stores.workspace import DONE_VAR, STATE_ATTR, Workspace
+from voxelflow.stores.workspace import DONE_VAR, STATE_ATTR, Workspace
 
 
 def _arrays(group: zarr.Group) -> list[str]:

@@ -33,20 +33,21 @@ This module does storage only; it never computes on the data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
 
-from pipeline.errors import InputError, WorkspaceConflict
-from stores.scratch import SCRATCH_DIR, TransposeScratch
+from voxelflow.pipeline.errors import InputError, WorkspaceConflict
+from voxelflow.stores.scratch import SCRATCH_DIR, TransposeScratch
 
 DEFAULT_STORE = "voxelflow.zarr"
 STATE_ATTR = "voxelflow"
@@ -151,6 +152,16 @@ class StageWriter:
     def pending_blocks(self, run: int) -> list[int]:
         """Indices of the blocks of ``run`` whose data is not yet known to be written."""
         return [int(b) for b in np.flatnonzero(self._done[run] == 0)]
+
+    def pending_keys(self) -> list[tuple[int, int]]:
+        """``(run, block)`` of every block not yet known to be written, run by run."""
+        return [(run, block) for run in range(len(self.templates))
+                for block in self.pending_blocks(run)]
+
+    def for_workers(self) -> "StageWriter":
+        """A copy whose workspace path is absolute, for processes with another cwd
+        (cluster workers); it writes block data only, the client marks blocks done."""
+        return dataclasses.replace(self, workspace=Workspace(Path(self.workspace.path).resolve()))
 
     def n_pending(self) -> int:
         return int(sum((d == 0).sum() for d in self._done))
@@ -519,9 +530,3 @@ class Workspace:
             parent.rmdir()
             parent = parent.parent
 
-
-def iter_run_blocks(writer: StageWriter) -> Iterable[tuple[int, int, slice]]:
-    """Yield ``(run, block, slice)`` for every pending block, run by run."""
-    for run in range(len(writer.templates)):
-        for block in writer.pending_blocks(run):
-            yield run, block, writer.block_slice(run, block)

@@ -30,16 +30,15 @@ def haxby_dir() -> Path:
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m cli ARGS`` in a subprocess (the real entry point), capture output."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd or ROOT, env=env,
+    """Run ``python -m voxelflow.cli ARGS`` in a subprocess (the real entry point), capture output."""
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "voxelflow.cli", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def cli_error(capsys, *argv: str) -> str:
     """Run ``cli.main(argv)`` in process; assert exit 2 and one ``voxelflow: error:`` line."""
-    import cli
-
+    from voxelflow import cli
     status = cli.main(list(argv))
     out = capsys.readouterr()
     assert status == 2, (out.out, out.err)

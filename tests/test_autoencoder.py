@@ -27,15 +27,15 @@ import torch
 import torchvision
 import xarray as xr
 
-import pipeline.autoencoder as ae
+import voxelflow.pipeline.models.autoencoder as ae
 from conftest import cli_error, ROOT, run_cli
-from pipeline.autoencoder import (ShuffleStream, _read_frames, make_pieces, preview_path,
+from voxelflow.pipeline.models.autoencoder import (ShuffleStream, _read_frames, make_pieces, preview_path,
                                   train_autoencoder, training_ranges)
-from pipeline.errors import InputError
-from pipeline.features import run_features_stage
-from pipeline.frames import run_frames_stage
-from pipeline.synthetic import write_moving_video
-from stores import Workspace
+from voxelflow.pipeline.errors import InputError
+from voxelflow.pipeline.stages.features import run_features_stage
+from voxelflow.pipeline.stages.frames import run_frames_stage
+from voxelflow.pipeline.synthetic.movies import write_moving_video
+from voxelflow.stores import Workspace
 
 SIZE = 64
 FPS = 5.0
@@ -198,7 +198,7 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tm
     before = out.stat().st_ino, out.stat().st_mtime_ns
     args = ["train-autoencoder", "--frames", "clip", *CLI_TRAIN, "--out", str(out),
             "--store", str(store)]
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import cli
+from voxelflow import cli
 from conftest import ROOT, run_cli
-from pipeline.bold import export_variable, run_bold_stage
-from pipeline.errors import InputError, WorkspaceConflict
-from stores import Workspace
-from stores.scratch import SCRATCH_DIR, TransposeScratch
-from stores.workspace import StageWriter
+from voxelflow.pipeline.stages.bold import export_variable, run_bold_stage
+from voxelflow.pipeline.errors import InputError, WorkspaceConflict
+from voxelflow.stores import Workspace
+from voxelflow.stores.scratch import SCRATCH_DIR, TransposeScratch
+from voxelflow.stores.workspace import StageWriter
 
 HAXBY_TR = 2.5
 
@@ -388,7 +388,7 @@ def test_sigkill_mid_ingest_then_resume_equals_uninterrupted(tmp_path):
 
     store = tmp_path / "killed.zarr"
     done_dir = store / "bold/k/run-000/block_done/c"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--store", str(store)],
+    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", *args, "--store", str(store)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

@@ -19,7 +19,7 @@ import xarray as xr
 import zarr
 
 from conftest import ROOT, run_cli
-from stores import RunTemplate, Workspace
+from voxelflow.stores import RunTemplate, Workspace
 
 DASK = Path(sys.executable).with_name("dask")
 TR = 1.0
@@ -80,7 +80,7 @@ def _write_problem(path: Path, seed: int = 0) -> None:
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     """A dask CLI process in its own session (so its children are stopped with it)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     return subprocess.Popen([str(DASK), *args], stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env=env, cwd=log.parent, start_new_session=True)
 
@@ -195,9 +195,9 @@ def test_factors_copied_array_by_array_give_the_same_blocks():
     """The cluster's --device cuda path ships host copies of the factors and maps them
     to the worker's device array by array: every nested array is reached (primal and
     dual), and the copies compute the same outputs."""
-    from pipeline import ridge
-    from pipeline.fit import _map_arrays
-    from pipeline.scoring import contiguous_folds
+    from voxelflow.pipeline import ridge
+    from voxelflow.pipeline.stages.fit import _map_arrays
+    from voxelflow.pipeline.ridge.scoring import contiguous_folds
 
     rng = np.random.default_rng(1)
     Y = rng.normal(size=(90, 17)).astype(np.float32)

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.bold import run_bold_stage
-from pipeline.demo import run_demo
-from pipeline.features import run_features_stage, worker_extractor
-from pipeline.frames import run_frames_stage
-from pipeline.synthetic import write_scene_movie
-from stores import Workspace
-from stores.workspace import StageWriter
+from voxelflow.pipeline.stages.bold import run_bold_stage
+from voxelflow.pipeline.study.demo import run_demo
+from voxelflow.pipeline.stages.features import run_features_stage, worker_extractor
+from voxelflow.pipeline.stages.frames import run_frames_stage
+from voxelflow.pipeline.synthetic.movies import write_scene_movie
+from voxelflow.stores import Workspace
+from voxelflow.stores.workspace import StageWriter
 
 distributed = pytest.importorskip("distributed")
 

@@ -16,11 +16,11 @@ import pytest
 import xarray as xr
 
 from conftest import ROOT, run_cli
-from pipeline.config import load_experiment
-from pipeline.demo import PLANTED_LAGS, PLANTED_MODEL, run_demo
-from pipeline.errors import InputError
-from pipeline.experiment import build_plan, run_experiment
-from pipeline.report import ranking
+from voxelflow.pipeline.study.config import load_experiment
+from voxelflow.pipeline.study.demo import PLANTED_LAGS, PLANTED_MODEL, run_demo
+from voxelflow.pipeline.errors import InputError
+from voxelflow.pipeline.study.experiment import build_plan, run_experiment
+from voxelflow.pipeline.study.report import ranking
 
 SMALL = dict(seconds=100.0, fps=2.0, n_voxels=400, progress=False)
 
@@ -119,7 +119,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_table(demo, tmp_path):
     text = text.replace('reports = "reports"', 'reports = "killed_reports"')
     exp_file = work / "killed.toml"
     exp_file.write_text(text)
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(exp_file), "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", "run", str(exp_file), "--no-progress"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     marker = work / "killed.zarr" / "features"
     deadline = time.time() + 300

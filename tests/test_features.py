@@ -15,13 +15,13 @@ import torch
 import torchvision
 import xarray as xr
 
-import cli
+from voxelflow import cli
 from conftest import cli_error, BBB, ROOT, run_cli
-from pipeline.errors import InputError, WorkspaceConflict
-from pipeline.features import (FeatureExtractor, list_layers, load_backbone,
+from voxelflow.pipeline.errors import InputError, WorkspaceConflict
+from voxelflow.pipeline.stages.features import (FeatureExtractor, list_layers, load_backbone,
                                run_features_stage)
-from pipeline.frames import run_frames_stage
-from stores import Workspace
+from voxelflow.pipeline.stages.frames import run_frames_stage
+from voxelflow.stores import Workspace
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
@@ -166,7 +166,7 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(frames_store, tmp_pa
             "--batch-size", "1", "--block-size", "1", "--no-progress", "--store", str(store)]
     run_dir = store / "features/resnet18/run-000"
     done_dir = run_dir / "block_done/c"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

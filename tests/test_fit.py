@@ -11,11 +11,11 @@ import xarray as xr
 from sklearn.linear_model import Ridge
 
 from conftest import run_cli
-from pipeline.bold import run_bold_stage
-from pipeline.errors import InputError
-from pipeline.fit import run_fit_stage
-from pipeline.scoring import contiguous_folds
-from stores import RunTemplate, Workspace
+from voxelflow.pipeline.stages.bold import run_bold_stage
+from voxelflow.pipeline.errors import InputError
+from voxelflow.pipeline.stages.fit import run_fit_stage
+from voxelflow.pipeline.ridge.scoring import contiguous_folds
+from voxelflow.stores import RunTemplate, Workspace
 
 FPS = 4.0
 TR = 1.0
@@ -134,7 +134,7 @@ def test_voxel_blocks_are_exact_and_resume_finishes(planted_ws, monkeypatch):
             np.testing.assert_allclose(outs[0][var].values, other[var].values, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(outs[0]["best_alpha"].values, other["best_alpha"].values)
     # Interrupt after two blocks, rerun: only the rest is computed, same result.
-    from stores.workspace import StageWriter
+    from voxelflow.stores.workspace import StageWriter
     original = StageWriter.write_block
     calls = {"n": 0}
 

@@ -15,9 +15,9 @@ import pytest
 import xarray as xr
 
 from conftest import ROOT, run_cli
-from pipeline.frames import run_frames_stage
-from pipeline.synthetic import read_index, write_index_video, write_moving_video
-from stores import Workspace
+from voxelflow.pipeline.stages.frames import run_frames_stage
+from voxelflow.pipeline.synthetic.movies import read_index, write_index_video, write_moving_video
+from voxelflow.stores import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted(tmp_path):
 
     store = tmp_path / "killed.zarr"
     done_dir = store / "frames/m/run-000/block_done/c"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--store", str(store)],
+    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", *args, "--store", str(store)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline.errors import InputError
-from pipeline.lags import build_design, parse_lags, split_train_test
+from voxelflow.pipeline.errors import InputError
+from voxelflow.pipeline.design.lags import build_design, parse_lags, split_train_test
 
 
 def feature_run(run: int, seconds: float, fps: float = 20.0) -> xr.Dataset:

@@ -6,7 +6,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from pipeline.report import FitResult, n_significant, roi_table, summary_table
+from voxelflow.pipeline.study.report import FitResult, n_significant, roi_table, summary_table
 
 
 def _fit(rng, n_vox=50, alphas=(1.0, 10.0, 100.0)):

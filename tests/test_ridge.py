@@ -1,4 +1,4 @@
-"""Tests of the ridge engine (pipeline.ridge) and its scores (pipeline.scoring).
+"""Tests of the ridge engine (voxelflow.pipeline.ridge) and its scores (voxelflow.pipeline.ridge.scoring).
 
 Small problems only; references are scikit-learn's Ridge(solver="svd") and
 himalaya's RidgeCV / KernelRidgeCV (numpy backend).
@@ -14,8 +14,8 @@ import pytest
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 
-from pipeline import ridge
-from pipeline.scoring import (check_folds, contiguous_folds, pearson_r, run_folds,
+from voxelflow.pipeline import ridge
+from voxelflow.pipeline.ridge.scoring import (check_folds, contiguous_folds, pearson_r, run_folds,
                               train_indices)
 
 ALPHAS = np.logspace(-1, 4, 6)

@@ -4,7 +4,7 @@ Architecture (:class:`ResNetAutoencoder`)
 -----------------------------------------
 * **Encoder** (:class:`Encoder`): torchvision's ResNet-50 trunk, ``conv1 .. layer4``,
   with the weights of the features stage (``imagenet`` | ``PATH`` | ``random:SEED``,
-  :func:`pipeline.features.load_backbone`).  Its parameter names are torchvision's
+  :func:`voxelflow.pipeline.stages.features.load_backbone`).  Its parameter names are torchvision's
   (``conv1.weight``, ``layer4.2.bn3.running_var``, ...), so the encoder half of a
   checkpoint loads into a plain ``torchvision.models.resnet50()`` (without ``fc``).
 * **Bottleneck**: the ``layer4`` map, ``(2048, H/32, W/32)``, is what the decoder
@@ -96,8 +96,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from pipeline.errors import InputError, WorkspaceConflict, exception_reason
-from stores.workspace import Workspace, describe_param_change
+from voxelflow.pipeline.errors import InputError, WorkspaceConflict, exception_reason
+from voxelflow.stores.workspace import Workspace, describe_param_change
 
 AUTOENCODER = "autoencoder"
 ARCH = "resnet50-autoencoder"
@@ -239,9 +239,9 @@ def encoder_skeleton() -> Encoder:
 def build_autoencoder(weights: str = "imagenet"):
     """A :class:`ResNetAutoencoder` whose trunk has ``weights`` and whose decoder
     mirrors it (see the module docstring).  Returns ``(model, backbone)`` where
-    ``backbone`` is the features stage's :class:`~pipeline.features.Backbone`
+    ``backbone`` is the features stage's :class:`~voxelflow.pipeline.stages.features.Backbone`
     (weights file, sha256, normalisation)."""
-    from pipeline.features import load_backbone
+    from voxelflow.pipeline.stages.features import load_backbone
 
     backbone = load_backbone("resnet50", weights)
     return ResNetAutoencoder(backbone.module), backbone
@@ -294,7 +294,7 @@ def read_checkpoint(path: str | Path, flag: str = "--weights") -> dict:
 
 
 def _check_fits(state: dict, own: dict, path: Path, flag: str) -> None:
-    from pipeline.features import describe_state_mismatch
+    from voxelflow.pipeline.stages.features import describe_state_mismatch
 
     mismatch = describe_state_mismatch(state, own)
     if mismatch:
@@ -637,7 +637,7 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
     asked for) is kept in the checkpoint as ``request``.  Returns a summary dict (steps, losses, final loss,
     mean-frame baseline, frames/s, paths).
     """
-    from pipeline.features import check_device, parse_weights, sha256_file
+    from voxelflow.pipeline.stages.features import check_device, parse_weights, sha256_file
     from tqdm.auto import tqdm
 
     # ---- validate everything before writing anything

@@ -53,10 +53,10 @@ from nibabel.arrayproxy import ArrayProxy
 import xarray as xr
 from tqdm.auto import tqdm
 
-from pipeline.cluster import active_client, require_shared_path, run_block_tasks
-from pipeline.errors import InputError, exception_reason
-from stores.scratch import TransposeScratch
-from stores.workspace import RunTemplate, StageWriter, Workspace
+from voxelflow.pipeline.execution.cluster import active_client, require_shared_path, run_block_tasks
+from voxelflow.pipeline.errors import InputError, exception_reason
+from voxelflow.stores.scratch import TransposeScratch
+from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 CHUNK_VOXELS = 4096  # voxels per Zarr chunk (all time points) == voxels per resumable block
 READ_BUDGET = 4 * 2**20  # bytes of volumes (as stored) read from a NIfTI at once

@@ -526,7 +526,7 @@ def factorize_ridge(X_train: Any, X_test: Any | None, alphas: Any,
     X_test : array (n_test, feature) or None
     alphas : sequence of float > 0 (n_alphas,)
     folds : held-out index arrays into the training samples (contiguous
-        blocks or whole runs; see :mod:`pipeline.scoring`); disjoint
+        blocks or whole runs; see :mod:`voxelflow.pipeline.ridge.scoring`); disjoint
     device : "cpu" (NumPy) or "cuda" (CuPy)
     dtype : compute dtype for the big products; default float32 for float32
         designs, else float64
@@ -1097,7 +1097,7 @@ def ridge_cv_scores(X_train: Any, Y_train: Any, X_test: Any | None,
     X_train : (n_train, feature); Y_train : (n_train, voxel)
     X_test : (n_test, feature) or None; Y_test : (n_test, voxel) or None
     alphas : (n_alphas,) floats > 0
-    folds : held-out index arrays (see :func:`pipeline.scoring.contiguous_folds`)
+    folds : held-out index arrays (see :func:`voxelflow.pipeline.ridge.scoring.contiguous_folds`)
     voxel_chunk : voxels per chunk (results do not depend on it)
     solver, operator_form, max_dense_bytes, decomposition : see
         :func:`factorize_ridge`

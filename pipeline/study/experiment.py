@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.config import Experiment
-from pipeline.errors import InputError
-from stores.workspace import Workspace
+from voxelflow.pipeline.study.config import Experiment
+from voxelflow.pipeline.errors import InputError
+from voxelflow.stores.workspace import Workspace
 
 REQUEST_ATTR = "voxelflow_request"
 
@@ -103,10 +103,10 @@ def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool =
                ) -> list[PlannedStage]:
     """Every stage of the experiment in order, each with its action (nothing is run)."""
     ws = ws or Workspace(exp.store)
-    from pipeline.bold import run_bold_stage
-    from pipeline.features import run_features_stage
-    from pipeline.fit import fit_group, run_fit_stage
-    from pipeline.frames import run_frames_stage
+    from voxelflow.pipeline.stages.bold import run_bold_stage
+    from voxelflow.pipeline.stages.features import run_features_stage
+    from voxelflow.pipeline.stages.fit import fit_group, run_fit_stage
+    from voxelflow.pipeline.stages.frames import run_frames_stage
 
     stages: list[PlannedStage] = []
     frames_group, bold_group = f"frames/{exp.stimulus_name}", f"bold/{exp.subject}"
@@ -175,7 +175,7 @@ def _train_stage(exp: Experiment, ws: Workspace, spec, frames_req: dict, bold_re
                  progress: bool) -> PlannedStage:
     """The autoencoder's training on the frames no test sample uses
     (:func:`training_split`); writes ``spec.checkpoint``."""
-    from pipeline.autoencoder import train_autoencoder
+    from voxelflow.pipeline.models.autoencoder import train_autoencoder
 
     options = spec.train_options()
     request = {"frames": frames_req, "bold": bold_req, "lag_sets": exp.lag_sets,
@@ -199,7 +199,7 @@ def training_split(exp: Experiment, ws: Workspace) -> dict:
     """``{"train_until": s}`` or ``{"train_runs": [...]}``: the stimulus frames before the
     earliest frame any test sample of any lag set uses (runs played in order), read
     from the stored frames and BOLD time coordinates."""
-    from pipeline.lags import first_test_frame
+    from voxelflow.pipeline.design.lags import first_test_frame
 
     frames = ws.open_runs(f"frames/{exp.stimulus_name}")
     if exp.test_runs is not None:
@@ -234,9 +234,9 @@ def execute_plan(ws: Workspace, stages: list[PlannedStage],
 
 
 def collect_results(exp: Experiment, ws: Workspace) -> list:
-    """The fit of every (model, lag set) as :class:`pipeline.report.FitResult`."""
-    from pipeline.fit import fit_group
-    from pipeline.report import FitResult
+    """The fit of every (model, lag set) as :class:`voxelflow.pipeline.study.report.FitResult`."""
+    from voxelflow.pipeline.stages.fit import fit_group
+    from voxelflow.pipeline.study.report import FitResult
 
     results = []
     for spec in exp.models:
@@ -271,9 +271,9 @@ def _roi_of_voxel(exp: Experiment, fit) -> tuple[np.ndarray | None, dict | None]
 
 def make_report(exp: Experiment, ws: Workspace) -> dict:
     """Write ``reports/<experiment>/`` from the stored fits."""
-    from pipeline.bold import export_variable
-    from pipeline.fit import fit_group
-    from pipeline.report import write_report
+    from voxelflow.pipeline.stages.bold import export_variable
+    from voxelflow.pipeline.stages.fit import fit_group
+    from voxelflow.pipeline.study.report import write_report
 
     results = collect_results(exp, ws)
 

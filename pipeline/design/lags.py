@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from pipeline.errors import InputError
+from voxelflow.pipeline.errors import InputError
 
 TIME_TOLERANCE_S = 1e-6  # frame-time comparisons allow float rounding of k / fps
 AGGREGATES = ("last", "mean")

@@ -16,7 +16,7 @@ written one at a time with a done flag each, so memory holds one block of BOLD a
 interrupted fit resumes where it stopped.
 
 On a Dask cluster (``--scheduler ADDRESS`` / ``--workers N``, see
-:mod:`pipeline.cluster`) the client still decomposes the design once; the factors (as
+:mod:`voxelflow.pipeline.execution.cluster`) the client still decomposes the design once; the factors (as
 host arrays), the BOLD block plan (:class:`BoldBlockReader`) and the writer are
 scattered to every worker once, and each pending block is one task
 (:func:`fit_block_task`) that reads its BOLD from the workspace, computes exactly what
@@ -37,12 +37,12 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
-from pipeline import ridge
-from pipeline.cluster import active_client, require_shared_path, run_block_tasks
-from pipeline.errors import InputError
-from pipeline.lags import LaggedDesign, build_design, split_train_test
-from pipeline.scoring import contiguous_folds, run_folds
-from stores.workspace import RunTemplate, StageWriter, Workspace
+from voxelflow.pipeline import ridge
+from voxelflow.pipeline.execution.cluster import active_client, require_shared_path, run_block_tasks
+from voxelflow.pipeline.errors import InputError
+from voxelflow.pipeline.design.lags import LaggedDesign, build_design, split_train_test
+from voxelflow.pipeline.ridge.scoring import contiguous_folds, run_folds
+from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 VOXEL_BLOCK = 4096
 

@@ -64,9 +64,9 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
-from pipeline.cluster import active_client, require_shared_path, run_block_tasks
-from pipeline.errors import InputError, WorkspaceConflict, exception_reason
-from stores.workspace import RunTemplate, StageWriter, Workspace
+from voxelflow.pipeline.execution.cluster import active_client, require_shared_path, run_block_tasks
+from voxelflow.pipeline.errors import InputError, WorkspaceConflict, exception_reason
+from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 AUTOENCODER = "autoencoder"  # the encoder of a voxelflow train-autoencoder checkpoint
@@ -139,7 +139,7 @@ def _construct(model: str, weights: Any = None):
 
         return _quiet_build(EfficientNet.from_name, "efficientnet-lite0")
     if model == AUTOENCODER:
-        from pipeline.autoencoder import encoder_skeleton
+        from voxelflow.pipeline.models.autoencoder import encoder_skeleton
 
         return encoder_skeleton()
     return torchvision.models.get_model(model, weights=weights)
@@ -359,7 +359,7 @@ def _autoencoder_backbone(weights: str, kind: str, value: Any) -> Backbone:
     if kind != "file":
         raise InputError(f"--model {AUTOENCODER} needs --weights CKPT, a checkpoint written by "
                          f"voxelflow train-autoencoder (got --weights {weights})")
-    from pipeline.autoencoder import load_encoder
+    from voxelflow.pipeline.models.autoencoder import load_encoder
 
     module, info = load_encoder(value)
     return Backbone(AUTOENCODER, module, weights, str(value), sha256_file(value),
@@ -618,7 +618,7 @@ def _json_roundtrip(obj: Any) -> Any:
 def _check_no_conflict(workspace: Workspace, groups: Sequence[str], params: Sequence[dict],
                        overwrite: bool) -> None:
     """Refuse before writing anything when any target group holds other parameters."""
-    from stores.workspace import describe_param_change
+    from voxelflow.stores.workspace import describe_param_change
 
     for group, p in zip(groups, params):
         old = workspace.params(group)

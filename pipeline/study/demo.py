@@ -5,7 +5,7 @@
 2. Frames at ``fps``, 224 x 224; features from the offline ImageNet-pretrained
    EfficientNet-Lite0 and from a random-weight ResNet-50.
 3. Simulate BOLD for ~2,000 voxels from EfficientNet-Lite0's features at the lag set
-   4, 5, 6, 7 s through a canonical HRF plus noise (:mod:`pipeline.simulate`), write it
+   4, 5, 6, 7 s through a canonical HRF plus noise (:mod:`voxelflow.pipeline.synthetic.simulate`), write it
    as a NIfTI run with its mask: the planted answer.
 4. Run the experiment (both models x four lag sets x 12 alphas, last 20 % of samples
    held out, 5-fold CV) and write the report; the planted model and lag set should
@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.config import Experiment, ModelSpec, load_experiment
+from voxelflow.pipeline.study.config import Experiment, ModelSpec, load_experiment
 
 PLANTED_MODEL = "efficientnet_lite0"
 PLANTED_LAGS = [4.0, 5.0, 6.0, 7.0]
@@ -78,7 +78,7 @@ def simulate_bold_files(features: np.ndarray, frame_times: np.ndarray, n_volumes
                         tr: float, out_bold: Path, out_mask: Path, *, n_voxels_target: int,
                         snr: float, seed: int) -> int:
     """Write the simulated run and its mask as NIfTI; return the number of voxels."""
-    from pipeline.simulate import planted_response
+    from voxelflow.pipeline.synthetic.simulate import planted_response
 
     side = int(np.ceil((n_voxels_target * 6 / np.pi) ** (1 / 3))) + 2
     g = (np.mgrid[0:side, 0:side, 0:side] - (side - 1) / 2) / ((side - 1) / 2)
@@ -106,9 +106,9 @@ def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: flo
              n_voxels: int = 2000, snr: float = 1.0, seed: int = 0, progress: bool = True,
              log=print) -> dict:
     """Generate, simulate, run the experiment; return the experiment result dict."""
-    from pipeline.experiment import build_plan, execute_plan, make_report
-    from pipeline.synthetic import write_scene_movie
-    from stores.workspace import Workspace
+    from voxelflow.pipeline.study.experiment import build_plan, execute_plan, make_report
+    from voxelflow.pipeline.synthetic.movies import write_scene_movie
+    from voxelflow.stores.workspace import Workspace
 
     t_start = time.perf_counter()
     workdir = Path(workdir)
@@ -160,7 +160,7 @@ def _experiment_before_bold(toml: Path, workdir: Path, movie: Path, bold: Path, 
 
 
 def print_summary(out: dict, log=print) -> None:
-    from pipeline.report import ranking, table_markdown
+    from voxelflow.pipeline.study.report import ranking, table_markdown
 
     table = out["report"]["table"]
     log("")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -27,9 +27,10 @@ import xarray as xr
 from tqdm.auto import tqdm
 from zarr.codecs import ZstdCodec
 
-from pipeline.cluster import active_client, require_shared_path, run_block_tasks
-from pipeline.errors import InputError
-from stores.workspace import RunTemplate, StageWriter, Workspace, iter_run_blocks
+from voxelflow.pipeline.execution.blocks import run_blocks
+from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
+from voxelflow.pipeline.errors import InputError
+from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 FRAME_CHUNK = 16  # frames per Zarr chunk
 FRAME_SHARD = 128  # frames per shard == frames per resumable block
@@ -373,92 +374,75 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
                dynamic_ncols=True)
     bar.update(sum(times[r].size for r in range(len(times))) -
                sum(writer.block_slice(r, b).stop - writer.block_slice(r, b).start
-                   for r, b, _ in iter_run_blocks(writer)))
+                   for r, b in writer.pending_keys()))
+    work = FramesWork(writer, tuple(_absolute(i) for i in infos),
+                      tuple(frame_index_at(i.pts_s, t) for i, t in zip(infos, times)),
+                      size, resize)
     client = active_client()
     if client is not None:
-        written = _frames_on_cluster(client, workspace, writer, infos, times, size, resize, bar)
-    else:
-        written = _frames_threaded(writer, infos, times, size, resize, bar)
+        require_shared_path(client, workspace.path)
+        for info in work.infos:
+            require_shared_path(client, info.path)
+        work = dataclasses.replace(work, writer=writer.for_workers())
+    written = run_blocks(work, writer.pending_keys(), client=client,
+                         mark_done=lambda key: writer.mark_done(*key),
+                         on_block=lambda key, n: bar.update(n))
     bar.close()
     writer.finish()
     return {"group": group, "runs": len(infos), "frames": [int(t.size) for t in times],
             "blocks_written": written, "blocks_skipped": skipped_blocks}
 
 
-def _frames_threaded(writer: StageWriter, infos: list[VideoInfo], times: list[np.ndarray],
-                     size: int, resize: str, bar) -> int:
-    """Decode the pending blocks here, in order; returns the number of blocks written.
+def _absolute(info: VideoInfo) -> VideoInfo:
+    """``info`` with an absolute path (what a cluster worker must open)."""
+    return dataclasses.replace(info, path=Path(os.path.abspath(info.path)))
 
-    One writer thread: block k is compressed and written while block k+1 is decoded
-    (at most two blocks in memory).
+
+@dataclass
+class FramesWork:
+    """Decoding one frames block: the per-block work of the frames stage.
+
+    A block ``(run, block)`` is one frames shard of samples (128, or the run's last,
+    shorter one).  ``source_index[run]`` (n_samples,) int64 is :func:`frame_index_at`
+    of the run's sample times.  :meth:`compute` keeps its decoder open between
+    consecutive blocks of a run on the same thread (no seek when the next block starts
+    where the last one ended); any other block seeks to the keyframe before it, which
+    gives the same pixels as decoding from the start.
     """
-    written = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="frames-writer") as pool:
-        pending_write: Future | None = None
-        for run, info in enumerate(infos):
-            source_index = frame_index_at(info.pts_s, times[run])
-            stream: Iterator[np.ndarray] | None = None
-            next_sample = -1
-            for block in writer.pending_blocks(run):
-                region = writer.block_slice(run, block)
-                if stream is None or next_sample != region.start:
-                    stream = iter_sampled_frames(info, source_index, region.start, size, resize)
-                out = take_frames(stream, region.stop - region.start, size)
-                if pending_write is not None:
-                    pending_write.result()
-                pending_write = pool.submit(writer.write_block, run, block, {"frames": out})
-                next_sample = region.stop
-                written += 1
-                bar.update(out.shape[0])
-        if pending_write is not None:
-            pending_write.result()
-    return written
 
+    writer: StageWriter
+    infos: tuple[VideoInfo, ...]
+    source_index: tuple[np.ndarray, ...]
+    size: int
+    resize: str
+    _streams: threading.local = field(default_factory=threading.local, repr=False,
+                                      compare=False)
 
-# ------------------------------------------------------------------ on a Dask cluster
-def _frames_on_cluster(client, workspace: Workspace, writer: StageWriter,
-                       infos: list[VideoInfo], times: list[np.ndarray], size: int, resize: str,
-                       bar) -> int:
-    """Decode every pending block as one task on the cluster; mark each done here.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_streams")  # open decoders stay in the process that opened them
+        return state
 
-    A task gets the video's :class:`VideoInfo` (with an absolute path) and the source
-    frame index of its own samples only, so what travels per task is small.  Returns the
-    number of blocks written.
-    """
-    store = os.path.abspath(workspace.path)
-    require_shared_path(client, store)
-    tasks = []
-    for run, info in enumerate(infos):
-        require_shared_path(client, info.path)
-        info = dataclasses.replace(info, path=Path(os.path.abspath(info.path)))
-        source_index = frame_index_at(info.pts_s, times[run])
-        for block in writer.pending_blocks(run):
-            region = writer.block_slice(run, block)
-            args = (store, writer.run_path(run), info, source_index[region], region.start,
-                    size, resize)
-            tasks.append(((run, block), args))
-    written = 0
-    for (run, block), n_frames in run_block_tasks(client, frames_block_task, tasks):
-        writer.mark_done(run, block)
-        written += 1
-        bar.update(n_frames)
-    return written
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _streams=threading.local())
 
+    def compute(self, key: tuple[int, int]) -> np.ndarray:
+        """``(n, size, size, 3)`` uint8 frames of block ``key = (run, block)``."""
+        run, block = key
+        region = self.writer.block_slice(run, block)
+        cached = getattr(self._streams, "current", None)
+        if cached is None or cached[0] != run or cached[1] != region.start:
+            if cached is not None:
+                cached[2].close()
+            stream = iter_sampled_frames(self.infos[run], self.source_index[run],
+                                         region.start, self.size, self.resize)
+        else:
+            stream = cached[2]
+        out = take_frames(stream, region.stop - region.start, self.size)
+        self._streams.current = (run, region.stop, stream)
+        return out
 
-def frames_block_task(store: str, node: str, info: VideoInfo, source_index: np.ndarray,
-                      start: int, size: int, resize: str) -> int:
-    """Decode one block of samples and write it into ``node/frames`` (a Dask task).
-
-    ``source_index`` (n,) int64 is :func:`frame_index_at` of the block's own sample
-    times; the block is samples ``start:start + n`` of the run, a whole frames shard
-    (or the run's last, shorter one).  Decoding seeks to the keyframe before the
-    block's first frame, which gives the same pixels as decoding from the start.
-    Writes ``(n, size, size, 3)`` uint8 and returns ``n``; the block's done flag is
-    left to the client.
-    """
-    n = int(source_index.size)
-    stream = iter_sampled_frames(info, source_index, 0, size, resize)
-    out = take_frames(stream, n, size)
-    stream.close()
-    Workspace(store).write_array(node, "frames", out, slice(start, start + n))
-    return n
+    def write(self, key: tuple[int, int], frames: np.ndarray) -> int:
+        """Write the block's frames (data only); returns the number of frames."""
+        self.writer.write_block_data(*key, {"frames": frames})
+        return int(frames.shape[0])

@@ -27,7 +27,7 @@ import os
 import uuid
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
-from pipeline.errors import InputError
+from voxelflow.pipeline.errors import InputError
 
 TASK_RETRIES = 3  # a task whose worker died is resubmitted this many times
 IN_FLIGHT_PER_THREAD = 2  # tasks submitted ahead per worker thread (bounds memory)
