@@ -18,7 +18,8 @@ import xarray as xr
 
 from voxelflow import cli
 from conftest import ROOT, run_cli
-from voxelflow.pipeline.stages.bold import export_variable, run_bold_stage
+from voxelflow.pipeline.stages.bold import run_bold_stage
+from voxelflow.pipeline.stages.export import export_variable
 from voxelflow.pipeline.errors import InputError, WorkspaceConflict
 from voxelflow.stores import Workspace
 from voxelflow.stores.scratch import SCRATCH_DIR, TransposeScratch
@@ -359,7 +360,8 @@ def test_interrupted_ingest_resumes_byte_identical(tmp_path, synthetic, monkeypa
         run_bold_stage(ws, synthetic["runs"], "s", **args)
     assert ws.state("bold/s") == "writing"
     monkeypatch.undo()
-    crash_after(StageWriter, "write_block", 9)  # dies in pass 2 of run 1
+    # dies in pass 2 of run 1: the 10th chunk is written but never marked done
+    crash_after(StageWriter, "mark_done", 9)
     with pytest.raises(Crash):
         run_bold_stage(ws, synthetic["runs"], "s", **args)
     assert ws.state("bold/s") == "writing"
