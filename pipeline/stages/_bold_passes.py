@@ -13,8 +13,9 @@ thread, one writer thread) or on a Dask cluster (one task per key), the same cod
   (:func:`standardize`), ``write`` puts the chunk into ``run-NNN/bold`` and the run's
   ``raw_mean`` / ``raw_std`` into the group; the client marks the block done.
 
-Memory: at most two blocks of each pass are alive (one computed, one written), in
-buffers reused from block to block (:class:`_Buffers`).
+Memory: pass 1 holds two masked time blocks here (one read while the other is
+written), pass 2 one output chunk (the stage runs it with ``overlap=False``: a chunk
+is its memory budget); both in buffers reused from block to block (:class:`_Buffers`).
 """
 
 from __future__ import annotations
@@ -144,10 +145,10 @@ class ScratchSpec:
 class _Buffers:
     """Reusable float32 arrays: ``compute`` takes one, ``write`` gives it back.
 
-    Two blocks are alive at a time here (one computed, one being written), so two
-    buffers serve a whole run instead of a new chunk-sized array per block (freed
-    arrays of that size would linger in the malloc arenas of two threads).  Pickling
-    gives an empty pool (a cluster worker fills its own).
+    At most two blocks are alive at a time here (one computed, one being written), so
+    ``keep=2`` buffers serve a whole run instead of a new block-sized array per block
+    (freed arrays of that size would linger in the malloc arenas of two threads).
+    Pickling gives an empty pool (a cluster worker fills its own).
     """
 
     def __init__(self, keep: int = 2) -> None:
@@ -164,6 +165,11 @@ class _Buffers:
                 if buffer.shape == shape:
                     return self._free.pop(n)
         return np.empty(shape, dtype=np.float32)
+
+    def clear(self) -> None:
+        """Drop the free buffers (before a block that needs its memory otherwise)."""
+        with self._lock:
+            self._free.clear()
 
     def give(self, buffer: np.ndarray | None) -> None:
         if buffer is None:
@@ -269,11 +275,13 @@ class ChunkWork:
         run, block = key
         region = self.writer.block_slice(run, block)
         width = self.writer.templates[run].block_size
-        buffer = None
         if region.stop - region.start == width:
             buffer = self._buffers.take((self.scratch.n_time, width))
-        # A last, narrower chunk is read into its own array: Zarr pads it to a whole
-        # chunk when writing, so a full-width buffer beside it would double the memory.
+        else:
+            # The last, narrower chunk: Zarr pads it to a whole chunk when writing, so
+            # drop the full-width buffers first and read these few voxels on their own.
+            self._buffers.clear()
+            buffer = None
         x = self.scratch.open().read_voxels(region, out=buffer)  # a view of `buffer`
         raw_mean, raw_std = standardize(x, self.zscore, self.detrend)
         return StandardizedChunk(x, raw_mean, raw_std, buffer)

@@ -15,10 +15,11 @@ statistics.  Both passes are one work object each (``_bold_passes.py``), run by
 :func:`~voxelflow.pipeline.execution.blocks.run_blocks` on local threads or, under a
 Dask client, one task per block: the same code, the same bytes.
 
-Memory: about two read blocks (<= ``READ_BUDGET`` bytes as stored), two masked time
-blocks (<= ``SCRATCH_BUDGET`` bytes) and two output chunks (n_time x chunk_voxels x 4 B,
-19.7 MB for 1,200 volumes), whatever the number of voxels or volumes; the buffers are
-reused from block to block (``benchmarks/bold.py`` measures it).
+Memory: in pass 1 one read block (<= ``READ_BUDGET`` bytes as stored) and two masked
+time blocks (<= ``SCRATCH_BUDGET`` bytes: one read while the other is written), in pass
+2 one output chunk (n_time x chunk_voxels x 4 B, 19.7 MB for 1,200 volumes), whatever
+the number of voxels or volumes; the buffers are reused from block to block
+(``benchmarks/bold.py`` measures it).
 
 Conventions (the tests' independent NumPy reference follows them):
 
@@ -290,9 +291,10 @@ def _ingest(writer: StageWriter, infos: Sequence[RunInfo], params: dict,
         spec = ScratchSpec(store, writer.group, run, info.n_volumes, n_vox, tb,
                            writer.templates[run].block_size, _scratch_token(params, run, tb))
         _fill_scratch(ScratchWork(spec, run_file, flat_index), client, progress)
+        # overlap=False: an output chunk is the stage's memory budget; two would double it.
         written += run_blocks(ChunkWork(spec, for_workers, zscore, detrend), keys, client=client,
                               mark_done=lambda key: writer.mark_done(*key),
-                              on_block=lambda key, voxels: bar.update(1))
+                              on_block=lambda key, voxels: bar.update(1), overlap=False)
         spec.open().remove()
     bar.close()
     return written
