@@ -24,6 +24,9 @@ import xarray as xr
 from voxelflow.pipeline.errors import InputError
 from voxelflow.stores.workspace import Workspace
 
+__all__ = ["Geometry", "describe_export", "export_variable", "find_geometry", "output_dtype",
+           "to_volume", "write_nifti"]
+
 EXPORT_BUDGET = 64 * 2**20  # bytes of output volumes assembled at once by the exporter
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -169,40 +172,17 @@ def export_variable(workspace: Workspace, node: str, name: str, out: str | Path)
     ``(voxel,)`` -> 3D, ``(n, voxel)`` -> 4D with ``n`` volumes (e.g. one per alpha);
     zeros outside the voxels; affine and grid of the bold data it came from.  A 3D
     variable already on the grid (the bold group's ``mask``) is written as it is.
+    Returns a summary for :func:`describe_export`.
     """
     out = Path(out)
-    if not str(out).endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{out}: output must end in .nii or .nii.gz")
-    if not out.parent.exists():
-        raise InputError(f"{out}: folder {out.parent} does not exist; create it first")
     node = node.strip("/")
-    if not workspace.path.exists():
-        raise InputError(f"{workspace.path}: no workspace here; pass --store PATH")
-    stage = _stage_group(workspace, node)
-    kind, _, subject = stage.partition("/")
-    hint = (f"voxelflow bold RUN.nii.gz [RUN ...] --subject {subject or 'NAME'} --mask MASK"
-            if kind == "bold" else f"the voxelflow command that writes /{kind}")
-    workspace.require_complete(stage, hint)
-    ds = workspace.open_node(node)
-    per_voxel = sorted(v for v in ds.variables if "voxel" in ds[v].dims)
-    if name not in ds.variables:
-        raise InputError(f"{workspace.path}: /{node} has no variable {name!r} (variables "
-                         f"with a voxel dimension: {', '.join(per_voxel) or 'none'})")
+    stage, ds = _open_request(workspace, node, name, out)
     var = ds[name]
     dtype = output_dtype(var.dtype)
     extra_dim, n_rows = None, 1
     if "voxel" not in var.dims:
-        # A volume already on the grid (e.g. the bold group's `mask`) is written as is.
-        grid = find_geometry(workspace, node, var, need_voxels=False)
-        if var.ndim != 3 or tuple(var.shape) != grid.shape:
-            raise InputError(
-                f"{workspace.path}: /{node}/{name} has dims {var.dims}, no 'voxel' "
-                f"dimension; export one of: {', '.join(per_voxel) or 'none'}")
-        write_nifti(out, iter([np.nan_to_num(np.asarray(var.values)) if dtype.kind != "f"
-                               else np.asarray(var.values)]),
-                    grid.shape, dtype, grid, description=f"voxelflow /{node}/{name}")
-        return {"file": str(out), "shape": list(grid.shape), "voxels": int(np.prod(grid.shape)),
-                "dim": None, "labels": None, "dtype": str(dtype), "sources": grid.sources}
+        return _export_on_grid(workspace, node, var, out, dtype,
+                               sorted(v for v in ds.variables if "voxel" in ds[v].dims))
     if var.ndim > 2:
         raise InputError(f"{workspace.path}: /{node}/{name} has dims {var.dims}; select down "
                          f"to (voxel,) or (n, voxel) first")
@@ -229,6 +209,45 @@ def export_variable(workspace: Workspace, node: str, name: str, out: str | Path)
     return {"file": str(out), "shape": list(geometry.shape) + ([n_rows] if extra_dim else []),
             "voxels": int(geometry.i.size), "dim": extra_dim, "labels": labels,
             "dtype": str(dtype), "sources": geometry.sources}
+
+
+def _open_request(workspace: Workspace, node: str, name: str, out: Path
+                  ) -> tuple[str, xr.Dataset]:
+    """Check the output path, that the node's stage group is complete and holds
+    ``name``; return the stage group and the node's (lazy) dataset."""
+    if not str(out).endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{out}: output must end in .nii or .nii.gz")
+    if not out.parent.exists():
+        raise InputError(f"{out}: folder {out.parent} does not exist; create it first")
+    if not workspace.path.exists():
+        raise InputError(f"{workspace.path}: no workspace here; pass --store PATH")
+    stage = _stage_group(workspace, node)
+    kind, _, subject = stage.partition("/")
+    hint = (f"voxelflow bold RUN.nii.gz [RUN ...] --subject {subject or 'NAME'} --mask MASK"
+            if kind == "bold" else f"the voxelflow command that writes /{kind}")
+    workspace.require_complete(stage, hint)
+    ds = workspace.open_node(node)
+    if name not in ds.variables:
+        per_voxel = sorted(v for v in ds.variables if "voxel" in ds[v].dims)
+        raise InputError(f"{workspace.path}: /{node} has no variable {name!r} (variables "
+                         f"with a voxel dimension: {', '.join(per_voxel) or 'none'})")
+    return stage, ds
+
+
+def _export_on_grid(workspace: Workspace, node: str, var: xr.DataArray, out: Path,
+                    dtype: np.dtype, per_voxel: list[str]) -> dict:
+    """A variable without a voxel dimension: only a 3D volume already on the grid (e.g.
+    the bold group's ``mask``) can be written, as it is."""
+    grid = find_geometry(workspace, node, var, need_voxels=False)
+    if var.ndim != 3 or tuple(var.shape) != grid.shape:
+        raise InputError(
+            f"{workspace.path}: /{node}/{var.name} has dims {var.dims}, no 'voxel' "
+            f"dimension; export one of: {', '.join(per_voxel) or 'none'}")
+    write_nifti(out, iter([np.nan_to_num(np.asarray(var.values)) if dtype.kind != "f"
+                           else np.asarray(var.values)]),
+                grid.shape, dtype, grid, description=f"voxelflow /{node}/{var.name}")
+    return {"file": str(out), "shape": list(grid.shape), "voxels": int(np.prod(grid.shape)),
+            "dim": None, "labels": None, "dtype": str(dtype), "sources": grid.sources}
 
 
 def _iter_volumes(var: xr.DataArray, geometry: Geometry, dtype: np.dtype

@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 
 from voxelflow.pipeline.errors import InputError, exception_reason
 
+__all__ = ["RunInfo", "RunReader", "check_runs", "epi_mask", "load_mask", "mask_voxels",
+           "mean_volume", "probe_run"]
+
 READ_BUDGET = 4 * 2**20  # bytes of volumes (as stored) read from a NIfTI at once
 TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 GRID_ATOL = 1e-3  # affine entries (mm) that differ by less are the same grid
