@@ -276,7 +276,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from voxelflow.pipeline.stages.bold import describe_export, export_variable
+    from voxelflow.pipeline.stages.export import describe_export, export_variable
 
     print(describe_export(export_variable(Workspace(args.store), args.group, args.var,
                                           args.out)))

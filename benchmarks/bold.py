@@ -104,7 +104,7 @@ def step_read(run: Path, mask_path: Path) -> dict:
     import nibabel as nib
     import numpy as np
 
-    from voxelflow.pipeline.stages.bold import RunReader, load_mask, mask_voxels, probe_run
+    from voxelflow.pipeline.stages.nifti import RunReader, load_mask, mask_voxels, probe_run
 
     rss0 = _status_mib("VmRSS")
     info = probe_run(run)

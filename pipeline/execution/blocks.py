@@ -52,26 +52,30 @@ def _block_task(key: Hashable, *, work: BlockWork) -> Any:
 def run_blocks(work: BlockWork, keys: Sequence[Hashable], *,
                mark_done: Callable[[Hashable], None] | None = None,
                on_block: Callable[[Hashable, Any], None] | None = None,
-               client: Any = "active") -> int:
+               client: Any = "active", overlap: bool = True) -> int:
     """Compute and write every block of ``keys``; return the number of blocks done.
 
     ``mark_done(key)`` is called in this process once the block's data is written
     (``None``: the work records completion itself); ``on_block(key, summary)`` after
     that (progress bars, counters).  ``client`` defaults to the active Dask client
-    (``None`` forces local execution).  An exception raised by the work stops the run
-    and is re-raised here; blocks already marked stay done.
+    (``None`` forces local execution).  ``overlap=False`` (here only) computes, writes
+    and marks each block on the calling thread before the next, so one block is in
+    memory instead of two: for work whose block is as large as its memory budget
+    allows.  An exception raised by the work stops the run and is re-raised here;
+    blocks already marked stay done.
     """
     if client == "active":
         client = active_client()
     if client is not None:
         return _run_on_cluster(client, work, keys, mark_done, on_block)
-    return _run_here(work, keys, mark_done, on_block)
+    return _run_here(work, keys, mark_done, on_block, overlap)
 
 
 def _run_here(work: BlockWork, keys: Sequence[Hashable],
               mark_done: Callable[[Hashable], None] | None,
-              on_block: Callable[[Hashable, Any], None] | None) -> int:
-    """Compute on this thread; one writer thread writes and marks the previous block."""
+              on_block: Callable[[Hashable, Any], None] | None, overlap: bool = True) -> int:
+    """Compute on this thread; one writer thread writes and marks the previous block
+    (``overlap=False``: this thread writes and marks each block itself)."""
 
     def write_and_mark(key: Hashable, outputs: Any) -> Any:
         summary = work.write(key, outputs)
@@ -80,6 +84,13 @@ def _run_here(work: BlockWork, keys: Sequence[Hashable],
         return summary
 
     done = 0
+    if not overlap:
+        for key in keys:
+            summary = write_and_mark(key, work.compute(key))
+            if on_block is not None:
+                on_block(key, summary)
+            done += 1
+        return done
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxelflow-writer") as pool:
         previous: tuple[Hashable, Future] | None = None
         for key in keys:

@@ -271,7 +271,7 @@ def _roi_of_voxel(exp: Experiment, fit) -> tuple[np.ndarray | None, dict | None]
 
 def make_report(exp: Experiment, ws: Workspace) -> dict:
     """Write ``reports/<experiment>/`` from the stored fits."""
-    from voxelflow.pipeline.stages.bold import export_variable
+    from voxelflow.pipeline.stages.export import export_variable
     from voxelflow.pipeline.stages.fit import fit_group
     from voxelflow.pipeline.study.report import write_report
 

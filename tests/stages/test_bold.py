@@ -3,40 +3,31 @@ TR units, NaN/constant voxels, resume after interruption and kill -9, bad input.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
-from voxelflow import cli
+from bold_inputs import cli_main, haxby_runs, make_synthetic, mask_of, tree_bytes, write_nifti
 from conftest import ROOT, run_cli
-from voxelflow.pipeline.stages.bold import export_variable, run_bold_stage
-from voxelflow.pipeline.errors import InputError, WorkspaceConflict
+from voxelflow import cli
+from voxelflow.pipeline.errors import WorkspaceConflict
+from voxelflow.pipeline.stages._bold_passes import ChunkWork
+from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.stores import Workspace
 from voxelflow.stores.scratch import SCRATCH_DIR, TransposeScratch
 from voxelflow.stores.workspace import StageWriter
 
 HAXBY_TR = 2.5
-
-
-# ---------------------------------------------------------------------- helpers
-def haxby_runs(haxby_dir: Path) -> list[Path]:
-    runs = sorted(haxby_dir.glob("run*/bold_25mm.nii.gz"))
-    assert len(runs) == 12
-    return runs
-
-
-def mask_of(path: Path) -> np.ndarray:
-    """Independent reading of a mask: nibabel's data, voxel != 0."""
-    return nib.load(str(path)).get_fdata() != 0
 
 
 def zscore_reference(x: np.ndarray) -> np.ndarray:
@@ -56,63 +47,9 @@ def detrend_reference(x: np.ndarray) -> np.ndarray:
     return (x.T - design @ coef).T
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None,
-                tr: float = 2.0, time_unit: str = "sec", dtype=None,
-                slope: float | None = None, inter: float = 0.0) -> Path:
-    """Save ``data``; with ``slope``, store ``(data - inter) / slope`` as ``dtype`` and put
-    that scl_slope/scl_inter in the header (nibabel would choose its own scaling)."""
-    affine = np.eye(4) if affine is None else affine
-    header = nib.Nifti1Header()
-    header.set_data_dtype(dtype or data.dtype)
-    header.set_data_shape(data.shape)
-    header.set_sform(affine, code=1)
-    header.set_qform(affine, code=1)
-    if data.ndim == 4:
-        header.set_zooms(header.get_zooms()[:3] + (tr,))
-    header.set_xyzt_units("mm", time_unit)
-    if slope is None:
-        nib.save(nib.Nifti1Image(data, affine, header), str(path))
-        return path
-    header.set_slope_inter(slope, inter)
-    header.set_data_offset(352)
-    stored = np.round((data - inter) / slope).astype(dtype)
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as fh:
-        header.write_to(fh)
-        fh.write(stored.tobytes(order="F"))
-    return path
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
-
-
-def cli_main(capsys, *args: str) -> tuple[int, str, str]:
-    """The real CLI entry point, in process (fast): exit status, stdout, stderr."""
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> dict:
-    """Two small float32 runs (10x8x6, 50 and 40 volumes) on a shared grid with a mask."""
-    d = tmp_path_factory.mktemp("synthetic")
-    rng = np.random.default_rng(3)
-    affine = np.diag([2.0, 2.0, 3.0, 1.0])
-    affine[:3, 3] = [-10, -8, -9]
-    runs, data = [], []
-    for r, n in enumerate((50, 40)):
-        x = (1000 + 50 * rng.standard_normal((10, 8, 6, n))
-             + np.linspace(0, 30, n)).astype(np.float32)
-        runs.append(write_nifti(d / f"run{r}.nii.gz", x, affine, tr=2.0))
-        data.append(x)
-    mask = np.zeros((10, 8, 6), np.uint8)
-    mask[1:9, 1:7, 1:5] = 1
-    write_nifti(d / "mask.nii.gz", mask, affine)
-    return {"dir": d, "runs": runs, "data": data, "mask": d / "mask.nii.gz",
-            "mask_bool": mask != 0, "affine": affine}
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 # ---------------------------------------------------------------------- real data
@@ -183,82 +120,6 @@ def test_haxby_no_zscore_is_raw_and_linear_detrend_matches_lstsq(tmp_path, haxby
                                    atol=1e-3, rtol=0)  # float32 of values ~10-100
         np.testing.assert_allclose(ws.open_run("bold/det", run)["bold"].values,
                                    zscore_reference(resid).T, atol=1e-5, rtol=0)
-
-
-def test_export_mean_round_trip_cli(tmp_path, haxby_dir, capsys):
-    runs = haxby_runs(haxby_dir)
-    mask_path = haxby_dir / "masks" / "brain.nii.gz"
-    store = tmp_path / "ws.zarr"
-    code, out, err = cli_main(capsys, "bold", *map(str, runs), "--subject", "sub1", "--mask",
-                              str(mask_path), "--store", str(store), "--no-progress")
-    assert code == 0, err
-    assert "12 run(s), 12 x 121 volumes, 129 voxels, TR 2.5 s" in out
-    assert "invalid voxels: 0 of 129" in out
-    out = tmp_path / "mean.nii.gz"
-    res = run_cli("export", "bold/sub1", "mean", str(out), "--store", str(store))
-    assert res.returncode == 0, res.stderr
-    assert str(out) in res.stdout
-
-    mask = mask_of(mask_path)
-    means = np.concatenate([nib.load(str(p)).get_fdata()[mask] for p in runs], axis=1).mean(1)
-    img = nib.load(str(out))
-    source = nib.load(str(runs[0]))
-    assert img.shape == (6, 10, 10) and img.get_data_dtype() == np.float32
-    np.testing.assert_array_equal(img.affine, source.affine)
-    np.testing.assert_array_equal(img.header.get_zooms(), source.header.get_zooms()[:3])
-    data = img.get_fdata()
-    np.testing.assert_allclose(data[mask], means, rtol=1e-6)
-    assert (data[~mask] == 0).all()
-    # nilearn reads it too, on the same grid as the mask
-    from nilearn.masking import apply_mask
-
-    np.testing.assert_allclose(apply_mask(str(out), str(mask_path)), means, rtol=1e-6)
-
-
-def test_export_alpha_by_voxel_result_through_bold_group_attr(tmp_path, synthetic):
-    ws = Workspace(tmp_path / "ws.zarr")
-    run_bold_stage(ws, synthetic["runs"], "s", mask=synthetic["mask"], chunk_voxels=64,
-                   progress=False)
-    n_vox = int(synthetic["mask_bool"].sum())
-    alphas = np.array([0.1, 10.0, 1000.0])
-    rng = np.random.default_rng(0)
-    r_test = rng.uniform(-1, 1, (alphas.size, n_vox)).astype(np.float32)
-    fit = xr.Dataset({"r_test": (("alpha", "voxel"), r_test),
-                      "best_alpha": ("voxel", alphas[rng.integers(0, 3, n_vox)]),
-                      "note": ("alpha", np.arange(3))},
-                     coords={"alpha": alphas}, attrs={"bold_group": "bold/s"})
-    ws.write_dataset("fits/e/m/lags", fit, {"test": 1})
-
-    summary = export_variable(ws, "fits/e/m/lags", "r_test", tmp_path / "r.nii")
-    img = nib.load(str(tmp_path / "r.nii"))
-    assert img.shape == (10, 8, 6, 3) and summary["dim"] == "alpha"
-    np.testing.assert_allclose(img.affine, synthetic["affine"])
-    data = img.get_fdata()
-    for a in range(3):
-        np.testing.assert_allclose(data[..., a][synthetic["mask_bool"]], r_test[a], rtol=1e-7)
-        assert (data[..., a][~synthetic["mask_bool"]] == 0).all()
-    export_variable(ws, "fits/e/m/lags", "best_alpha", tmp_path / "best.nii.gz")
-    best = nib.load(str(tmp_path / "best.nii.gz")).get_fdata()
-    np.testing.assert_allclose(best[synthetic["mask_bool"]], fit["best_alpha"].values)
-    # per-run statistics of the bold group itself: one volume per run
-    export_variable(ws, "bold/s", "raw_std", tmp_path / "std.nii.gz")
-    assert nib.load(str(tmp_path / "std.nii.gz")).shape == (10, 8, 6, 2)
-    # the saved mask is already a volume on the grid: written as is
-    export_variable(ws, "bold/s", "mask", tmp_path / "mask.nii.gz")
-    mask_img = nib.load(str(tmp_path / "mask.nii.gz"))
-    assert mask_img.get_data_dtype() == np.uint8
-    np.testing.assert_array_equal(np.asarray(mask_img.dataobj) != 0, synthetic["mask_bool"])
-
-    with pytest.raises(InputError, match="no 'voxel'"):
-        export_variable(ws, "fits/e/m/lags", "note", tmp_path / "x.nii.gz")
-    with pytest.raises(InputError, match="has no variable 'nope'.*r_test"):
-        export_variable(ws, "fits/e/m/lags", "nope", tmp_path / "x.nii.gz")
-    ws.write_dataset("fits/e/m/orphan", fit.drop_attrs(), {"test": 1})
-    with pytest.raises(InputError, match="bold_group"):
-        export_variable(ws, "fits/e/m/orphan", "r_test", tmp_path / "x.nii.gz")
-    with pytest.raises(InputError, match=r"\.nii or \.nii\.gz"):
-        export_variable(ws, "bold/s", "mean", tmp_path / "x.png")
-
 
 def test_computed_epi_mask_is_saved(tmp_path, haxby_dir):
     from nilearn.masking import compute_epi_mask
@@ -334,6 +195,24 @@ def test_nan_and_constant_voxels_are_flagged_and_counted(tmp_path, capsys):
             np.testing.assert_allclose(got[:, v], want, atol=1e-5, err_msg=f"run {run} voxel {v}")
 
 
+def test_pass_2_holds_one_chunk_at_a_time(tmp_path, synthetic, monkeypatch):
+    """Here, each output chunk is computed, written and marked done on the calling thread
+    before the next one is read (an output chunk is the stage's memory budget)."""
+    events: list[tuple] = []
+    compute, write, mark = ChunkWork.compute, ChunkWork.write, StageWriter.mark_done
+    monkeypatch.setattr(ChunkWork, "compute", lambda self, key: (
+        events.append(("compute", key, threading.get_ident())) or compute(self, key)))
+    monkeypatch.setattr(ChunkWork, "write", lambda self, key, chunk: (
+        events.append(("write", key, threading.get_ident())) or write(self, key, chunk)))
+    monkeypatch.setattr(StageWriter, "mark_done", lambda self, run, block: (
+        events.append(("mark", (run, block), threading.get_ident())) or mark(self, run, block)))
+    run_bold_stage(Workspace(tmp_path / "ws.zarr"), synthetic["runs"], "s",
+                   mask=synthetic["mask"], chunk_voxels=32, progress=False)
+    keys = [(run, block) for run in range(2) for block in range(6)]
+    here = threading.get_ident()
+    assert events == [(step, key, here) for key in keys for step in ("compute", "write", "mark")]
+
+
 def test_interrupted_ingest_resumes_byte_identical(tmp_path, synthetic, monkeypatch):
     args = dict(mask=synthetic["mask"], chunk_voxels=32, time_block=8, progress=False)
     ref = Workspace(tmp_path / "ref.zarr")
@@ -359,7 +238,8 @@ def test_interrupted_ingest_resumes_byte_identical(tmp_path, synthetic, monkeypa
         run_bold_stage(ws, synthetic["runs"], "s", **args)
     assert ws.state("bold/s") == "writing"
     monkeypatch.undo()
-    crash_after(StageWriter, "write_block", 9)  # dies in pass 2 of run 1
+    # dies in pass 2 of run 1: the 10th chunk is written but never marked done
+    crash_after(StageWriter, "mark_done", 9)
     with pytest.raises(Crash):
         run_bold_stage(ws, synthetic["runs"], "s", **args)
     assert ws.state("bold/s") == "writing"
@@ -375,6 +255,37 @@ def test_interrupted_ingest_resumes_byte_identical(tmp_path, synthetic, monkeypa
     assert again["blocks_written"] == 0
 
 
+# The killed run: the real CLI in a child process whose StageWriter kills the process
+# (SIGKILL, nothing flushed or cleaned up) right after writing the data of chunk KILL_AT,
+# before its done flag: an observed state, mid pass 2, with one chunk really interrupted.
+_KILL_HOOK = """
+import os, signal, sys
+from voxelflow import cli
+from voxelflow.stores.workspace import StageWriter
+
+write = StageWriter.write_block_data
+
+def write_then_die(self, run, block, arrays):
+    write(self, run, block, arrays)
+    if block == int(os.environ["VOXELFLOW_TEST_KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+StageWriter.write_block_data = write_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _finished(done_dir: Path) -> list[int]:
+    """Blocks whose done flag is written; a killed atomic write leaves a ``*.partial``."""
+    return sorted(int(p.name) for p in done_dir.iterdir() if not p.name.endswith(".partial"))
+
+
+def _arrays(store: Path, group: str) -> dict[str, np.ndarray]:
+    """Every array below ``group``, read back through Zarr (path -> values)."""
+    members = zarr.open_group(store, mode="r")[group].members(max_depth=None)
+    return {path: node[...] for path, node in members if isinstance(node, zarr.Array)}
+
+
 def test_sigkill_mid_ingest_then_resume_equals_uninterrupted(tmp_path):
     rng = np.random.default_rng(2)
     data = (500 + 20 * rng.standard_normal((24, 24, 24, 300))).astype(np.float32)
@@ -384,31 +295,38 @@ def test_sigkill_mid_ingest_then_resume_equals_uninterrupted(tmp_path):
     args = ["bold", str(run), "--subject", "k", "--mask", str(mask), "--chunk-voxels", "64",
             "--no-progress"]
     assert cli.main([*args, "--store", str(tmp_path / "ref.zarr")]) == 0  # in process
-    n_blocks = 24 ** 3 // 64
+    n_blocks, kill_at = 24 ** 3 // 64, 100
 
     store = tmp_path / "killed.zarr"
-    done_dir = store / "bold/k/run-000/block_done/c"
-    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", *args, "--store", str(store)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if done_dir.exists() and len(list(done_dir.iterdir())) >= 3:
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_at_kill = len(list(done_dir.iterdir()))
-    assert 0 < done_at_kill < n_blocks, "kill must land mid-stage"
+    run_dir = store / "bold/k/run-000"
+    killed = subprocess.run([sys.executable, "-c", _KILL_HOOK, *args, "--store", str(store)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "VOXELFLOW_TEST_KILL_AT": str(kill_at)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # Mid-stage: the chunks before kill_at are finished, kill_at is written but not
+    # marked (the interrupted block), nothing after it exists, the scratch is left over.
+    assert _finished(run_dir / "block_done/c") == list(range(kill_at))
+    assert (run_dir / f"bold/c/0/{kill_at}").exists()
+    assert not (run_dir / f"bold/c/0/{kill_at + 1}").exists()
     assert Workspace(store).state("bold/k") == "writing"
+    assert (store / SCRATCH_DIR).exists()
+    stamps = {b: (run_dir / f"bold/c/0/{b}").stat().st_mtime_ns for b in range(kill_at)}
 
     resumed = run_cli(*args, "--store", str(store))
     assert resumed.returncode == 0, resumed.stderr
-    skipped = int(resumed.stdout.split("blocks written, ")[1].split(" already")[0])
-    assert skipped >= done_at_kill
+    assert f"{n_blocks - kill_at} blocks written, {kill_at} already done" in resumed.stdout
+    # Finished chunks were not rewritten ...
+    assert all((run_dir / f"bold/c/0/{b}").stat().st_mtime_ns == stamps[b] for b in stamps)
+    # ... and every file and every array equals the uninterrupted run's, byte for byte.
     a = tree_bytes(tmp_path / "ref.zarr" / "bold" / "k")
     b = tree_bytes(store / "bold" / "k")
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
+    want, got = _arrays(tmp_path / "ref.zarr", "bold/k"), _arrays(store, "bold/k")
+    assert want.keys() == got.keys() and "run-000/bold" in got
+    for name, values in want.items():
+        assert got[name].dtype == values.dtype and got[name].tobytes() == values.tobytes(), name
+    assert not (store / SCRATCH_DIR).exists()
 
 
 def test_rerun_with_other_parameters_is_refused_then_overwritten(tmp_path, synthetic, capsys):
@@ -498,21 +416,3 @@ def test_bad_input_gives_one_line_error_and_no_complete_group(tmp_path, bad_inpu
     assert str(culprit) in lines[0]
     assert Workspace(store).state("bold/bad") != "complete"
     assert Workspace(store).list_groups("bold") == []
-
-
-def test_bad_export_requests(tmp_path, synthetic, capsys):
-    store = tmp_path / "ws.zarr"
-    code, out, err = cli_main(capsys, "export", "bold/none", "mean", str(tmp_path / "o.nii"),
-                              "--store", str(store))
-    assert code == 2 and "no workspace" in err
-    run_bold_stage(Workspace(store), synthetic["runs"][:1], "s", mask=synthetic["mask"],
-                   progress=False)
-    code, out, err = cli_main(capsys, "export", "bold/other", "mean", str(tmp_path / "o.nii"),
-                              "--store", str(store))
-    assert code == 2 and "no group /bold/other" in err and "complete bold groups: s" in err
-    code, out, err = cli_main(capsys, "export", "bold/s", "bold", str(tmp_path / "o.nii"),
-                              "--store", str(store))
-    assert code == 2 and "no variable 'bold'" in err and "mean" in err
-    code, out, err = cli_main(capsys, "export", "bold/s", "mean",
-                              str(tmp_path / "nodir" / "o.nii"), "--store", str(store))
-    assert code == 2 and "does not exist" in err
