@@ -235,9 +235,9 @@ def test_experiment_trains_the_autoencoder_on_training_frames_only(demo):
 
 
 def test_the_readme_study_file_is_valid(tmp_path):
-    """The README's experiment file (the study's setup) parses as it is printed."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### `voxelflow run EXPERIMENT.toml", 1)[1]
+    """The documented experiment file (the study's setup) parses as it is printed."""
+    readme = (ROOT / "docs" / "experiment.md").read_text()
+    section = readme.split("## The study's file", 1)[1]
     text = section.split("```toml\n", 1)[1].split("```", 1)[0]
     for name in ("movie_run1.mp4", "sub01_run1.nii.gz", "cortex_mask.nii.gz"):
         (tmp_path / name).write_bytes(b"x")
