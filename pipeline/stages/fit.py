@@ -173,7 +173,7 @@ def block_outputs(factors: ridge.RidgeFactors, block: np.ndarray, ok: np.ndarray
     block[:, ~ok] = 0.0
     out = ridge.ridge_chunk(factors, block[train], block[test], return_weights=save_weights,
                             return_predictions=save_predictions)
-    out = {k: ridge._to_numpy(v) for k, v in out.items()}
+    out = {k: ridge.to_numpy(v) for k, v in out.items()}
     arrays = {
         "r_test": np.where(ok[None, :], out["r_test"], np.nan).astype(np.float32),
         "r_cv": np.where(ok[None, :], out["r_cv"], np.nan).astype(np.float32),
@@ -299,7 +299,7 @@ def _fit_blocks_on_cluster(client, writer: StageWriter, factors: ridge.RidgeFact
     """Cluster path: the factors (host copies) and the block plan are scattered to
     every worker once; one task per pending block; done flags are set here."""
     remote = dataclasses.replace(writer, workspace=Workspace(Path(writer.workspace.path).resolve()))
-    host = _map_arrays(factors, ridge._to_numpy) if factors.device != "cpu" else factors
+    host = _map_arrays(factors, ridge.to_numpy) if factors.device != "cpu" else factors
     broadcast = {"factors": host, "reader": reader, "writer": remote, "train": train,
                  "test": test, "valid": valid, "device": factors.device,
                  "save_weights": save_weights, "save_predictions": save_predictions}
