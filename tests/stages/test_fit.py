@@ -135,7 +135,7 @@ def test_voxel_blocks_are_exact_and_resume_finishes(planted_ws, monkeypatch):
         np.testing.assert_array_equal(outs[0]["best_alpha"].values, other["best_alpha"].values)
     # Interrupt after two blocks, rerun: only the rest is computed, same result.
     from voxelflow.stores.workspace import StageWriter
-    original = StageWriter.write_block
+    original = StageWriter.write_block_data
     calls = {"n": 0}
 
     def crash_after_two(self, run, block, arrays):
@@ -144,11 +144,11 @@ def test_voxel_blocks_are_exact_and_resume_finishes(planted_ws, monkeypatch):
         calls["n"] += 1
         original(self, run, block, arrays)
 
-    monkeypatch.setattr(StageWriter, "write_block", crash_after_two)
+    monkeypatch.setattr(StageWriter, "write_block_data", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_fit_stage(ws, "f", "s", [5], ALPHAS, test_samples=30, name="resume",
                       voxel_block=7, progress=False)
-    monkeypatch.setattr(StageWriter, "write_block", original)
+    monkeypatch.setattr(StageWriter, "write_block_data", original)
     s = run_fit_stage(ws, "f", "s", [5], ALPHAS, test_samples=30, name="resume",
                       voxel_block=7, progress=False)
     assert s.blocks_skipped == 2 and s.blocks_written == 2
