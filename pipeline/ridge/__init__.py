@@ -64,7 +64,7 @@ Where the code lives (private modules, by concern):
 from ._backend import get_array_module, to_numpy
 from ._checks import CHOLESKY_MAX_ALPHAS, check_alphas
 from ._eager import fit_ridge, ridge_cv_scores
-from ._factorize import (DEFAULT_MAX_DENSE_BYTES, FoldFactors, RidgeFactors,
+from ._factorize import (DEFAULT_MAX_DENSE_BYTES, FitShape, FoldFactors, RidgeFactors,
                          factorize_ridge)
 from ._flops import ridge_flops
 from ._operators import PredictionOperator, eigh_psd
@@ -81,6 +81,7 @@ __all__ = [
     "check_alphas",
     "eigh_psd",
     "PredictionOperator",
+    "FitShape",
     "FoldFactors",
     "RidgeFactors",
     "factorize_ridge",

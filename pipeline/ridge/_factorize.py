@@ -46,7 +46,31 @@ class FoldFactors:
 
 
 @dataclass(frozen=True)
-class RidgeFactors:
+class FitShape:
+    """What factors record about their fit (direct and time-chunked paths).
+
+    Attributes
+    ----------
+    alphas : float64 numpy (n_alphas,)
+    dtype : compute dtype of the big products (float32 or float64)
+    device : "cpu" or "cuda"
+    n_train, n_test, n_features : ints
+    """
+
+    alphas: np.ndarray
+    dtype: np.dtype
+    device: str
+    n_train: int
+    n_test: int
+    n_features: int
+
+    @property
+    def n_alphas(self) -> int:
+        return len(self.alphas)
+
+
+@dataclass(frozen=True)
+class RidgeFactors(FitShape):
     """Everything ridge needs from the design, computed once per fit.
 
     Memory is O(features^2) (primal) or O(n_alphas * n_train^2) (dual,
@@ -54,11 +78,8 @@ class RidgeFactors:
 
     Attributes
     ----------
+    alphas, dtype, device, n_train, n_test, n_features : see :class:`FitShape`
     regime : "primal" or "dual"
-    alphas : float64 numpy (n_alphas,)
-    dtype : compute dtype of the big products (float32 or float64)
-    device : "cpu" or "cuda"
-    n_train, n_test, n_features : ints
     folds : one :class:`FoldFactors` per held-out fold
     test : operator predicting the test samples (minus the training mean of
         Y) from the full training fit, or None without a test set
@@ -75,12 +96,6 @@ class RidgeFactors:
     """
 
     regime: str
-    alphas: np.ndarray
-    dtype: np.dtype
-    device: str
-    n_train: int
-    n_test: int
-    n_features: int
     folds: tuple[FoldFactors, ...]
     test: PredictionOperator | None
     group_rows: tuple[Any, ...] = ()
@@ -91,10 +106,6 @@ class RidgeFactors:
     design_centred: Any = None
     x_mean: Any = None
     fold_sizes: tuple[int, ...] = field(default=())
-
-    @property
-    def n_alphas(self) -> int:
-        return len(self.alphas)
 
     @property
     def nbytes(self) -> int:

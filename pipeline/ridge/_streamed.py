@@ -11,6 +11,7 @@ import numpy as np
 
 from ._backend import _column_dot, _is_dask, get_array_module
 from ._checks import _check_design, _check_targets, check_alphas
+from ._factorize import FitShape
 from ._operators import PredictionOperator, _build_operator, _shrinkage, eigh_psd
 from ._solve import _chunk_outputs
 from .scoring import check_folds, correlation_from_sums
@@ -118,26 +119,16 @@ class StreamedFold:
 
 
 @dataclass(frozen=True)
-class StreamedFactors:
+class StreamedFactors(FitShape):
     """Factors of the time-chunked path (see :func:`factorize_from_statistics`)."""
 
     statistics: DesignStatistics
     folds: tuple[StreamedFold, ...]
     test: PredictionOperator | None
-    alphas: np.ndarray
-    dtype: np.dtype
-    device: str
-    n_train: int
-    n_test: int
-    n_features: int
     basis: Any = None
     eigenvalues: Any = None
     regime: str = "primal"
     fold_sizes: tuple[int, ...] = ()
-
-    @property
-    def n_alphas(self) -> int:
-        return len(self.alphas)
 
 
 def _gram_square_root(matrix: Any, xp: Any) -> Any:
