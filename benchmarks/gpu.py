@@ -118,8 +118,8 @@ def run_voxelflow(device: str, X: np.ndarray, Y: np.ndarray, n_train: int,
     for start in range(0, Y.shape[1], chunk):
         block = xp.asarray(Y[:, start:start + chunk])
         out = ridge.ridge_chunk(factors, block[:n_train], block[n_train:])
-        best.append(ridge._to_numpy(out["best_alpha"]))
-        r_test.append(ridge._to_numpy(out["r_test_cv"]))
+        best.append(ridge.to_numpy(out["best_alpha"]))
+        r_test.append(ridge.to_numpy(out["r_test_cv"]))
     return {"best_alpha": np.concatenate(best), "r_test_cv": np.concatenate(r_test)}
 
 

@@ -8,21 +8,25 @@ BOLD group's ``i, j, k, valid`` coordinates):
 - ``r_cv (alpha, voxel)``: mean held-out r over the CV folds of the training data;
 - ``best_alpha (voxel)``: the alpha with the best ``r_cv`` (per voxel);
 - ``r_test_cv (voxel)``: test r at that alpha (the honest number);
-- optionally ``weights (lag_feature, voxel)`` at the best alpha and ``predictions
-  (test_sample, voxel)``.
+- optionally ``weights (lag_feature, voxel)`` at the best alpha (lag-major: row
+  ``l * n_features + f`` is feature ``f`` at the ``l``-th lag, in the order the lags
+  were given; the weights of the centred design, as scikit-learn's ``coef_``) and
+  ``predictions (test_sample, voxel)`` at the best alpha, in BOLD units.
 
 The design is decomposed once; voxel blocks (4,096 by default) are then computed and
 written one at a time with a done flag each, so memory holds one block of BOLD and an
 interrupted fit resumes where it stopped.
 
-On a Dask cluster (``--scheduler ADDRESS`` / ``--workers N``, see
-:mod:`voxelflow.pipeline.execution.cluster`) the client still decomposes the design once; the factors (as
-host arrays), the BOLD block plan (:class:`BoldBlockReader`) and the writer are
-scattered to every worker once, and each pending block is one task
-(:func:`fit_block_task`) that reads its BOLD from the workspace, computes exactly what
-the local loop computes (:func:`block_outputs`), writes its region and returns small;
-the client sets the block's done flag.  With ``device="cuda"`` each worker copies the
-factors to its GPU once and every block runs in CuPy, results copied back.
+One voxel block is one :class:`FitWork` step (read the block's BOLD from the workspace
+with :class:`BoldBlockReader`, compute every output with :func:`block_outputs`, write
+the block's region), run by :func:`voxelflow.pipeline.execution.blocks.run_blocks`:
+here, block after block with the next block computed while the last one is written;
+on a Dask cluster (``--scheduler ADDRESS`` / ``--workers N``, see
+:mod:`voxelflow.pipeline.execution.cluster`), the work object (the factors as host
+arrays, the block plan, the writer) is sent to every worker once and each pending
+block is one task; the client sets the blocks' done flags.  With ``device="cuda"``
+each worker copies the factors to its GPU once and every block runs in CuPy, results
+copied back.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from voxelflow.pipeline import ridge
-from voxelflow.pipeline.execution.cluster import active_client, require_shared_path, run_block_tasks
+from voxelflow.pipeline.execution.blocks import run_blocks
+from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.design.lags import LaggedDesign, build_design, split_train_test
 from voxelflow.pipeline.ridge.scoring import contiguous_folds, run_folds
@@ -173,7 +178,7 @@ def block_outputs(factors: ridge.RidgeFactors, block: np.ndarray, ok: np.ndarray
     block[:, ~ok] = 0.0
     out = ridge.ridge_chunk(factors, block[train], block[test], return_weights=save_weights,
                             return_predictions=save_predictions)
-    out = {k: ridge._to_numpy(v) for k, v in out.items()}
+    out = {k: ridge.to_numpy(v) for k, v in out.items()}
     arrays = {
         "r_test": np.where(ok[None, :], out["r_test"], np.nan).astype(np.float32),
         "r_cv": np.where(ok[None, :], out["r_cv"], np.nan).astype(np.float32),
@@ -187,28 +192,14 @@ def block_outputs(factors: ridge.RidgeFactors, block: np.ndarray, ok: np.ndarray
     return arrays
 
 
-def _fit_blocks_here(writer: StageWriter, factors: ridge.RidgeFactors, Y: da.Array,
-                     pending: Sequence[int], train: np.ndarray, test: np.ndarray,
-                     valid: np.ndarray, save_weights: bool, save_predictions: bool,
-                     bar: tqdm) -> None:
-    """Local path: each pending block is read from the lazy design ``Y`` (sample,
-    voxel), computed in this process and written with its done flag."""
-    for b in pending:
-        sl = writer.block_slice(0, b)
-        block = np.asarray(Y[:, sl].compute(), dtype=np.float32)
-        ok = valid[sl] & np.isfinite(block).all(axis=0)
-        writer.write_block(0, b, block_outputs(factors, block, ok, train, test,
-                                               save_weights, save_predictions))
-        bar.update(_slice_len(sl))
-
-
 @dataclass(frozen=True)
 class BoldBlockReader:
     """Reads the design's BOLD rows for a voxel slice straight from the workspace.
 
-    What a cluster task needs instead of the client's lazy ``design.Y``: the
-    workspace's absolute path and, per run, the run's node and the kept BOLD sample
-    indices (the design's rows are the runs' kept samples, concatenated in run order).
+    The same rows as the design's lazy ``Y``, from a small picklable plan that any
+    process can use: the workspace's absolute path and, per run, the run's node and
+    the kept BOLD sample indices (the design's rows are the runs' kept samples,
+    concatenated in run order).
     """
 
     store: str
@@ -274,39 +265,49 @@ def _map_arrays(value: Any, fn: Callable[[Any], Any]) -> Any:
     return value
 
 
-def fit_block_task(block: int, voxels: slice, *, factors: ridge.RidgeFactors,
-                   reader: BoldBlockReader, writer: StageWriter, train: np.ndarray,
-                   test: np.ndarray, valid: np.ndarray, device: str, save_weights: bool,
-                   save_predictions: bool) -> tuple[int, int]:
-    """One cluster task: read the block's BOLD, compute, write its region (data only).
+@dataclass
+class FitWork:
+    """Fitting one voxel block: the per-block work of the fit stage (picklable).
 
-    ``factors`` are host (NumPy) arrays, moved to the worker's GPU once for
-    ``device="cuda"``.  Returns ``(block, voxels scored)``; the client marks the
-    block done.
+    ``factors`` (from :func:`ridge.factorize_ridge`) are used as they are, or, with
+    ``move_to`` set (``"cuda"``: host copies sent to cluster workers), copied to that
+    device once per process.  ``train``/``test`` index the design's samples,
+    ``valid`` (voxel,) bool flags the BOLD voxels to score.
     """
-    data = reader.read(voxels)
-    ok = valid[voxels] & np.isfinite(data).all(axis=0)
-    arrays = block_outputs(_factors_on_device(factors, device), data, ok, train, test,
-                           save_weights, save_predictions)
-    writer.write_block_data(0, block, arrays)
-    return block, int(ok.sum())
 
+    factors: ridge.RidgeFactors
+    reader: BoldBlockReader
+    writer: StageWriter
+    train: np.ndarray
+    test: np.ndarray
+    valid: np.ndarray
+    save_weights: bool = False
+    save_predictions: bool = False
+    move_to: str | None = None
 
-def _fit_blocks_on_cluster(client, writer: StageWriter, factors: ridge.RidgeFactors,
-                           reader: BoldBlockReader, pending: Sequence[int],
-                           train: np.ndarray, test: np.ndarray, valid: np.ndarray,
-                           save_weights: bool, save_predictions: bool, bar: tqdm) -> None:
-    """Cluster path: the factors (host copies) and the block plan are scattered to
-    every worker once; one task per pending block; done flags are set here."""
-    remote = dataclasses.replace(writer, workspace=Workspace(Path(writer.workspace.path).resolve()))
-    host = _map_arrays(factors, ridge._to_numpy) if factors.device != "cpu" else factors
-    broadcast = {"factors": host, "reader": reader, "writer": remote, "train": train,
-                 "test": test, "valid": valid, "device": factors.device,
-                 "save_weights": save_weights, "save_predictions": save_predictions}
-    tasks = [(b, (b, writer.block_slice(0, b))) for b in pending]
-    for b, _ in run_block_tasks(client, fit_block_task, tasks, broadcast=broadcast):
-        writer.mark_done(0, b)
-        bar.update(_slice_len(writer.block_slice(0, b)))
+    def compute(self, block: int) -> dict[str, np.ndarray]:
+        """The stored outputs of voxel block ``block`` (see :func:`block_outputs`)."""
+        voxels = self.writer.block_slice(0, block)
+        data = self.reader.read(voxels)
+        ok = self.valid[voxels] & np.isfinite(data).all(axis=0)
+        factors = (self.factors if self.move_to is None
+                   else _factors_on_device(self.factors, self.move_to))
+        return block_outputs(factors, data, ok, self.train, self.test, self.save_weights,
+                             self.save_predictions)
+
+    def write(self, block: int, arrays: dict[str, np.ndarray]) -> int:
+        """Write the block's region (data only); returns its number of voxels."""
+        self.writer.write_block_data(0, block, arrays)
+        return _slice_len(self.writer.block_slice(0, block))
+
+    def for_workers(self) -> "FitWork":
+        """A copy for cluster workers: host factors (copied to the workers' device
+        once each), a writer with an absolute workspace path."""
+        factors, move_to = self.factors, None
+        if factors.device != "cpu":
+            factors, move_to = _map_arrays(factors, ridge.to_numpy), factors.device
+        return dataclasses.replace(self, factors=factors, writer=self.writer.for_workers(),
+                                   move_to=move_to)
 
 
 def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence[float],
@@ -318,16 +319,7 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
                   progress: bool = True) -> FitSummary:
     """Fit ridge for every alpha onto every voxel of ``/bold/<bold>`` from
     ``/features/<features>`` at ``lags`` (s); write ``/fits/<name>/lags-...``."""
-    try:
-        alphas_arr = ridge.check_alphas(list(alphas))
-    except ValueError:
-        raise InputError(f"--alphas must all be > 0 (got {list(alphas)})") from None
-    if device == "cuda":
-        try:
-            ridge.get_array_module("cuda")
-        except Exception as exc:  # noqa: BLE001 - any failure to get CuPy/CUDA
-            raise InputError(f"--device cuda: {exc}; install the gpu extra "
-                             f"(pip install 'voxelflow[gpu]') or use --device cpu") from None
+    alphas_arr = _check_fit_options(alphas, device)
     fgroup, bgroup = f"features/{features}", f"bold/{bold}"
     workspace.require_complete(fgroup, f"voxelflow features --frames ... --name {features}")
     battrs = workspace.require_complete(bgroup, f"voxelflow bold RUN.nii.gz ... --subject {bold}")
@@ -363,31 +355,54 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
     )
     pending = writer.pending_blocks(0)
     skipped = template.n_blocks - len(pending)
-    client = active_client()
     if pending:
+        client = active_client()
         require_shared_path(client, workspace.path)  # before the costly decomposition
-        X = design.X.compute()
-        if not np.isfinite(X).all():
-            raise InputError(f"/{fgroup}: features contain NaN or infinite values; "
-                             f"re-extract them (voxelflow features ... --overwrite)")
-        try:
-            factors = ridge.factorize_ridge(X[train], X[test], alphas_arr, folds, device=device,
-                                            keep_weight_factors=save_weights)
-        except ValueError as exc:
-            raise _as_input_error(exc, f"/{fgroup} x /{bgroup}") from None
-        done_voxels = n_voxels - sum(_slice_len(writer.block_slice(0, b)) for b in pending)
+        factors = _factorize_design(design, train, test, alphas_arr, folds, device,
+                                    save_weights, f"/{fgroup}", f"/{bgroup}")
+        work = FitWork(factors, BoldBlockReader.from_design(workspace, bgroup, design),
+                       writer, train, test, valid, save_weights, save_predictions)
         bar = tqdm(total=n_voxels, unit="voxel", desc=f"fit {lag_set_label(lags)}",
-                   disable=not progress, dynamic_ncols=True, initial=done_voxels)
-        if client is None:
-            _fit_blocks_here(writer, factors, design.Y, pending, train, test, valid,
-                             save_weights, save_predictions, bar)
-        else:
-            reader = BoldBlockReader.from_design(workspace, bgroup, design)
-            _fit_blocks_on_cluster(client, writer, factors, reader, pending, train, test,
-                                   valid, save_weights, save_predictions, bar)
+                   disable=not progress, dynamic_ncols=True,
+                   initial=n_voxels - sum(_slice_len(writer.block_slice(0, b))
+                                          for b in pending))
+        run_blocks(work if client is None else work.for_workers(), pending, client=client,
+                   mark_done=lambda b: writer.mark_done(0, b),
+                   on_block=lambda b, n: bar.update(n))
         bar.close()
     writer.finish()
     return summarize_fit(workspace, group, n_blocks_written=len(pending), n_skipped=skipped)
+
+
+def _check_fit_options(alphas: Sequence[float], device: str) -> np.ndarray:
+    """float64 (n_alphas,) alphas; one-line errors for bad alphas or a missing GPU."""
+    try:
+        alphas_arr = ridge.check_alphas(list(alphas))
+    except ValueError:
+        raise InputError(f"--alphas must all be > 0 (got {list(alphas)})") from None
+    if device == "cuda":
+        try:
+            ridge.get_array_module("cuda")
+        except Exception as exc:  # noqa: BLE001 - any failure to get CuPy/CUDA
+            raise InputError(f"--device cuda: {exc}; install the gpu extra "
+                             f"(pip install 'voxelflow[gpu]') or use --device cpu") from None
+    return alphas_arr
+
+
+def _factorize_design(design: LaggedDesign, train: np.ndarray, test: np.ndarray,
+                      alphas: np.ndarray, folds: list[np.ndarray], device: str,
+                      save_weights: bool, features: str, bold: str) -> ridge.RidgeFactors:
+    """Compute the design (sample, lag_feature) and decompose it once for every fold
+    and the full training fit (on ``device``); input errors as one line."""
+    X = design.X.compute()
+    if not np.isfinite(X).all():
+        raise InputError(f"{features}: features contain NaN or infinite values; "
+                         f"re-extract them (voxelflow features ... --overwrite)")
+    try:
+        return ridge.factorize_ridge(X[train], X[test], alphas, folds, device=device,
+                                     keep_weight_factors=save_weights)
+    except ValueError as exc:
+        raise _as_input_error(exc, f"{features} x {bold}") from None
 
 
 def summarize_fit(workspace: Workspace, group: str, n_blocks_written: int = 0,

@@ -147,8 +147,9 @@ def test_fit_on_separate_scheduler_and_workers_equals_local(tmp_path):
         assert remote.returncode == 0, remote.stderr
         assert "/fits/cluster/lags-2" in remote.stdout
         prefixes = _scheduler_task_prefixes(address)
-        # the block tasks (keys voxelflow-fit_block_task-...) and the scattered factors
-        assert {"voxelflow", "RidgeFactors"} <= set(prefixes), prefixes
+        # the block tasks (keys voxelflow-_block_task-...) and the scattered work
+        # object holding the factors (FitWork)
+        assert {"voxelflow", "FitWork"} <= set(prefixes), prefixes
     finally:
         for proc in reversed(procs):
             _stop(proc)

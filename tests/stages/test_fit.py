@@ -135,7 +135,7 @@ def test_voxel_blocks_are_exact_and_resume_finishes(planted_ws, monkeypatch):
         np.testing.assert_array_equal(outs[0]["best_alpha"].values, other["best_alpha"].values)
     # Interrupt after two blocks, rerun: only the rest is computed, same result.
     from voxelflow.stores.workspace import StageWriter
-    original = StageWriter.write_block
+    original = StageWriter.write_block_data
     calls = {"n": 0}
 
     def crash_after_two(self, run, block, arrays):
@@ -144,11 +144,11 @@ def test_voxel_blocks_are_exact_and_resume_finishes(planted_ws, monkeypatch):
         calls["n"] += 1
         original(self, run, block, arrays)
 
-    monkeypatch.setattr(StageWriter, "write_block", crash_after_two)
+    monkeypatch.setattr(StageWriter, "write_block_data", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_fit_stage(ws, "f", "s", [5], ALPHAS, test_samples=30, name="resume",
                       voxel_block=7, progress=False)
-    monkeypatch.setattr(StageWriter, "write_block", original)
+    monkeypatch.setattr(StageWriter, "write_block_data", original)
     s = run_fit_stage(ws, "f", "s", [5], ALPHAS, test_samples=30, name="resume",
                       voxel_block=7, progress=False)
     assert s.blocks_skipped == 2 and s.blocks_written == 2
@@ -206,3 +206,188 @@ def test_fit_cli_prints_table(planted_ws):
     assert res.returncode == 0, res.stderr
     assert "CV-selected" in res.stdout and "<- best" in res.stdout
     assert "/fits/f__s/lags-4-5" in res.stdout
+
+
+# ------------------------------------------------ README options against sklearn
+# One small workspace shared by the tests below: 4 runs of unequal length (so that
+# whole-run folds differ from contiguous blocks), features i.i.d. per frame (so that
+# a frame and a mean over frames differ), BOLD written directly (no ingestion).
+RUN_VOLUMES = (52, 60, 68, 56)
+N_FEAT = 5
+LAGS = (2.0, 3.0)
+N_VOX = 12
+
+
+def _write_bold(ws: Workspace, name: str, runs: list[np.ndarray]) -> None:
+    """A BOLD group as the bold stage leaves it: per run, ``bold (time, voxel)`` at i * TR."""
+    templates = []
+    for data in runs:
+        t = np.arange(data.shape[0]) * TR
+        ds = xr.Dataset({"bold": (("time", "voxel"), da.empty(data.shape, np.float32,
+                                                              chunks=data.shape))},
+                        coords={"time": ("time", t, {"units": "s"})})
+        templates.append(RunTemplate(ds, {"bold": {"chunks": data.shape}}, "time",
+                                     data.shape[0]))
+    writer = ws.start_stage(f"bold/{name}", {"stage": "test-bold", "name": name}, templates,
+                            group_attrs={"tr": TR})
+    for r, data in enumerate(runs):
+        writer.write_block(r, 0, {"bold": data.astype(np.float32)})
+    writer.finish()
+
+
+def _design_row(frames: np.ndarray, frame_times: np.ndarray, t: float, aggregate: str
+                ) -> np.ndarray:
+    """Lag-major design row of BOLD time ``t``: per lag L, the frame shown at t - L
+    (``last``) or the mean of the frames in [t - L - TR, t - L) (``mean``)."""
+    parts = []
+    for lag in LAGS:
+        if aggregate == "last":
+            parts.append(frames[np.flatnonzero(frame_times <= t - lag + 1e-9)[-1]])
+        else:
+            inside = (frame_times >= t - lag - TR - 1e-9) & (frame_times < t - lag - 1e-9)
+            parts.append(frames[inside].mean(axis=0))
+    return np.concatenate(parts)
+
+
+def _reference_design(ws: Workspace, aggregate: str, rows_as: str | None = None):
+    """``(X, Y, run)`` in float64 from the stored features and BOLD, for every BOLD
+    sample with a full history under ``aggregate``; rows built as ``rows_as``."""
+    history = max(LAGS) + (TR if aggregate == "mean" else 0.0)
+    xs, ys, runs = [], [], []
+    for r in range(len(RUN_VOLUMES)):
+        feat = ws.open_run("features/f", r)
+        frames = feat["features"].values.astype(np.float64)
+        frame_times = feat["time"].values.astype(np.float64)
+        bold = ws.open_run("bold/s", r)["bold"].values.astype(np.float64)
+        for i in range(bold.shape[0]):
+            if i * TR - history < 0:
+                continue
+            xs.append(_design_row(frames, frame_times, i * TR, rows_as or aggregate))
+            ys.append(bold[i])
+            runs.append(r)
+    return np.asarray(xs), np.asarray(ys), np.asarray(runs)
+
+
+def _column_r(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r per column."""
+    pred, y = pred - pred.mean(0), y - y.mean(0)
+    return (pred * y).sum(0) / np.sqrt((pred ** 2).sum(0) * (y ** 2).sum(0))
+
+
+def _sklearn_r(X_train, Y_train, X_held, Y_held) -> np.ndarray:
+    """(alpha, voxel) held-out r of sklearn Ridge trained on the given samples."""
+    return np.stack([_column_r(Ridge(alpha=a, solver="svd").fit(X_train, Y_train)
+                               .predict(X_held), Y_held) for a in ALPHAS])
+
+
+@pytest.fixture(scope="session")
+def options_ws(tmp_path_factory):
+    """The shared workspace and two fits made through the CLI: ``runs`` (--test-runs
+    1 --cv runs --save-weights --save-predictions) and ``mean`` (--aggregate mean)."""
+    from voxelflow import cli
+
+    tmp = tmp_path_factory.mktemp("fit-options")
+    rng = np.random.default_rng(7)
+    feats = [rng.normal(size=(int(n * TR * FPS), N_FEAT)).astype(np.float32)
+             for n in RUN_VOLUMES]
+    ws = Workspace(tmp / "ws.zarr")
+    _write_features(ws, "f", feats)
+    w = rng.normal(size=(len(LAGS) * N_FEAT, N_VOX))
+    snr = np.linspace(0.0, 2.0, N_VOX)  # voxel 0 is noise: a large alpha wins there
+    bolds = []
+    for f, n in zip(feats, RUN_VOLUMES):
+        ft = np.arange(f.shape[0]) / FPS
+        rows = np.stack([_design_row(f, ft, max(i * TR, max(LAGS)), "last")
+                         for i in range(n)])
+        bolds.append(100.0 + snr * (rows @ w) / np.sqrt(w.shape[0])
+                     + rng.normal(size=(n, N_VOX)))
+    _write_bold(ws, "s", bolds)
+    common = ["fit", "--features", "f", "--bold", "s", "--lags", "2,3", "--alphas",
+              ",".join(f"{a:g}" for a in ALPHAS), "--store", str(ws.path), "--no-progress"]
+    assert cli.main(common + ["--name", "runs", "--test-runs", "1", "--cv", "runs",
+                              "--save-weights", "--save-predictions"]) == 0
+    assert cli.main(common + ["--name", "mean", "--aggregate", "mean", "--test-samples",
+                              "30", "--cv", "3"]) == 0
+    return ws
+
+
+def test_cv_runs_and_test_runs_match_sklearn_leave_one_run_out(options_ws):
+    from sklearn.model_selection import LeaveOneGroupOut
+
+    ws = options_ws
+    fit = ws.open_node("fits/runs/lags-2-3")
+    X, Y, run = _reference_design(ws, "last")
+    test = run == 1  # --test-runs 1: the test samples are exactly run 1's
+    assert fit.sizes["test_sample"] == test.sum() == RUN_VOLUMES[1] - 3
+    assert ws.attrs("fits/runs/lags-2-3")["n_train"] == (~test).sum()
+    np.testing.assert_allclose(fit["r_test"].values,
+                               _sklearn_r(X[~test], Y[~test], X[test], Y[test]), atol=1e-4)
+    # --cv runs: one fold per training run (LeaveOneGroupOut), mean held-out r.
+    X_train, Y_train, groups = X[~test], Y[~test], run[~test]
+    folds = list(LeaveOneGroupOut().split(X_train, groups=groups))
+    assert len(folds) == 3
+    r_cv = np.mean([_sklearn_r(X_train[keep], Y_train[keep], X_train[held], Y_train[held])
+                    for keep, held in folds], axis=0)
+    np.testing.assert_allclose(fit["r_cv"].values, r_cv, atol=1e-4)
+    # Unequal runs: three contiguous blocks would give other scores (the check can fail).
+    blocks = contiguous_folds(len(X_train), 3)
+    r_blocks = np.mean([_sklearn_r(np.delete(X_train, h, 0), np.delete(Y_train, h, 0),
+                                   X_train[h], Y_train[h]) for h in blocks], axis=0)
+    assert np.abs(r_blocks - r_cv).max() > 1e-2
+    # best alpha per voxel = argmax of the LOGO score (where no near tie)
+    ranked = np.sort(r_cv, axis=0)
+    clear = ranked[-1] - ranked[-2] > 1e-4
+    best = np.asarray(ALPHAS)[r_cv.argmax(0)]
+    np.testing.assert_array_equal(fit["best_alpha"].values[clear],
+                                  best[clear].astype(np.float32))
+
+
+def test_aggregate_mean_design_and_scores_match_sklearn(options_ws):
+    from voxelflow.pipeline.design.lags import build_design
+
+    ws = options_ws
+    X, Y, run = _reference_design(ws, "mean")
+    # The rows of the mean design are the frame means in [t - L - TR, t - L) ...
+    design = build_design(ws.open_runs("features/f"), ws.open_runs("bold/s"), list(LAGS), TR,
+                          aggregate="mean")
+    np.testing.assert_allclose(design.X.compute(), X, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(design.run, run)
+    # ... which are not the frames at t - L of the same samples.
+    X_last, _, _ = _reference_design(ws, "mean", rows_as="last")
+    assert np.abs(X_last - X).max() > 0.5
+    # Through the fit: test r of the last 30 samples equals sklearn's on that design.
+    fit = ws.open_node("fits/mean/lags-2-3")
+    attrs = ws.attrs("fits/mean/lags-2-3")
+    assert attrs["dropped_per_run"] == [4] * len(RUN_VOLUMES)  # t < max(L) + TR
+    assert attrs["aggregate"] == "mean" and attrs["n_train"] == len(X) - 30
+    np.testing.assert_allclose(fit["r_test"].values,
+                               _sklearn_r(X[:-30], Y[:-30], X[-30:], Y[-30:]), atol=1e-4)
+    assert np.abs(_sklearn_r(X_last[:-30], Y[:-30], X_last[-30:], Y[-30:])
+                  - fit["r_test"].values).max() > 1e-2
+
+
+def test_saved_weights_and_predictions_match_sklearn_at_the_selected_alpha(options_ws):
+    ws = options_ws
+    fit = ws.open_node("fits/runs/lags-2-3")
+    assert fit["weights"].dims == ("lag_feature", "voxel")
+    assert fit["predictions"].dims == ("test_sample", "voxel")
+    X, Y, run = _reference_design(ws, "last")
+    test = run == 1
+    best = fit["best_alpha"].values  # float32 copies of ALPHAS
+    assert np.unique(best).size > 1  # the per-voxel alpha matters here
+    coef = np.empty((X.shape[1], N_VOX))
+    pred = np.empty((test.sum(), N_VOX))
+    for alpha in ALPHAS:
+        voxels = best == np.float32(alpha)
+        if not voxels.any():
+            continue
+        model = Ridge(alpha=alpha, solver="svd").fit(X[~test], Y[~test][:, voxels])
+        coef[:, voxels] = model.coef_.reshape(-1, X.shape[1]).T
+        pred[:, voxels] = model.predict(X[test]).reshape(test.sum(), -1)
+    weights = fit["weights"].values
+    # lag-major: row l * n_features + f is feature f at the l-th lag (as in the design)
+    np.testing.assert_allclose(weights, coef, rtol=1e-3, atol=1e-4 * np.abs(coef).max())
+    feature_major = coef.reshape(len(LAGS), N_FEAT, N_VOX).transpose(1, 0, 2).reshape(coef.shape)
+    assert not np.allclose(weights, feature_major, rtol=1e-3, atol=1e-4 * np.abs(coef).max())
+    # predictions in BOLD units (intercept included), test samples in time order
+    np.testing.assert_allclose(fit["predictions"].values, pred, rtol=0, atol=2e-3)
