@@ -18,8 +18,8 @@ import xarray as xr
 from voxelflow import cli
 from conftest import cli_error, BBB, ROOT, run_cli
 from voxelflow.pipeline.errors import InputError, WorkspaceConflict
-from voxelflow.pipeline.stages.features import (FeatureExtractor, list_layers, load_backbone,
-                               run_features_stage)
+from voxelflow.pipeline.models import FeatureExtractor, list_layers, load_backbone
+from voxelflow.pipeline.stages.features import run_features_stage
 from voxelflow.pipeline.stages.frames import run_frames_stage
 from voxelflow.stores import Workspace
 

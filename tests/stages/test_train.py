@@ -27,10 +27,11 @@ import torch
 import torchvision
 import xarray as xr
 
-import voxelflow.pipeline.models.autoencoder as ae
+import voxelflow.pipeline.stages.train as ae
 from conftest import cli_error, ROOT, run_cli
-from voxelflow.pipeline.models.autoencoder import (ShuffleStream, _read_frames, make_pieces, preview_path,
-                                  train_autoencoder, training_ranges)
+from voxelflow.pipeline.stages.train import (ShuffleStream, make_pieces, preview_path,
+                                             train_autoencoder, training_ranges)
+from voxelflow.pipeline.stages.train import read_training_frames as _read_frames
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.stages.features import run_features_stage
 from voxelflow.pipeline.stages.frames import run_frames_stage
