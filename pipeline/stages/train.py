@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torchvision
+from tqdm.auto import tqdm
 
 from voxelflow.pipeline.errors import InputError, WorkspaceConflict
 from voxelflow.pipeline.execution.blocks import prefetch
@@ -152,8 +153,6 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
         t0 = time.perf_counter()
         _save_atomic(_checkpoint(plan, state, step, complete, request), out)
         state.saves.append(time.perf_counter() - t0)
-
-    from tqdm.auto import tqdm
 
     todo = plan.total_steps - state.start_step
     bar = tqdm(total=plan.total_steps * plan.batch_size,
