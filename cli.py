@@ -106,8 +106,8 @@ def add_features(sub: argparse._SubParsersAction) -> None:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from voxelflow.pipeline.errors import InputError
-    from voxelflow.pipeline.stages.features import (available_models, default_layer, list_layers,
-                                   run_features_stage)
+    from voxelflow.pipeline.models.registry import available_models, default_layer, list_layers
+    from voxelflow.pipeline.stages.features import run_features_stage
 
     if args.list_models:
         print("\n".join(available_models()))
@@ -137,7 +137,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------ train-autoencoder
 def add_train_autoencoder(sub: argparse._SubParsersAction) -> None:
-    # Defaults are voxelflow.pipeline.models.autoencoder's DEFAULT_* (written out: no torch import here).
+    # Defaults are voxelflow.pipeline.stages.train's DEFAULT_* (written out: no torch import here).
     p = sub.add_parser(
         "train-autoencoder",
         help="train the ResNet-50 autoencoder on the training frames of /frames/NAME",
@@ -183,7 +183,7 @@ def add_train_autoencoder(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_autoencoder(args: argparse.Namespace) -> int:
-    from voxelflow.pipeline.models.autoencoder import train_autoencoder
+    from voxelflow.pipeline.stages.train import train_autoencoder
 
     runs = None
     if args.train_runs:

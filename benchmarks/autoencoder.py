@@ -76,7 +76,8 @@ def bare_fps(frames, batch: int, steps: int, with_step: bool) -> float:
     import torch
     import torch.nn.functional as F
 
-    from voxelflow.pipeline.models.autoencoder import make_adamw, build_autoencoder
+    from voxelflow.pipeline.models import build_autoencoder
+    from voxelflow.pipeline.stages.train import make_adamw
 
     torch.manual_seed(0)
     model, backbone = build_autoencoder("random:0")
@@ -100,7 +101,7 @@ def bare_fps(frames, batch: int, steps: int, with_step: bool) -> float:
 
 def pipeline_run(store: Path, name: str, out: Path, batch: int, steps: int,
                  buffer: int, checkpoint_every: int = 100) -> dict:
-    from voxelflow.pipeline.models.autoencoder import train_autoencoder
+    from voxelflow.pipeline.stages.train import train_autoencoder
     from voxelflow.stores import Workspace
 
     return train_autoencoder(
@@ -114,8 +115,8 @@ def rss_child(store: str, name: str, out: str, batch: int, steps: int, buffer: i
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 
-    import voxelflow.pipeline.models.autoencoder  # noqa: F401
     import voxelflow.pipeline.stages.features  # noqa: F401
+    import voxelflow.pipeline.stages.train  # noqa: F401
 
     def status(key: str) -> float:
         for line in Path("/proc/self/status").read_text().splitlines():

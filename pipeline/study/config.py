@@ -44,7 +44,7 @@ class ModelSpec:
         return self.model == "autoencoder"
 
     def train_options(self) -> dict:
-        """Keyword arguments of :func:`voxelflow.pipeline.models.autoencoder.train_autoencoder`."""
+        """Keyword arguments of :func:`voxelflow.pipeline.stages.train.train_autoencoder`."""
         opts = {"weights": self.weights, "freeze_encoder": self.freeze_encoder}
         for key, name in (("epochs", "epochs"), ("steps", "train_steps"),
                           ("batch_size", "train_batch_size"), ("lr", "lr")):
@@ -201,7 +201,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not isinstance(models_raw, list) or not models_raw:
         raise InputError(f"{path}:1: [[models]]: give at least one [[models]] table")
     models = [ModelSpec(**check.table(m, "models", i)) for i, m in enumerate(models_raw)]
-    from voxelflow.pipeline.stages.features import check_model
+    from voxelflow.pipeline.models.registry import check_model
 
     for i, spec in enumerate(models):
         try:

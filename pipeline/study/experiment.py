@@ -175,7 +175,7 @@ def _train_stage(exp: Experiment, ws: Workspace, spec, frames_req: dict, bold_re
                  progress: bool) -> PlannedStage:
     """The autoencoder's training on the frames no test sample uses
     (:func:`training_split`); writes ``spec.checkpoint``."""
-    from voxelflow.pipeline.models.autoencoder import train_autoencoder
+    from voxelflow.pipeline.stages.train import train_autoencoder
 
     options = spec.train_options()
     request = {"frames": frames_req, "bold": bold_req, "lag_sets": exp.lag_sets,

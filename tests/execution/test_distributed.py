@@ -21,7 +21,8 @@ import zarr
 
 from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.pipeline.study.demo import run_demo
-from voxelflow.pipeline.stages.features import run_features_stage, worker_extractor
+from voxelflow.pipeline.models.extractor import worker_extractor
+from voxelflow.pipeline.stages.features import run_features_stage
 from voxelflow.pipeline.stages.frames import run_frames_stage
 from voxelflow.pipeline.synthetic.movies import write_scene_movie
 from voxelflow.stores import Workspace
