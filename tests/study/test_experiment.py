@@ -19,7 +19,8 @@ from conftest import ROOT, run_cli
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.demo import PLANTED_LAGS, PLANTED_MODEL, run_demo
 from voxelflow.pipeline.errors import InputError
-from voxelflow.pipeline.study.experiment import build_plan, run_experiment
+from voxelflow.pipeline.study.plan import build_plan
+from voxelflow.pipeline.study.run import run_experiment
 from voxelflow.pipeline.study.report import ranking
 
 SMALL = dict(seconds=100.0, fps=2.0, n_voxels=400, progress=False)
