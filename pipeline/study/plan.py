@@ -10,7 +10,10 @@ The plan lists every stage with its store group and an action:
 A stage's *request* is what the experiment asks of it (files with their size and
 modification time, stage options, and its upstream stages' requests); it is kept in
 the group's attrs (``voxelflow_request``), so a second run of the same file computes
-nothing, and a changed upstream stage reruns everything that depends on it.
+nothing, and a changed upstream stage reruns everything that depends on it.  A stage
+that has started but not finished has no such attr yet: its request waits in the
+workspace root's ``voxelflow_started`` (``{group: request}``), so a run killed mid-stage
+resumes that stage next time instead of redoing it.
 :mod:`voxelflow.pipeline.study.run` carries the plan out.
 """
 
@@ -22,10 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import zarr
+
 from voxelflow.pipeline.study.config import Experiment, ModelSpec
 from voxelflow.stores.workspace import Workspace
 
 REQUEST_ATTR = "voxelflow_request"
+STARTED_ATTR = "voxelflow_started"  # workspace root: {group: request} of unfinished stages
 
 
 @dataclass
@@ -68,9 +74,10 @@ def decide_actions(ws: Workspace, stages: list[PlannedStage]) -> list[PlannedSta
     """Set each stage's action from the store; a stage whose upstream group reruns
     reruns too (stages are in dependency order)."""
     rerun_groups: set[str] = set()
+    started = started_requests(ws)
     for stage in stages:
-        _decide(ws, stage)
-        if stage.action == "skip" and any(g in rerun_groups for g in stage.upstream):
+        _decide(ws, stage, started.get(stage.group))
+        if stage.action in ("skip", "resume") and any(g in rerun_groups for g in stage.upstream):
             stage.action, stage.note = "rerun", "an upstream stage reruns"
         if stage.action in ("rerun", "run"):
             rerun_groups.add(stage.group)
@@ -225,12 +232,36 @@ def _checkpoint_state(path: Path) -> tuple[str | None, str | None]:
     return ("complete" if ckpt.get("complete") else "writing"), ckpt.get("request")
 
 
-def _decide(ws: Workspace, stage: PlannedStage) -> PlannedStage:
+def started_requests(ws: Workspace) -> dict[str, str]:
+    """``{group: request}`` of the stages a run started and has not finished."""
+    if not (ws.path / "zarr.json").is_file():
+        return {}
+    root = zarr.open_group(ws.path, mode="r", use_consolidated=False)
+    return dict(root.attrs.get(STARTED_ATTR, {}))
+
+
+def note_started(ws: Workspace, group: str, request: str | None) -> None:
+    """Record (``request``) or forget (``None``) the request of a started stage."""
+    root = zarr.open_group(ws.path, mode="a", zarr_format=3, use_consolidated=False)
+    started = dict(root.attrs.get(STARTED_ATTR, {}))
+    if request is None:
+        started.pop(group, None)
+    else:
+        started[group] = request
+    attrs = dict(root.attrs)
+    attrs.pop(STARTED_ATTR, None)
+    root.attrs.put({**attrs, STARTED_ATTR: started} if started else attrs)
+
+
+def _decide(ws: Workspace, stage: PlannedStage, started: str | None = None) -> PlannedStage:
+    """The stage's action from its state and the request it was made (or started) with."""
     if stage.writes_file:
         state, stored = _checkpoint_state(Path(stage.group))
     else:
         state = ws.state(stage.group)
         stored = ws.attrs(stage.group).get(REQUEST_ATTR)
+        if state != "complete" and started is not None:
+            stored = started  # interrupted: the request it was started with
     if state is None:
         stage.action = "run"
     elif stored == stage.fingerprint:

@@ -15,7 +15,7 @@ import numpy as np
 
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.study.config import Experiment
-from voxelflow.pipeline.study.plan import REQUEST_ATTR, PlannedStage, build_plan
+from voxelflow.pipeline.study.plan import REQUEST_ATTR, PlannedStage, build_plan, note_started
 from voxelflow.pipeline.study.report import FitResult
 from voxelflow.stores.workspace import Workspace
 
@@ -34,16 +34,20 @@ def run_experiment(exp: Experiment, *, dry_run: bool = False, progress: bool = T
 
 def execute_plan(ws: Workspace, stages: list[PlannedStage],
                  log: Callable[[str], None] = print) -> list[PlannedStage]:
-    """Run every stage that is not ``skip``; record its request; return the stages that ran."""
+    """Run every stage that is not ``skip``; record its request (when it starts, for a
+    resume, and in its group when it is done); return the stages that ran."""
     ran = []
     for stage in stages:
         if stage.action == "skip":
             continue
         log(stage.describe())
         t0 = time.perf_counter()
-        stage.call(stage.action == "rerun")
         if not stage.writes_file:  # a checkpoint keeps its request itself
+            note_started(ws, stage.group, stage.fingerprint)
+        stage.call(stage.action == "rerun")
+        if not stage.writes_file:
             ws.update_attrs(stage.group, {REQUEST_ATTR: stage.fingerprint})
+            note_started(ws, stage.group, None)
             ws.consolidate()
         log(f"        done in {time.perf_counter() - t0:.1f} s")
         ran.append(stage)

@@ -1,20 +1,28 @@
 """``voxelflow run`` on a tiny experiment file (an 80 s movie at 32 px, 46 voxels): the
 fit of ``aggregate = "mean"`` against scikit-learn on a design built with NumPy, the ROI
-table of ``[report] atlas``, and the refusal of a workspace the cluster's workers
-cannot see."""
+table of ``[report] atlas``, resume after a SIGKILL observed mid-stage (every array and
+attribute of the workspace equal to an uninterrupted run), and the refusal of a
+workspace the cluster's workers cannot see."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 from sklearn.linear_model import Ridge
 
-from conftest import cli_error, run_cli
+from conftest import ROOT, cli_error, run_cli
+from voxelflow.pipeline.study.config import load_experiment
+from voxelflow.pipeline.study.plan import build_plan
 from voxelflow.pipeline.synthetic.movies import write_moving_video
 from voxelflow.stores import Workspace
 
@@ -191,6 +199,101 @@ def test_roi_table_means_valid_voxels_of_each_atlas_label(tiny):
     assert seen == {(lags, roi) for lags in ("2", "2,4") for roi in ROI_NAMES}
     # ROI 1: 24 voxels on the grid, one outside the mask, the constant one counted out.
     assert (table[table["roi"] == 1]["n_voxels"] == 22).all()
+
+
+# -------------------------------------------------------- SIGKILL on an observed state
+# The killed run holds still after its first frames block is marked done (a hook in
+# the child process), so the test sees the interrupted state in the store and kills
+# it there, however loaded the machine is.
+HOLD_AFTER_FIRST_BLOCK = """
+import sys, threading
+from voxelflow import cli
+from voxelflow.stores.workspace import StageWriter
+
+mark_done = StageWriter.mark_done
+
+def mark_then_hold(self, run, block):
+    mark_done(self, run, block)
+    if self.group == sys.argv[1]:
+        threading.Event().wait(600)  # until the test kills this process
+
+StageWriter.mark_done = mark_then_hold
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+# Attributes that may differ between two runs of the same request.  None do today
+# (the stores hold no timestamps, host names or store paths); list one here, with
+# the reason, if a stage starts recording such a thing.
+VOLATILE_ATTRS: frozenset[str] = frozenset()
+
+
+def _done_flags(store: Path, node: str) -> np.ndarray:
+    try:
+        return zarr.open_array(store / node / "block_done", mode="r")[...]
+    except (FileNotFoundError, KeyError, ValueError):
+        return np.zeros(0, np.uint8)
+
+
+def _workspace_contents(store: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Every array (path -> values) and every node's attrs (path -> dict, less
+    VOLATILE_ATTRS) of a workspace, walked with zarr."""
+    root = zarr.open_group(store, mode="r", use_consolidated=False)
+    arrays, attrs = {}, {"/": dict(root.attrs)}
+    for name, node in root.members(max_depth=None):
+        attrs[name] = {k: v for k, v in node.attrs.items() if k not in VOLATILE_ATTRS}
+        if isinstance(node, zarr.Array):
+            arrays[name] = np.asarray(node[...])
+    return arrays, attrs
+
+
+def test_sigkill_mid_stage_then_rerun_equals_the_uninterrupted_run(tiny):
+    text = (tiny / "experiment.toml").read_text()
+    text = text.replace('store = "voxelflow.zarr"', 'store = "killed.zarr"')
+    exp_file = tiny / "killed.toml"
+    exp_file.write_text(text.replace('reports = "reports"', 'reports = "killed_reports"'))
+    store, group = tiny / "killed.zarr", "frames/movie"
+    n_blocks = int(np.ceil(80 * FPS / 128))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_BLOCK, group, "run",
+                             str(exp_file), "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = _done_flags(store, f"{group}/run-000")
+            if Workspace(store).state(group) == "writing" and 0 < done.sum() < done.size:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = _done_flags(store, f"{group}/run-000")
+    assert done.size == n_blocks and 0 < done.sum() < n_blocks, done
+    assert Workspace(store).state(group) == "writing"
+    plan = build_plan(load_experiment(exp_file), progress=False)
+    assert [(s.kind, s.action) for s in plan] == [
+        ("frames", "resume"), ("bold", "run"), ("features", "run"), ("fit", "run"),
+        ("fit", "run")]
+
+    res = run_cli("run", str(exp_file), "--no-progress", timeout=600)
+    assert res.returncode == 0, res.stderr
+    arrays, attrs = _workspace_contents(store)
+    ref_arrays, ref_attrs = _workspace_contents(tiny / "voxelflow.zarr")
+    assert sorted(arrays) == sorted(ref_arrays)
+    assert {"frames/movie/run-000/frames", "features/r18/run-000/features",
+            "bold/s/run-000/bold", "fits/tiny/r18/lags-2-4/r_test"} <= set(arrays)
+    for name, ref in ref_arrays.items():
+        got = arrays[name]
+        assert (got.dtype, got.shape) == (ref.dtype, ref.shape), name
+        assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(ref).tobytes(), name
+    assert attrs == ref_attrs
+    table = pd.read_csv(tiny / "killed_reports" / "tiny" / "table.csv")
+    expected = pd.read_csv(tiny / "reports" / "tiny" / "table.csv")
+    pd.testing.assert_frame_equal(table, expected)
 
 
 # ------------------------------------------------- a workspace the workers cannot see
