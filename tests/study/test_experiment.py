@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_error, run_cli
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.demo import PLANTED_LAGS, PLANTED_MODEL, run_demo
 from voxelflow.pipeline.errors import InputError
@@ -108,6 +108,27 @@ def test_report_files_exist_and_images_are_real(demo):
     assert np.isfinite(best.get_fdata()).all() and best.get_fdata().max() > 0.1
 
 
+def test_best_model_map_is_r_test_cv_on_the_bold_grid(demo):
+    """The best model's NIfTI map holds its stored r_test_cv at each voxel's (i, j, k)
+    and 0 elsewhere, on the BOLD grid and affine."""
+    import nibabel as nib
+
+    from voxelflow.stores import Workspace
+
+    work, out = demo
+    model, label = out["report"]["best"]
+    ws = Workspace(work / "voxelflow.zarr")
+    fit = ws.open_node(f"fits/demo/{model}/lags-{label.replace(',', '-')}")
+    img = nib.load(str(out["report"]["files"]["best_map_nifti"]))
+    bold_attrs = ws.attrs("bold/simulated")
+    assert img.shape == tuple(bold_attrs["volume_shape"])
+    np.testing.assert_array_equal(img.affine, np.asarray(bold_attrs["affine"]))
+    expected = np.zeros(img.shape, np.float32)
+    expected[fit["i"].values, fit["j"].values, fit["k"].values] = fit["r_test_cv"].values
+    np.testing.assert_array_equal(np.asarray(img.dataobj, dtype=np.float32), expected)
+    assert np.count_nonzero(expected) == fit.sizes["voxel"]
+
+
 BASE = """
 [experiment]
 name = "x"
@@ -140,7 +161,7 @@ test_samples = 10
     (('model = "resnet50"', 'model = "autoencoder"\ntrain = false'), "models.train"),
     (('model = "resnet50"', 'model = "autoencoder"\ntrain_steps = 0'), "models.train_steps"),
 ])
-def test_bad_experiment_files_name_the_key_and_line(tmp_path, edit, key):
+def test_bad_experiment_files_name_the_key_and_line(tmp_path, capsys, edit, key):
     (tmp_path / "v.mp4").write_bytes(b"x")
     (tmp_path / "b.nii.gz").write_bytes(b"x")
     text = BASE.replace(edit[0], edit[1]).replace("{video}", "v.mp4").replace("{bold}", "b.nii.gz")
@@ -152,8 +173,7 @@ def test_bad_experiment_files_name_the_key_and_line(tmp_path, edit, key):
     assert key in msg and f"{path}:" in msg, msg
     line = int(msg.split(f"{path}:")[1].split(":")[0])
     assert line > 1
-    res = run_cli("run", str(path))
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert cli_error(capsys, "run", str(path)) == f"voxelflow: error: {msg}"  # exit 2, one line
 
 
 AUTOENCODER_MODEL = """
