@@ -241,7 +241,8 @@ def started_requests(ws: Workspace) -> dict[str, str]:
 
 
 def note_started(ws: Workspace, group: str, request: str | None) -> None:
-    """Record (``request``) or forget (``None``) the request of a started stage."""
+    """Record (``request``) or forget (``None``) the request of a started stage, then
+    refresh the consolidated metadata (rewriting the root's attrs drops it)."""
     root = zarr.open_group(ws.path, mode="a", zarr_format=3, use_consolidated=False)
     started = dict(root.attrs.get(STARTED_ATTR, {}))
     if request is None:
@@ -251,6 +252,7 @@ def note_started(ws: Workspace, group: str, request: str | None) -> None:
     attrs = dict(root.attrs)
     attrs.pop(STARTED_ATTR, None)
     root.attrs.put({**attrs, STARTED_ATTR: started} if started else attrs)
+    ws.consolidate()
 
 
 def _decide(ws: Workspace, stage: PlannedStage, started: str | None = None) -> PlannedStage:

@@ -47,8 +47,7 @@ def execute_plan(ws: Workspace, stages: list[PlannedStage],
         stage.call(stage.action == "rerun")
         if not stage.writes_file:
             ws.update_attrs(stage.group, {REQUEST_ATTR: stage.fingerprint})
-            note_started(ws, stage.group, None)
-            ws.consolidate()
+            note_started(ws, stage.group, None)  # and consolidates
         log(f"        done in {time.perf_counter() - t0:.1f} s")
         ran.append(stage)
     return ran

@@ -3,6 +3,8 @@ rerun upstream turning its dependants into reruns (no stage is run here)."""
 
 from __future__ import annotations
 
+import json
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -88,6 +90,8 @@ def test_finished_stages_leave_no_started_request(ws):
     note_started(ws, "features/b", "r2")
     root = zarr.open_group(ws.path, mode="r", use_consolidated=False)
     assert root.attrs[STARTED_ATTR] == {"frames/a": "r1", "features/b": "r2"}
+    # rewriting the root's attrs keeps the consolidated metadata xarray reads first
+    assert "consolidated_metadata" in json.loads((ws.path / "zarr.json").read_text())
     note_started(ws, "frames/a", None)
     note_started(ws, "features/b", None)
     root = zarr.open_group(ws.path, mode="r", use_consolidated=False)
