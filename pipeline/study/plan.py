@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import zarr
-
 from voxelflow.pipeline.study.config import Experiment, ModelSpec
 from voxelflow.stores.workspace import Workspace
 
@@ -234,25 +232,17 @@ def _checkpoint_state(path: Path) -> tuple[str | None, str | None]:
 
 def started_requests(ws: Workspace) -> dict[str, str]:
     """``{group: request}`` of the stages a run started and has not finished."""
-    if not (ws.path / "zarr.json").is_file():
-        return {}
-    root = zarr.open_group(ws.path, mode="r", use_consolidated=False)
-    return dict(root.attrs.get(STARTED_ATTR, {}))
+    return dict(ws.root_attrs().get(STARTED_ATTR, {}))
 
 
 def note_started(ws: Workspace, group: str, request: str | None) -> None:
-    """Record (``request``) or forget (``None``) the request of a started stage, then
-    refresh the consolidated metadata (rewriting the root's attrs drops it)."""
-    root = zarr.open_group(ws.path, mode="a", zarr_format=3, use_consolidated=False)
-    started = dict(root.attrs.get(STARTED_ATTR, {}))
+    """Record (``request``) or forget (``None``) the request of a started stage."""
+    started = started_requests(ws)
     if request is None:
         started.pop(group, None)
     else:
         started[group] = request
-    attrs = dict(root.attrs)
-    attrs.pop(STARTED_ATTR, None)
-    root.attrs.put({**attrs, STARTED_ATTR: started} if started else attrs)
-    ws.consolidate()
+    ws.set_root_attr(STARTED_ATTR, started or None)
 
 
 def _decide(ws: Workspace, stage: PlannedStage, started: str | None = None) -> PlannedStage:
