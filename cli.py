@@ -351,7 +351,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from voxelflow.pipeline.study.config import load_experiment
-    from voxelflow.pipeline.study.experiment import run_experiment
+    from voxelflow.pipeline.study.run import run_experiment
     from voxelflow.pipeline.study.report import ranking, table_markdown
 
     exp = load_experiment(args.experiment)

@@ -455,6 +455,22 @@ class Workspace:
         """Merge ``extra`` into the attrs of an existing stage group (state unchanged)."""
         self._set_state(group, self.state(group), extra)
 
+    def root_attrs(self) -> dict:
+        """The workspace root's attributes (empty when there is no workspace yet)."""
+        if not (self.path / "zarr.json").is_file():
+            return {}
+        return dict(self._root("r").attrs)
+
+    def set_root_attr(self, key: str, value: Any | None) -> None:
+        """Set one attribute of the workspace root (``None``: remove it), then refresh the
+        consolidated metadata, which rewriting the root's attributes drops."""
+        root = self._root("a")
+        attrs = {k: v for k, v in root.attrs.items() if k != key}
+        if value is not None:
+            attrs.update(_normalise({key: value}))
+        root.attrs.put(attrs)
+        self.consolidate()
+
     @contextlib.contextmanager
     def dense_writes(self) -> Iterator[None]:
         """Within this block, chunk writes skip Zarr's "is this chunk all fill value?" test.

@@ -177,6 +177,36 @@ def _type_name(types: Any) -> str:
 def load_experiment(path: str | Path) -> Experiment:
     """Parse and validate an experiment file; raise :class:`InputError` naming key and line."""
     path = Path(path)
+    data, check = _read_toml(path)
+    base = path.parent
+    exp = check.table(data["experiment"], "experiment")
+    stim = check.table(data["stimulus"], "stimulus")
+    bold = check.table(data["bold"], "bold")
+    fit = check.table(data["fit"], "fit")
+    report = check.table(data.get("report", {}), "report")
+    store = base / exp.get("store", "voxelflow.zarr")
+    models = _models(check, data.get("models"), base, exp_name=exp["name"], store=store)
+    videos, runs, mask = _input_files(check, stim, bold, base)
+    fit_options = _fit_options(check, fit)  # checked in this order: the first error is reported
+    resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
+    fps = _fps(check, stim)
+    detrend = check.choice(bold, "bold", "detrend", ("none", "linear"))
+    device = check.choice(exp, "experiment", "device", ("cpu", "cuda"))
+    return Experiment(
+        name=exp["name"], source=path, store=store,
+        reports=(base / exp.get("reports", "reports")), stimulus_name=stim["name"],
+        videos=videos, fps=fps, size=int(stim.get("size", 224)), resize=resize,
+        subject=bold["subject"], bold_runs=runs, mask=mask,
+        tr=float(bold["tr"]) if "tr" in bold else None, zscore=bool(bold.get("zscore", True)),
+        detrend=detrend, models=models, device=device, **fit_options,
+        atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
+        atlas_labels=(check.existing("report", "atlas_labels", base, report["atlas_labels"])
+                      if "atlas_labels" in report else None),
+    )
+
+
+def _read_toml(path: Path) -> tuple[dict, _Checker]:
+    """The parsed file (known sections only, the required ones present) and its checker."""
     if not path.exists():
         raise InputError(f"{path}: no such experiment file")
     text = path.read_text()
@@ -185,21 +215,20 @@ def load_experiment(path: str | Path) -> Experiment:
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: not valid TOML ({exc})") from None
     check = _Checker(path, text)
-    base = path.parent
     for section in data:
         if section not in SCHEMA:
             check.fail(section, None, f"unknown section (known: {', '.join(SCHEMA)})")
     for section in ("experiment", "stimulus", "bold", "fit"):
         if section not in data:
             raise InputError(f"{path}:1: missing section [{section}]")
-    exp = check.table(data["experiment"], "experiment")
-    stim = check.table(data["stimulus"], "stimulus")
-    bold = check.table(data["bold"], "bold")
-    fit = check.table(data["fit"], "fit")
-    report = check.table(data.get("report", {}), "report")
-    models_raw = data.get("models")
+    return data, check
+
+
+def _models(check: _Checker, models_raw: Any, base: Path, *, exp_name: str,
+            store: Path) -> list[ModelSpec]:
+    """The ``[[models]]`` tables: known models, autoencoder keys, unique names."""
     if not isinstance(models_raw, list) or not models_raw:
-        raise InputError(f"{path}:1: [[models]]: give at least one [[models]] table")
+        raise InputError(f"{check.path}:1: [[models]]: give at least one [[models]] table")
     models = [ModelSpec(**check.table(m, "models", i)) for i, m in enumerate(models_raw)]
     from voxelflow.pipeline.models.registry import check_model
 
@@ -208,20 +237,39 @@ def load_experiment(path: str | Path) -> Experiment:
             check_model(spec.model)
         except InputError as exc:
             check.fail("models", "model", str(exc), i)
-        _check_autoencoder_keys(check, spec, models_raw[i], i, base, exp_name=exp["name"],
-                                store=base / exp.get("store", "voxelflow.zarr"))
+        _check_autoencoder_keys(check, spec, models_raw[i], i, base, exp_name=exp_name,
+                                store=store)
     names = [m.name for m in models]
     for i, name in enumerate(names):
         if names.count(name) > 1:
             check.fail("models", "name", f"duplicate model name {name!r}", i)
+    return models
 
-    videos = [check.existing("stimulus", "videos", base, v) for v in _strings(check, "stimulus", "videos", stim["videos"])]
-    runs = [check.existing("bold", "runs", base, v) for v in _strings(check, "bold", "runs", bold["runs"])]
+
+def _input_files(check: _Checker, stim: dict, bold: dict, base: Path
+                 ) -> tuple[list[Path], list[Path], Path | None]:
+    """Videos and BOLD runs (existing, paired by index) and the optional mask."""
+    videos = [check.existing("stimulus", "videos", base, v)
+              for v in _strings(check, "stimulus", "videos", stim["videos"])]
+    runs = [check.existing("bold", "runs", base, v)
+            for v in _strings(check, "bold", "runs", bold["runs"])]
     if len(videos) != len(runs):
         check.fail("bold", "runs", f"{len(runs)} BOLD run(s) but {len(videos)} video(s) in "
                    f"stimulus.videos; runs are paired by index")
     mask = check.existing("bold", "mask", base, bold["mask"]) if "mask" in bold else None
+    return videos, runs, mask
 
+
+def _fps(check: _Checker, stim: dict) -> float:
+    fps = float(stim.get("fps", 20))
+    if fps <= 0:
+        check.fail("stimulus", "fps", f"must be positive, got {fps}")
+    return fps
+
+
+def _fit_options(check: _Checker, fit: dict) -> dict:
+    """``lag_sets``, ``alphas``, ``test_samples``, ``test_runs``, ``cv`` and ``aggregate``
+    of the ``[fit]`` table, checked."""
     lag_sets = []
     for lags in fit["lag_sets"]:
         if not isinstance(lags, list) or not lags or not all(
@@ -243,27 +291,10 @@ def load_experiment(path: str | Path) -> Experiment:
     cv = fit.get("cv", 5)
     if isinstance(cv, str) and cv != "runs" or isinstance(cv, int) and cv < 2:
         check.fail("fit", "cv", f"cv is a number of folds >= 2 or \"runs\", got {cv!r}")
-    aggregate = check.choice(fit, "fit", "aggregate", ("last", "mean"))
-    resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
-    fps = float(stim.get("fps", 20))
-    if fps <= 0:
-        check.fail("stimulus", "fps", f"must be positive, got {fps}")
-    detrend = check.choice(bold, "bold", "detrend", ("none", "linear"))
-    device = check.choice(exp, "experiment", "device", ("cpu", "cuda"))
-    return Experiment(
-        name=exp["name"], source=path, store=(base / exp.get("store", "voxelflow.zarr")),
-        reports=(base / exp.get("reports", "reports")), stimulus_name=stim["name"],
-        videos=videos, fps=fps, size=int(stim.get("size", 224)), resize=resize,
-        subject=bold["subject"], bold_runs=runs, mask=mask,
-        tr=float(bold["tr"]) if "tr" in bold else None, zscore=bool(bold.get("zscore", True)),
-        detrend=detrend, models=models, lag_sets=lag_sets,
-        alphas=[float(a) for a in alphas], test_samples=test_samples,
-        test_runs=[int(r) for r in test_runs] if test_runs is not None else None,
-        cv=cv, aggregate=aggregate, device=device,
-        atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
-        atlas_labels=(check.existing("report", "atlas_labels", base, report["atlas_labels"])
-                      if "atlas_labels" in report else None),
-    )
+    return {"lag_sets": lag_sets, "alphas": [float(a) for a in alphas],
+            "test_samples": test_samples,
+            "test_runs": [int(r) for r in test_runs] if test_runs is not None else None,
+            "cv": cv, "aggregate": check.choice(fit, "fit", "aggregate", ("last", "mean"))}
 
 
 AUTOENCODER_KEYS = ("checkpoint", "train", "epochs", "train_steps", "train_batch_size", "lr",

@@ -106,7 +106,8 @@ def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: flo
              n_voxels: int = 2000, snr: float = 1.0, seed: int = 0, progress: bool = True,
              log=print) -> dict:
     """Generate, simulate, run the experiment; return the experiment result dict."""
-    from voxelflow.pipeline.study.experiment import build_plan, execute_plan, make_report
+    from voxelflow.pipeline.study.plan import build_plan
+    from voxelflow.pipeline.study.run import execute_plan, make_report
     from voxelflow.pipeline.synthetic.movies import write_scene_movie
     from voxelflow.stores.workspace import Workspace
 

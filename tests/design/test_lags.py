@@ -57,12 +57,28 @@ def test_no_sample_mixes_runs_or_precedes_its_run():
 
 
 def test_mean_aggregate_averages_the_tr_window():
-    design = build_design([feature_run(0, 30)], [bold_run(0, 15, 2.0)], [4], tr=2.0,
-                          aggregate="mean")
-    X = design.X.compute()
+    """Random features (on a ramp, the mean of the window's two ends would pass too):
+    each design row is the NumPy mean of the frames shown in [t - L - TR, t - L).  The
+    last feature is the frame time, so its mean is the window's mean time."""
+    rng = np.random.default_rng(3)
+    fps, tr, lags = 20.0, 2.0, [4.0, 5.5]
+    feats = feature_run(0, 30, fps)
+    frame_times = feats["time"].values
+    data = np.column_stack([rng.normal(size=(frame_times.size, 4)), frame_times])
+    data = data.astype(np.float32)
+    feats = feats.drop_vars("features").assign(features=(("time", "feature"), data))
+    design = build_design([feats], [bold_run(0, 15, tr)], lags, tr=tr, aggregate="mean")
+    X = design.X.compute().reshape(design.n_samples, len(lags), 5)
+    # kept: every window starts at or after 0 s (t >= 5.5 + 2)
+    np.testing.assert_array_equal(design.time, np.arange(8, 30, 2.0))
     for row, t in enumerate(design.time):
-        window = np.arange(int(round((t - 6) * 20)), int(round((t - 4) * 20))) / 20
-        assert abs(X[row, 1] - window.mean()) < 1e-4
+        for i, lag in enumerate(lags):
+            window = (frame_times >= t - lag - tr) & (frame_times < t - lag)
+            assert window.sum() == tr * fps
+            np.testing.assert_allclose(X[row, i], data[window].astype(np.float64).mean(0),
+                                       rtol=0, atol=1e-5)
+            ramp = np.arange(int(round((t - lag - tr) * fps)), int(round((t - lag) * fps))) / fps
+            assert abs(X[row, i, -1] - ramp.mean()) < 1e-4
 
 
 def test_mismatched_runs_are_refused():

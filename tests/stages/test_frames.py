@@ -63,8 +63,9 @@ def test_every_sample_is_the_frame_shown_at_its_time(tmp_path, index_videos, fps
         assert (ds["run"].values == run).all()
         frames = ds["frames"].values
         assert frames.shape == (n, 64, 64, 3) and frames.dtype == np.uint8
-        got = [read_index(f) for f in frames]
-        want = [expected_index(pts_s, t) for t in times]
+        got = {k: read_index(f) for k, f in enumerate(frames)}
+        want = {k: expected_index(pts_s, t) for k, t in enumerate(times)}
+        assert got.keys() == want.keys() == set(range(n)), path.name
         assert got == want, f"{path.name} at fps {fps}"
 
 
@@ -85,6 +86,7 @@ def test_real_clip_gives_600_frames_at_20fps(tmp_path, bbb_clip):
                 if jj == j:
                     got[k] = frame.reformat(width=224, height=224, format="rgb24",
                                             interpolation="AREA").to_ndarray()
+    assert got.keys() == wanted.keys(), "the decode must reach every wanted source frame"
     for k, ref in got.items():
         np.testing.assert_array_equal(ds["frames"].values[k], ref)
 

@@ -1,12 +1,8 @@
-"""Experiment runner, report and demo: planted answer, no recomputation, resume after
-SIGKILL, report values against the stored arrays, bad experiment files."""
+"""Experiment runner, report and demo: planted answer, no recomputation, report values
+against the stored arrays, bad experiment files (resume after SIGKILL: test_run.py)."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,11 +11,12 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_error, run_cli
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.demo import PLANTED_LAGS, PLANTED_MODEL, run_demo
 from voxelflow.pipeline.errors import InputError
-from voxelflow.pipeline.study.experiment import build_plan, run_experiment
+from voxelflow.pipeline.study.plan import build_plan
+from voxelflow.pipeline.study.run import run_experiment
 from voxelflow.pipeline.study.report import ranking
 
 SMALL = dict(seconds=100.0, fps=2.0, n_voxels=400, progress=False)
@@ -111,32 +108,25 @@ def test_report_files_exist_and_images_are_real(demo):
     assert np.isfinite(best.get_fdata()).all() and best.get_fdata().max() > 0.1
 
 
-def test_sigkill_mid_run_then_rerun_gives_the_same_table(demo, tmp_path):
-    work, first = demo
-    # Same inputs, new store: copy the experiment file next to the inputs.
-    text = (work / "experiment.toml").read_text().replace('store = "voxelflow.zarr"',
-                                                         'store = "killed.zarr"')
-    text = text.replace('reports = "reports"', 'reports = "killed_reports"')
-    exp_file = work / "killed.toml"
-    exp_file.write_text(text)
-    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", "run", str(exp_file), "--no-progress"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    marker = work / "killed.zarr" / "features"
-    deadline = time.time() + 300
-    while time.time() < deadline and not marker.exists():
-        time.sleep(0.02)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run must be killed mid-way"
-    plan = build_plan(load_experiment(exp_file), progress=False)
-    assert any(s.action != "skip" for s in plan)
-    res = run_cli("run", str(exp_file), "--no-progress", timeout=600)
-    assert res.returncode == 0, res.stderr
-    table = pd.read_csv(work / "killed_reports" / "demo" / "table.csv")
-    expected = first["report"]["table"]
-    np.testing.assert_allclose(table.select_dtypes("number").values,
-                               expected.select_dtypes("number").values, atol=1e-6)
+def test_best_model_map_is_r_test_cv_on_the_bold_grid(demo):
+    """The best model's NIfTI map holds its stored r_test_cv at each voxel's (i, j, k)
+    and 0 elsewhere, on the BOLD grid and affine."""
+    import nibabel as nib
+
+    from voxelflow.stores import Workspace
+
+    work, out = demo
+    model, label = out["report"]["best"]
+    ws = Workspace(work / "voxelflow.zarr")
+    fit = ws.open_node(f"fits/demo/{model}/lags-{label.replace(',', '-')}")
+    img = nib.load(str(out["report"]["files"]["best_map_nifti"]))
+    bold_attrs = ws.attrs("bold/simulated")
+    assert img.shape == tuple(bold_attrs["volume_shape"])
+    np.testing.assert_array_equal(img.affine, np.asarray(bold_attrs["affine"]))
+    expected = np.zeros(img.shape, np.float32)
+    expected[fit["i"].values, fit["j"].values, fit["k"].values] = fit["r_test_cv"].values
+    np.testing.assert_array_equal(np.asarray(img.dataobj, dtype=np.float32), expected)
+    assert np.count_nonzero(expected) == fit.sizes["voxel"]
 
 
 BASE = """
@@ -171,7 +161,7 @@ test_samples = 10
     (('model = "resnet50"', 'model = "autoencoder"\ntrain = false'), "models.train"),
     (('model = "resnet50"', 'model = "autoencoder"\ntrain_steps = 0'), "models.train_steps"),
 ])
-def test_bad_experiment_files_name_the_key_and_line(tmp_path, edit, key):
+def test_bad_experiment_files_name_the_key_and_line(tmp_path, capsys, edit, key):
     (tmp_path / "v.mp4").write_bytes(b"x")
     (tmp_path / "b.nii.gz").write_bytes(b"x")
     text = BASE.replace(edit[0], edit[1]).replace("{video}", "v.mp4").replace("{bold}", "b.nii.gz")
@@ -183,8 +173,7 @@ def test_bad_experiment_files_name_the_key_and_line(tmp_path, edit, key):
     assert key in msg and f"{path}:" in msg, msg
     line = int(msg.split(f"{path}:")[1].split(":")[0])
     assert line > 1
-    res = run_cli("run", str(path))
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert cli_error(capsys, "run", str(path)) == f"voxelflow: error: {msg}"  # exit 2, one line
 
 
 AUTOENCODER_MODEL = """

@@ -1,0 +1,269 @@
+"""One experiment file -> the stages to run, each with what to do about it (nothing runs).
+
+The plan lists every stage with its store group and an action:
+
+- ``skip``: the group is complete and was made from the same request;
+- ``run``: the group does not exist yet;
+- ``resume``: the group was interrupted (same request): finish the missing blocks;
+- ``rerun``: the request changed (file, fps, model, lags, ...): replace the group.
+
+A stage's *request* is what the experiment asks of it (files with their size and
+modification time, stage options, and its upstream stages' requests); it is kept in
+the group's attrs (``voxelflow_request``), so a second run of the same file computes
+nothing, and a changed upstream stage reruns everything that depends on it.  A stage
+that has started but not finished has no such attr yet: its request waits in the
+workspace root's ``voxelflow_started`` (``{group: request}``), so a run killed mid-stage
+resumes that stage next time instead of redoing it.
+:mod:`voxelflow.pipeline.study.run` carries the plan out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from voxelflow.pipeline.study.config import Experiment, ModelSpec
+from voxelflow.stores.workspace import Workspace
+
+REQUEST_ATTR = "voxelflow_request"
+STARTED_ATTR = "voxelflow_started"  # workspace root: {group: request} of unfinished stages
+
+
+@dataclass
+class PlannedStage:
+    kind: str            # frames | bold | train | features | fit
+    group: str           # store group it writes (train: the checkpoint file)
+    request: dict        # what the experiment asks of it
+    action: str = "run"  # skip | run | resume | rerun
+    note: str = ""
+    call: Callable[[bool], Any] | None = field(default=None, repr=False)
+    upstream: list[str] = field(default_factory=list)  # groups/files it reads
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.request, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def writes_file(self) -> bool:
+        return self.kind == "train"
+
+    def describe(self) -> str:
+        target = self.group if self.writes_file else f"/{self.group}"
+        text = f"{self.action:>6}  {self.kind:<8} {target}"
+        return text + (f"  ({self.note})" if self.note else "")
+
+
+def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool = True
+               ) -> list[PlannedStage]:
+    """Every stage of the experiment in order, each with its action (nothing is run)."""
+    ws = ws or Workspace(exp.store)
+    frames = _frames_stage(exp, ws, progress)
+    bold = _bold_stage(exp, ws, progress)
+    stages = [frames, bold]
+    for spec in exp.models:
+        stages += _model_stages(exp, ws, spec, frames, bold, progress)
+    return decide_actions(ws, stages)
+
+
+def decide_actions(ws: Workspace, stages: list[PlannedStage]) -> list[PlannedStage]:
+    """Set each stage's action from the store; a stage whose upstream group reruns
+    reruns too (stages are in dependency order)."""
+    rerun_groups: set[str] = set()
+    started = started_requests(ws)
+    for stage in stages:
+        _decide(ws, stage, started.get(stage.group))
+        if stage.action in ("skip", "resume") and any(g in rerun_groups for g in stage.upstream):
+            stage.action, stage.note = "rerun", "an upstream stage reruns"
+        if stage.action in ("rerun", "run"):
+            rerun_groups.add(stage.group)
+    return stages
+
+
+# ----------------------------------------------------------------- one stage each
+def _frames_stage(exp: Experiment, ws: Workspace, progress: bool) -> PlannedStage:
+    from voxelflow.pipeline.stages.frames import run_frames_stage
+
+    request = {"videos": [_file_id(v) for v in exp.videos], "fps": exp.fps,
+               "size": exp.size, "resize": exp.resize}
+    stage = PlannedStage("frames", f"frames/{exp.stimulus_name}", request)
+    stage.call = lambda overwrite: run_frames_stage(
+        ws, exp.videos, exp.stimulus_name, fps=exp.fps, size=exp.size, resize=exp.resize,
+        overwrite=overwrite, progress=progress)
+    return stage
+
+
+def _bold_stage(exp: Experiment, ws: Workspace, progress: bool) -> PlannedStage:
+    from voxelflow.pipeline.stages.bold import run_bold_stage
+
+    request = {"runs": [_file_id(p) for p in exp.bold_runs],
+               "mask": _file_id(exp.mask) if exp.mask else None, "tr": exp.tr,
+               "zscore": exp.zscore, "detrend": exp.detrend}
+    stage = PlannedStage("bold", f"bold/{exp.subject}", request)
+    stage.call = lambda overwrite: run_bold_stage(
+        ws, exp.bold_runs, exp.subject, mask=exp.mask, tr=exp.tr, zscore=exp.zscore,
+        detrend=exp.detrend, overwrite=overwrite, progress=progress)
+    return stage
+
+
+def _model_stages(exp: Experiment, ws: Workspace, spec: ModelSpec, frames: PlannedStage,
+                  bold: PlannedStage, progress: bool) -> list[PlannedStage]:
+    """One feature space: [train (autoencoder)], features, then a fit per lag set."""
+    stages: list[PlannedStage] = []
+    weights, upstream, train_request = spec.weights, [frames.group], None
+    if spec.is_autoencoder:
+        weights = str(spec.checkpoint)
+        if spec.train:
+            train = _train_stage(exp, ws, spec, frames.request, bold.request, progress)
+            stages.append(train)
+            train_request = train.request
+            upstream.append(train.group)
+        else:
+            train_request = _file_id(spec.checkpoint)
+    feat = _features_stage(exp, ws, spec, weights, frames.request, train_request, upstream,
+                           progress)
+    stages.append(feat)
+    stages += [_fit_stage(exp, ws, spec, lags, feat, bold, progress) for lags in exp.lag_sets]
+    return stages
+
+
+def _features_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, weights: str,
+                    frames_request: dict, train_request: dict | None, upstream: list[str],
+                    progress: bool) -> PlannedStage:
+    from voxelflow.pipeline.stages.features import run_features_stage
+
+    request = {"frames": frames_request, "model": spec.model, "layer": spec.layer,
+               "weights": weights, "pool": spec.pool, "device": exp.device,
+               "trained": train_request}
+    stage = PlannedStage("features", f"features/{spec.name}", request, upstream=upstream)
+    stage.call = lambda overwrite: run_features_stage(
+        ws, exp.stimulus_name, spec.model, layers=[spec.layer] if spec.layer else None,
+        weights=weights, device=exp.device, batch_size=spec.batch_size,
+        name=spec.name, pool=spec.pool, overwrite=overwrite, progress=progress)
+    return stage
+
+
+def _fit_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, lags: list[float],
+               feat: PlannedStage, bold: PlannedStage, progress: bool) -> PlannedStage:
+    from voxelflow.pipeline.stages.fit import fit_group, run_fit_stage
+
+    request = {"features": feat.request, "bold": bold.request, "lags": lags,
+               "alphas": exp.alphas, "test_samples": exp.test_samples,
+               "test_runs": exp.test_runs, "cv": exp.cv, "aggregate": exp.aggregate}
+    name = f"{exp.name}/{spec.name}"
+    stage = PlannedStage("fit", fit_group(name, lags), request,
+                         upstream=[feat.group, bold.group])
+    stage.call = lambda overwrite: run_fit_stage(
+        ws, spec.name, exp.subject, lags, exp.alphas, test_samples=exp.test_samples,
+        test_runs=exp.test_runs, cv=exp.cv, aggregate=exp.aggregate,
+        device=exp.device, name=name, overwrite=overwrite, progress=progress)
+    return stage
+
+
+def _train_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, frames_request: dict,
+                 bold_request: dict, progress: bool) -> PlannedStage:
+    """The autoencoder's training on the frames no test sample uses
+    (:func:`training_split`); writes ``spec.checkpoint``."""
+    from voxelflow.pipeline.stages.train import train_autoencoder
+
+    options = spec.train_options()
+    request = {"frames": frames_request, "bold": bold_request, "lag_sets": exp.lag_sets,
+               "test_samples": exp.test_samples, "test_runs": exp.test_runs,
+               "aggregate": exp.aggregate, "options": options, "device": exp.device}
+    stage = PlannedStage("train", str(spec.checkpoint), request,
+                         upstream=[f"frames/{exp.stimulus_name}", f"bold/{exp.subject}"])
+
+    def call(overwrite: bool):
+        spec.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        return train_autoencoder(ws, exp.stimulus_name, spec.checkpoint,
+                                 **training_split(exp, ws), **options, device=exp.device,
+                                 overwrite=overwrite, progress=progress,
+                                 request=stage.fingerprint)
+
+    stage.call = call
+    return stage
+
+
+def training_split(exp: Experiment, ws: Workspace) -> dict:
+    """``{"train_until": s}`` or ``{"train_runs": [...]}``: the stimulus frames before the
+    earliest frame any test sample of any lag set uses (runs played in order), read
+    from the stored frames and BOLD time coordinates."""
+    from voxelflow.pipeline.design.lags import first_test_frame
+
+    frames = ws.open_runs(f"frames/{exp.stimulus_name}")
+    if exp.test_runs is not None:
+        return {"train_runs": [r for r in range(len(frames)) if r not in exp.test_runs]}
+    bold_group = f"bold/{exp.subject}"
+    tr = float(ws.attrs(bold_group)["tr"])
+    frame_times = [ds["time"].values for ds in frames]
+    run, index = first_test_frame(frame_times,
+                                  [ds["time"].values for ds in ws.open_runs(bold_group)],
+                                  exp.lag_sets, tr, aggregate=exp.aggregate,
+                                  test_samples=exp.test_samples)
+    offset = sum(t.size for t in frame_times[:run]) / exp.fps
+    return {"train_until": offset + index / exp.fps}
+
+
+# ------------------------------------------------------------- what the store holds
+def _file_id(path: Path) -> dict:
+    """Identity of an input file: resolved path, size and modification time."""
+    if not path.exists():
+        return {"file": str(path.resolve()), "missing": True}
+    st = path.stat()
+    return {"file": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _checkpoint_state(path: Path) -> tuple[str | None, str | None]:
+    """(state, stored request) of an autoencoder checkpoint file, like a group's."""
+    if not path.is_file():
+        return None, None
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - damaged or foreign file: replace it
+        return "writing", None
+    if not isinstance(ckpt, dict):
+        return "writing", None
+    return ("complete" if ckpt.get("complete") else "writing"), ckpt.get("request")
+
+
+def started_requests(ws: Workspace) -> dict[str, str]:
+    """``{group: request}`` of the stages a run started and has not finished."""
+    return dict(ws.root_attrs().get(STARTED_ATTR, {}))
+
+
+def note_started(ws: Workspace, group: str, request: str | None) -> None:
+    """Record (``request``) or forget (``None``) the request of a started stage."""
+    started = started_requests(ws)
+    if request is None:
+        started.pop(group, None)
+    else:
+        started[group] = request
+    ws.set_root_attr(STARTED_ATTR, started or None)
+
+
+def _decide(ws: Workspace, stage: PlannedStage, started: str | None = None) -> PlannedStage:
+    """The stage's action from its state and the request it was made (or started) with."""
+    if stage.writes_file:
+        state, stored = _checkpoint_state(Path(stage.group))
+    else:
+        state = ws.state(stage.group)
+        stored = ws.attrs(stage.group).get(REQUEST_ATTR)
+        if state != "complete" and started is not None:
+            stored = started  # interrupted: the request it was started with
+    if state is None:
+        stage.action = "run"
+    elif stored == stage.fingerprint:
+        stage.action = "skip" if state == "complete" else "resume"
+        if state != "complete":
+            stage.note = "interrupted earlier; finishing the missing blocks"
+    elif state == "complete" and stored is None:
+        stage.action = "rerun"
+        stage.note = "group made outside this experiment; replacing it"
+    else:
+        stage.action = "rerun"
+        stage.note = "parameters or inputs changed since it was made"
+    return stage
