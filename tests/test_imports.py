@@ -110,3 +110,16 @@ def test_models_import_neither_stages_nor_stores():
         bad = sorted(m for m in reachable(graph, module)
                      if m.startswith(("voxelflow.pipeline.stages", "voxelflow.stores")))
         assert not bad, f"{module} imports {bad}"
+
+
+def test_public_api_names_resolve():
+    """Every name the package and its subpackages list in ``__all__`` exists."""
+    import importlib
+
+    for package in ("voxelflow", "voxelflow.stores", "voxelflow.pipeline.stages",
+                    "voxelflow.pipeline.models", "voxelflow.pipeline.ridge",
+                    "voxelflow.pipeline.design", "voxelflow.pipeline.study",
+                    "voxelflow.pipeline.synthetic", "voxelflow.pipeline.execution"):
+        module = importlib.import_module(package)
+        missing = [n for n in module.__all__ if not hasattr(module, n)]
+        assert not missing, f"{package}: {missing}"

@@ -1,0 +1,45 @@
+"""The stages: each reads workspace groups (or input files) and writes one group.
+
+- :mod:`~voxelflow.pipeline.stages.frames`: video files -> ``/frames/NAME``;
+- :mod:`~voxelflow.pipeline.stages.features`: frames -> ``/features/NAME`` (any model
+  of :mod:`voxelflow.pipeline.models`);
+- :mod:`~voxelflow.pipeline.stages.train`: trains the ResNet-50 autoencoder on the
+  training frames (a checkpoint file);
+- :mod:`~voxelflow.pipeline.stages.bold`: NIfTI runs -> ``/bold/SUBJECT`` (reading in
+  :mod:`~voxelflow.pipeline.stages.nifti`, the per-block passes in ``_bold_passes``);
+- :mod:`~voxelflow.pipeline.stages.fit`: features + BOLD -> ``/fits/NAME/lags-...``;
+- :mod:`~voxelflow.pipeline.stages.export`: any per-voxel result -> NIfTI.
+
+Each stage describes its per-block work once (a work object with ``compute`` and
+``write``) and runs it with :func:`voxelflow.pipeline.execution.run_blocks`.  The names
+below load their module on first use (torch is imported only by the stages that need
+it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "run_frames_stage": "frames", "probe_video": "frames", "frames_group": "frames",
+    "run_features_stage": "features", "features_group": "features",
+    "train_autoencoder": "train",
+    "run_bold_stage": "bold", "bold_group": "bold", "probe_run": "nifti",
+    "run_fit_stage": "fit", "fit_group": "fit", "summarize_fit": "fit",
+    "export_variable": "export", "describe_export": "export",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
