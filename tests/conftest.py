@@ -15,6 +15,28 @@ BBB = SHARED_DATA / "big_buck_bunny_0_30.webm"
 HAXBY = SHARED_DATA / "haxby2001_sub001"
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def thread_environment_restored():
+    """Undo what a test module leaves in the thread variables of ``os.environ``.
+
+    distributed's Nanny sets ``OMP_NUM_THREADS=1`` (its ``pre-spawn-environ``) in the
+    *parent* process when it starts a worker, and never restores it; every CLI
+    subprocess a later module starts would then run torch on 1 thread while the
+    in-process reference runs on the default, and bitwise comparisons between them
+    would depend on test order.
+    """
+    before = {k: os.environ.get(k) for k in THREAD_VARS}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture
 def bbb_clip() -> Path:
     if not BBB.exists():
