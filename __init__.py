@@ -18,8 +18,7 @@ and ``cli.py`` is :mod:`voxelflow.cli` (the ``voxelflow`` command).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from voxelflow.pipeline.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -40,13 +39,4 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -33,11 +33,9 @@ This module does storage only; it never computes on the data.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shutil
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -48,10 +46,10 @@ import zarr
 
 from voxelflow.pipeline.errors import InputError, WorkspaceConflict
 from voxelflow.stores.scratch import SCRATCH_DIR, TransposeScratch
+from voxelflow.stores.stage import DONE_VAR, RunTemplate, StageWriter
 
 DEFAULT_STORE = "voxelflow.zarr"
 STATE_ATTR = "voxelflow"
-DONE_VAR = "block_done"
 RUN_PREFIX = "run-"
 FORMAT_VERSION = 1
 
@@ -89,125 +87,6 @@ def describe_param_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str
                 b = b[:57] + "..."
             parts.append(f"{key}: {a} -> {b}")
     return "; ".join(parts)
-
-
-@dataclass
-class RunTemplate:
-    """The arrays of one run before any data is written.
-
-    ``dataset`` holds the coordinates as NumPy arrays (written at once) and each data
-    variable as a lazy placeholder (``dask.array.empty`` is fine: never computed).
-    ``encoding`` gives per-variable ``{"chunks": ..., "shards": ...}``.  Blocks run
-    along ``block_dim`` in steps of ``block_size`` samples; ``block_size`` must be a
-    whole number of shards of every variable that has ``block_dim``.
-    """
-
-    dataset: xr.Dataset
-    encoding: dict[str, dict]
-    block_dim: str
-    block_size: int
-
-    @property
-    def length(self) -> int:
-        return int(self.dataset.sizes[self.block_dim])
-
-    @property
-    def n_blocks(self) -> int:
-        return max(1, -(-self.length // self.block_size))
-
-    def block_slice(self, block: int) -> slice:
-        start = block * self.block_size
-        return slice(start, min(start + self.block_size, self.length))
-
-    def check_alignment(self) -> None:
-        """Raise if a block would not cover whole shards (a misaligned write is a bug)."""
-        for name, var in self.dataset.data_vars.items():
-            if self.block_dim not in var.dims:
-                continue
-            enc = self.encoding.get(name, {})
-            unit = enc.get("shards") or enc.get("chunks")
-            if unit is None:
-                continue
-            axis = var.dims.index(self.block_dim)
-            if self.block_size % unit[axis]:
-                raise AssertionError(
-                    f"block of {self.block_size} along {self.block_dim} is not a whole "
-                    f"number of shards ({unit[axis]}) of {name}"
-                )
-
-
-@dataclass
-class StageWriter:
-    """Writes one stage group block by block; obtained from :meth:`Workspace.start_stage`."""
-
-    workspace: "Workspace"
-    group: str
-    templates: list[RunTemplate]
-    _done: list[np.ndarray] = field(default_factory=list)
-    per_run: bool = True
-
-    def run_path(self, run: int) -> str:
-        return self.workspace.run_path(self.group, run, self.per_run)
-
-    def pending_blocks(self, run: int) -> list[int]:
-        """Indices of the blocks of ``run`` whose data is not yet known to be written."""
-        return [int(b) for b in np.flatnonzero(self._done[run] == 0)]
-
-    def pending_keys(self) -> list[tuple[int, int]]:
-        """``(run, block)`` of every block not yet known to be written, run by run."""
-        return [(run, block) for run in range(len(self.templates))
-                for block in self.pending_blocks(run)]
-
-    def for_workers(self) -> "StageWriter":
-        """A copy whose workspace path is absolute, for processes with another cwd
-        (cluster workers); it writes block data only, the client marks blocks done."""
-        return dataclasses.replace(self, workspace=Workspace(Path(self.workspace.path).resolve()))
-
-    def n_pending(self) -> int:
-        return int(sum((d == 0).sum() for d in self._done))
-
-    def block_slice(self, run: int, block: int) -> slice:
-        return self.templates[run].block_slice(block)
-
-    def write_block(self, run: int, block: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write the data of one block of ``run`` and then mark it done.
-
-        ``arrays`` maps variable name -> data for ``block_slice(run, block)`` along the
-        block dimension (full extent along the other dimensions).
-        """
-        self.write_block_data(run, block, arrays)
-        self.mark_done(run, block)
-
-    def write_block_data(self, run: int, block: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write one block's data region only (what a Dask worker does); the client
-        process then calls :meth:`mark_done`.  Safe to call concurrently for different
-        blocks: regions are shard-aligned, so no two writers touch the same file."""
-        template = self.templates[run]
-        region = template.block_slice(block)
-        root = self.workspace._root("r+")
-        for name, data in arrays.items():
-            var = template.dataset[name]
-            axis = var.dims.index(template.block_dim)
-            expected = region.stop - region.start
-            if data.shape[axis] != expected:
-                raise AssertionError(
-                    f"block {block} of {name} has {data.shape[axis]} samples, expected {expected}"
-                )
-            index = [slice(None)] * var.ndim
-            index[axis] = region
-            root[f"{self.run_path(run)}/{name}"][tuple(index)] = np.asarray(data, dtype=var.dtype)
-
-    def mark_done(self, run: int, block: int) -> None:
-        """Set the block's done flag (only the client process does this)."""
-        self.workspace._root("r+")[f"{self.run_path(run)}/{DONE_VAR}"][block] = 1
-        self._done[run][block] = 1
-
-    def finish(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
-        """Mark the group complete (after checking every block) and refresh metadata."""
-        if self.n_pending():
-            raise AssertionError(f"{self.group}: {self.n_pending()} blocks not written")
-        self.workspace._set_state(self.group, "complete", extra_attrs)
-        self.workspace.consolidate()
 
 
 class Workspace:

@@ -2,7 +2,8 @@
 (``pipeline/models``) stays below the stages and the workspace.
 
 Every ``import voxelflow...`` / ``from voxelflow... import ...`` counts, also one inside
-a function (a lazy import still ties the two modules together); ``from package import
+a function (a lazy import still ties the two modules together), but not one under
+``if TYPE_CHECKING:`` (annotations only, never executed); ``from package import
 name`` points at the submodule ``package.name`` when there is one, else at the
 package's ``__init__``.
 """
@@ -24,6 +25,12 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (imports for annotations only, never executed)."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+            and node.test.id == "TYPE_CHECKING")
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module name -> the voxelflow modules it imports (anywhere in its code)."""
     files = []
@@ -34,7 +41,12 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
+                       for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 for alias in node.names:
                     sub = f"{node.module}.{alias.name}"

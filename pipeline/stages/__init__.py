@@ -18,8 +18,7 @@ it).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from voxelflow.pipeline.lazy import lazy_exports
 
 _EXPORTS = {
     "run_frames_stage": "frames", "probe_video": "frames", "frames_group": "frames",
@@ -33,13 +32,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

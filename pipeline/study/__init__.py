@@ -15,8 +15,7 @@ builds its parser, and should not pay for SciPy, Matplotlib or NiBabel there.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from voxelflow.pipeline.lazy import lazy_exports
 
 _EXPORTS = {
     "Experiment": "config", "ModelSpec": "config", "STUDY_ALPHAS": "config",
@@ -33,13 +32,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
