@@ -385,6 +385,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify", help="re-read stored chunks; clear the done flags of damaged blocks",
+        description="Check every done block of the groups (all stage groups by default) "
+                    "against the digests recorded when it was written, and every other "
+                    "chunk by reading it.  Damaged or missing files are listed one per "
+                    "line; their blocks' done flags are cleared, so rerunning the command "
+                    "that made the group recomputes exactly those blocks.  Exit status 0: "
+                    "intact; 1: damage found (and cleared).")
+    p.add_argument("groups", nargs="*", metavar="GROUP",
+                   help="groups to check, e.g. bold/s1 frames/clip (default: every group)")
+    p.add_argument("--store", default=DEFAULT_STORE,
+                   help=f"workspace Zarr group (default ./{DEFAULT_STORE})")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from voxelflow.stores.verify import summary_line, verify_workspace
+
+    ws = Workspace(args.store)
+    checks = verify_workspace(ws, args.groups or None)
+    for check in checks:
+        for line in check.damaged:
+            print(line)
+        print(summary_line(ws, check))
+    return 1 if any(c.damaged for c in checks) else 0
+
+
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on a generated movie with planted BOLD")
     p.add_argument("--workdir", default="demo_workspace", help="where it all goes")
@@ -407,7 +435,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_frames, add_features, add_train_autoencoder, add_bold, add_export, add_fit, add_run,
-    add_status, add_demo,
+    add_status, add_verify, add_demo,
 ]
 
 
@@ -433,6 +461,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except VoxelflowError as exc:
         print(f"voxelflow: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except OSError as exc:
+        from voxelflow.stores.guard import DISK_FULL, NOT_WRITABLE, message_for
+
+        if exc.errno not in DISK_FULL | NOT_WRITABLE:
+            raise
+        store = getattr(args, "store", None) or exc.filename or "."
+        print(f"voxelflow: error: {message_for(exc, store)}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print("voxelflow: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -24,3 +24,16 @@ def exception_reason(exc: BaseException) -> str:
     for quoting a library's error inside a one-line voxelflow message."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class WorkspaceBusy(VoxelflowError):
+    """Another process holds the write lock of a workspace group."""
+
+
+class StorageError(VoxelflowError):
+    """The workspace cannot be written or read as it is: the disk is full, the store is
+    read-only or is not a folder, or its metadata is damaged."""
+
+
+class DamagedData(VoxelflowError):
+    """Stored chunks are missing or unreadable (``voxelflow verify`` finds and clears them)."""

@@ -246,7 +246,7 @@ def _check_arguments(runs: Sequence, subject: str, detrend: str, chunk_voxels: i
 def _computed_mask(workspace: Workspace, group: str, infos: Sequence[RunInfo],
                    overwrite: bool, progress: bool) -> np.ndarray:
     """The EPI mask of the runs' mean volume, or the one a resumed group saved."""
-    if (not overwrite and workspace.params(group) is not None
+    if (not overwrite and workspace.state(group) in ("writing", "complete")
             and workspace.has_array(group, "mask")):
         return workspace.read_array(group, "mask").astype(bool)  # resume: reuse it
     grid = infos[0]
@@ -261,10 +261,11 @@ def _start_group(workspace: Workspace, group: str, params: dict,
     ``layout`` (:func:`group_variables`: dataset and encoding)."""
     writer = workspace.start_stage(group, params, templates, overwrite=overwrite,
                                    group_attrs=attrs)
-    if not workspace.attrs(group).get("bold_layout"):
+    target = writer.workspace  # where the group is written (a replacement: beside it)
+    if not target.attrs(group).get("bold_layout"):
         ds, enc = layout
-        workspace.add_variables(group, ds, encoding=enc)
-        workspace.update_attrs(group, {"bold_layout": "ready"})
+        target.add_variables(group, ds, encoding=enc)
+        target.update_attrs(group, {"bold_layout": "ready"})
     return writer
 
 
@@ -317,7 +318,9 @@ def _fill_scratch(work: ScratchWork, client, progress: bool) -> None:
 def _finish_group(workspace: Workspace, group: str, writer: StageWriter,
                   infos: Sequence[RunInfo], n_vox: int) -> int:
     """Combine per-run statistics into ``valid`` and ``mean``; mark the group complete."""
+    workspace = writer.workspace  # where the group is written (a replacement: beside it)
     if workspace.state(group) == "complete":
+        writer.finish()  # nothing to add; releases the group's lock
         return int(workspace.attrs(group).get("n_invalid", 0))
     valid = np.ones(n_vox, dtype=bool)
     total = np.zeros(n_vox, dtype=np.float64)

@@ -225,11 +225,10 @@ class BoldBlockReader:
     def read(self, voxels: slice) -> np.ndarray:
         """float32 (sample, voxel) BOLD of the design's samples for ``voxels``."""
         parts = []
+        workspace = Workspace(self.store)  # a damaged chunk: one line naming its block
         for node, keep in zip(self.nodes, self.keep):
-            ds = xr.open_zarr(self.store, group=node, consolidated=False, zarr_format=3,
-                              chunks=None, decode_timedelta=False)
-            column = np.asarray(ds[self.var].isel(voxel=voxels).values, dtype=np.float32)
-            parts.append(column[keep])
+            column = workspace.read_array(node, self.var, (slice(None), voxels))
+            parts.append(np.asarray(column, dtype=np.float32)[keep])
         return np.concatenate(parts, axis=0)
 
 
@@ -396,8 +395,11 @@ def _factorize_design(design: LaggedDesign, train: np.ndarray, test: np.ndarray,
     and the full training fit (on ``device``); input errors as one line."""
     X = design.X.compute()
     if not np.isfinite(X).all():
-        raise InputError(f"{features}: features contain NaN or infinite values; "
-                         f"re-extract them (voxelflow features ... --overwrite)")
+        raise InputError(f"{features}: features contain NaN or infinite values; check "
+                         f"the stored chunks with: voxelflow verify {features.strip('/')}; "
+                         f"if they are intact the network produced these values: extract "
+                         f"again with other settings (--precision fp32, --weights) and "
+                         f"--overwrite")
     try:
         return ridge.factorize_ridge(X[train], X[test], alphas, folds, device=device,
                                      keep_weight_factors=save_weights)

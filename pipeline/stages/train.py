@@ -16,6 +16,8 @@ ResNetAutoencoder`.
 * A checkpoint every ``checkpoint_every`` steps and at the end, written atomically
   (temporary file + rename) to ``out``; rerunning the same command resumes from it, and
   the loss curve equals the uninterrupted run's (bitwise on the same CPU and threads).
+  Replacing an existing checkpoint (``--overwrite``) saves to ``<out>.next`` until the
+  new training is complete (:class:`~voxelflow.stores.files.SteppedFile`).
 * After training: ``<out stem>.preview.png`` next to the checkpoint, training frames
   (top row) over their reconstructions (bottom row, eval mode).
 """
@@ -45,6 +47,7 @@ from voxelflow.pipeline.models.extractor import check_device
 from voxelflow.pipeline.models.weights import parse_weights, sha256_file, weights_key
 from voxelflow.pipeline.stages._stream import (Piece, ShuffleStream, make_pieces,
                                                read_training_frames, training_ranges)
+from voxelflow.stores.files import SteppedFile
 from voxelflow.stores.workspace import Workspace, describe_param_change
 
 __all__ = ["ShuffleStream", "learning_rate", "make_adamw", "make_pieces", "mean_frame_mse",
@@ -138,7 +141,9 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
                  warmup_steps=warmup_steps, weight_decay=float(weight_decay), weights=weights,
                  freeze_encoder=freeze_encoder, seed=int(seed),
                  shuffle_buffer=int(shuffle_buffer))
-    ckpt = _existing_checkpoint(out, plan.config, overwrite)
+    target = SteppedFile(out)
+    target.acquire(f"--out {out}")  # one trainer per checkpoint
+    ckpt, save_to = _existing_checkpoint(target, plan.config, overwrite)
 
     # ---- model, optimiser, state; then train from where the checkpoint stopped
     state = _start(plan, ckpt, weights=weights, seed=int(seed), device=device,
@@ -151,7 +156,9 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
 
     def save(step: int, complete: bool) -> None:
         t0 = time.perf_counter()
-        _save_atomic(_checkpoint(plan, state, step, complete, request), out)
+        _save_atomic(_checkpoint(plan, state, step, complete, request), save_to)
+        if complete:
+            target.commit(save_to)  # a replacement takes the place of ``out`` only now
         state.saves.append(time.perf_counter() - t0)
 
     todo = plan.total_steps - state.start_step
@@ -167,6 +174,7 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
     elif ckpt is not None and not ckpt.get("complete"):
         save(plan.total_steps, True)
     bar.close()
+    target.release()
 
     # ---- preview
     png = mse = None
@@ -246,19 +254,19 @@ def _plan(workspace: Workspace, frames_name: str, *, train_until, train_runs, ep
                  total_steps, config)
 
 
-def _existing_checkpoint(out: Path, config: dict, overwrite: bool) -> dict | None:
-    """The checkpoint at ``out`` to resume (same config), or None; refuse another config."""
-    out.with_name(out.name + ".partial").unlink(missing_ok=True)  # a killed save's leftover
-    if not out.exists() or overwrite:
-        return None
-    ckpt = read_checkpoint(out, "--out")
-    old = ckpt.get("config", {})
-    if old != config:
-        raise WorkspaceConflict(
-            f"--out {out}: holds a training with other settings "
-            f"({describe_param_change(old, config)}); rerun with --overwrite to "
-            f"replace it, or choose another --out")
-    return ckpt
+def _existing_checkpoint(target: SteppedFile, config: dict, overwrite: bool
+                         ) -> tuple[dict | None, Path]:
+    """The checkpoint to resume (same config) or None, and where to save the steps (the
+    checkpoint, or ``<out>.next`` while it replaces one); another config is refused
+    unless ``overwrite``."""
+    def refuse(ckpt: dict) -> WorkspaceConflict:
+        return WorkspaceConflict(
+            f"--out {target.path}: holds a training with other settings "
+            f"({describe_param_change(ckpt.get('config', {}), config)}); rerun with "
+            f"--overwrite to replace it, or choose another --out")
+
+    return target.resume_point(lambda path: read_checkpoint(path, "--out"),
+                               lambda ckpt: ckpt.get("config") == config, overwrite, refuse)
 
 
 def _start(plan: _Plan, ckpt: dict | None, *, weights: str, seed: int, device: str,

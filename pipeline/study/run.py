@@ -42,11 +42,17 @@ def execute_plan(ws: Workspace, stages: list[PlannedStage],
             continue
         log(stage.describe())
         t0 = time.perf_counter()
-        if not stage.writes_file:  # a checkpoint keeps its request itself
+        if stage.writes_file:  # a checkpoint keeps its request itself
+            stage.call(stage.action == "rerun")
+        else:
             note_started(ws, stage.group, stage.fingerprint)
-        stage.call(stage.action == "rerun")
-        if not stage.writes_file:
-            ws.update_attrs(stage.group, {REQUEST_ATTR: stage.fingerprint})
+            # The request goes into the group with the write that completes it (before
+            # a replacement is swapped in), so a kill never leaves a finished group
+            # without the request that made it.
+            with ws.attrs_at_finish(stage.group, {REQUEST_ATTR: stage.fingerprint}):
+                stage.call(stage.action == "rerun")
+            if ws.attrs(stage.group).get(REQUEST_ATTR) != stage.fingerprint:
+                ws.update_attrs(stage.group, {REQUEST_ATTR: stage.fingerprint})
             note_started(ws, stage.group, None)  # and consolidates
         log(f"        done in {time.perf_counter() - t0:.1f} s")
         ran.append(stage)
