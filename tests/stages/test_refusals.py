@@ -105,6 +105,15 @@ DISK_CASES = {
     "fit-disk": (FIT + ["--name", "d"], "the output needs about"),
 }
 
+# id -> (argv, fragment) refused for the memory one block needs (made 1 KiB for them):
+# each stage states its block's working set before any work
+MEMORY_CASES = {
+    "frames-memory": (FRAMES + ["--name", "m"], "lower --size"),
+    "features-memory": (FEATURES + ["--name", "m"], "lower --block-size"),
+    "bold-memory": (BOLD + ["--subject", "m"], "lower --chunk-voxels"),
+    "fit-memory": (FIT + ["--name", "m"], "use fewer lags or a smaller feature layer"),
+}
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -147,6 +156,14 @@ def test_an_output_larger_than_the_free_disk_is_refused(data, capsys, monkeypatc
     monkeypatch.setattr(resources, "free_disk", lambda path: 1024)
     line = _refused_unchanged(capsys, data, *DISK_CASES[case])
     assert "on disk but 1 KiB is free at" in line, line
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_a_block_larger_than_the_available_memory_is_refused(data, capsys, monkeypatch,
+                                                             case):
+    monkeypatch.setattr(resources, "available_memory", lambda: (1024, "available here"))
+    line = _refused_unchanged(capsys, data, *MEMORY_CASES[case])
+    assert "of memory but 1 KiB is available here" in line, line
 
 
 def test_the_workspace_built_for_these_tests_is_complete(data):
