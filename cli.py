@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from voxelflow.cli_regressors import add_events, add_import_features
 from voxelflow.pipeline.execution.cluster import dask_client
 from voxelflow.pipeline.errors import VoxelflowError
 from voxelflow.stores.workspace import DEFAULT_STORE, Workspace
@@ -270,16 +271,20 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("group", metavar="GROUP", help="e.g. bold/SUBJECT or fits/EXP/MODEL/LAGS")
     p.add_argument("var", metavar="VAR", help="variable with a voxel dimension, e.g. mean")
     p.add_argument("out", metavar="OUT", help="output file, .nii or .nii.gz")
+    p.add_argument("--sel", action="append", metavar="DIM=VALUE[,DIM=VALUE]",
+                   help="pick one value along a dimension first, e.g. feature=face,lag=5 "
+                        "on a fit's weights (repeatable)")
     p.add_argument("--store", default=DEFAULT_STORE,
                    help=f"workspace Zarr group (default ./{DEFAULT_STORE})")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from voxelflow.pipeline.stages.export import describe_export, export_variable
+    from voxelflow.pipeline.stages.export import (describe_export, export_variable,
+                                                  parse_selection)
 
     print(describe_export(export_variable(Workspace(args.store), args.group, args.var,
-                                          args.out)))
+                                          args.out, sel=parse_selection(args.sel))))
     return 0
 
 
@@ -406,8 +411,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_frames, add_features, add_train_autoencoder, add_bold, add_export, add_fit, add_run,
-    add_status, add_demo,
+    add_frames, add_features, add_train_autoencoder, add_bold, add_events, add_import_features,
+    add_export, add_fit, add_run, add_status, add_demo,
 ]
 
 

@@ -8,10 +8,13 @@ BOLD group's ``i, j, k, valid`` coordinates):
 - ``r_cv (alpha, voxel)``: mean held-out r over the CV folds of the training data;
 - ``best_alpha (voxel)``: the alpha with the best ``r_cv`` (per voxel);
 - ``r_test_cv (voxel)``: test r at that alpha (the honest number);
-- optionally ``weights (lag_feature, voxel)`` at the best alpha (lag-major: row
-  ``l * n_features + f`` is feature ``f`` at the ``l``-th lag, in the order the lags
-  were given; the weights of the centred design, as scikit-learn's ``coef_``) and
-  ``predictions (test_sample, voxel)`` at the best alpha, in BOLD units.
+- optionally ``weights (lag, feature, voxel)`` at the best alpha, with coordinates
+  ``lag`` (s, in the order the lags were given) and ``feature`` (the features group's
+  names), so ``fit["weights"].sel(feature="face", lag=5)`` is a voxel map (the
+  weights of the centred design, as scikit-learn's ``coef_``; groups written before
+  this layout hold ``weights (lag_feature, voxel)``, lag-major: :func:`fit_weights`
+  reads both as ``(lag, feature, voxel)``), and ``predictions (test_sample, voxel)``
+  at the best alpha, in BOLD units.
 
 The design is decomposed once; voxel blocks (4,096 by default) are then computed and
 written one at a time with a done flag each, so memory holds one block of BOLD and an
@@ -47,6 +50,7 @@ from voxelflow.pipeline.execution.cluster import active_client, require_shared_p
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.design.lags import LaggedDesign, build_design, split_train_test
 from voxelflow.pipeline.ridge.scoring import contiguous_folds, run_folds
+from voxelflow.pipeline.stages.feature_arrays import feature_labels
 from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 VOXEL_BLOCK = 4096
@@ -117,8 +121,10 @@ def make_folds(cv: int | str, train_runs: np.ndarray) -> list[np.ndarray]:
 
 
 def _fit_template(alphas: np.ndarray, bold_node: xr.Dataset, n_voxels: int, block: int,
-                  weights_dim: int | None, n_test: int, predictions: bool) -> RunTemplate:
-    """Template of a fit group: per-voxel outputs chunked in voxel blocks of ``block``."""
+                  weights_axes: tuple[np.ndarray, np.ndarray] | None, n_test: int,
+                  predictions: bool) -> RunTemplate:
+    """Template of a fit group: per-voxel outputs chunked in voxel blocks of ``block``;
+    ``weights_axes`` = ``(lags, feature names)`` when weights are stored."""
     coords: dict = {"alpha": ("alpha", alphas)}
     for name in ("i", "j", "k", "valid"):
         if name in bold_node.coords:
@@ -135,11 +141,15 @@ def _fit_template(alphas: np.ndarray, bold_node: xr.Dataset, n_voxels: int, bloc
     }
     encoding = {"r_test": {"chunks": (na, block)}, "r_cv": {"chunks": (na, block)},
                 "best_alpha": {"chunks": (block,)}, "r_test_cv": {"chunks": (block,)}}
-    if weights_dim:
-        data["weights"] = (("lag_feature", "voxel"),
-                           da.empty((weights_dim, n_voxels), dtype=np.float32,
-                                    chunks=(weights_dim, block)))
-        encoding["weights"] = {"chunks": (weights_dim, block)}
+    if weights_axes is not None:
+        lags, names = weights_axes
+        shape = (len(lags), len(names), n_voxels)
+        data["weights"] = (("lag", "feature", "voxel"),
+                           da.empty(shape, dtype=np.float32, chunks=shape[:2] + (block,)))
+        encoding["weights"] = {"chunks": shape[:2] + (block,)}
+        coords["lag"] = ("lag", np.asarray(lags, np.float64), {"units": "s"})
+        coords["feature"] = ("feature", np.asarray([str(n) for n in names], dtype=object))
+        encoding["feature"] = {"chunks": (max(len(names), 1),)}
     if predictions:
         data["predictions"] = (("test_sample", "voxel"),
                                da.empty((n_test, n_voxels), dtype=np.float32,
@@ -292,8 +302,12 @@ class FitWork:
         ok = self.valid[voxels] & np.isfinite(data).all(axis=0)
         factors = (self.factors if self.move_to is None
                    else _factors_on_device(self.factors, self.move_to))
-        return block_outputs(factors, data, ok, self.train, self.test, self.save_weights,
-                             self.save_predictions)
+        arrays = block_outputs(factors, data, ok, self.train, self.test, self.save_weights,
+                               self.save_predictions)
+        if self.save_weights:  # (lag_feature, voxel) lag-major -> (lag, feature, voxel)
+            n_lags, n_features = self.writer.templates[0].dataset["weights"].shape[:2]
+            arrays["weights"] = arrays["weights"].reshape(n_lags, n_features, -1)
+        return arrays
 
     def write(self, block: int, arrays: dict[str, np.ndarray]) -> int:
         """Write the block's region (data only); returns its number of voxels."""
@@ -343,8 +357,12 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
         "features_params": workspace.params(fgroup), "bold_params": workspace.params(bgroup),
         "voxel_block": int(voxel_block),
     }
+    if save_weights:  # (lag, feature, voxel) since weights carry names
+        params["weights_layout"] = "lag,feature,voxel"
+    names = (design.feature_names if design.feature_names is not None
+             else feature_labels((design.n_features,)))
     template = _fit_template(alphas_arr, bold_node, n_voxels, voxel_block,
-                             int(design.X.shape[1]) if save_weights else None, test.size,
+                             (list(lags), names) if save_weights else None, test.size,
                              save_predictions)
     writer = workspace.start_stage(
         group, params, [template], overwrite=overwrite, per_run=False,
@@ -403,6 +421,32 @@ def _factorize_design(design: LaggedDesign, train: np.ndarray, test: np.ndarray,
                                      keep_weight_factors=save_weights)
     except ValueError as exc:
         raise _as_input_error(exc, f"{features} x {bold}") from None
+
+
+def fit_weights(fit: xr.Dataset, attrs: dict | None = None) -> xr.DataArray:
+    """A fit's ``weights`` as ``(lag, feature, voxel)`` with ``lag`` (s) and ``feature``
+    coordinates, whatever the layout it was stored in.
+
+    Groups written before weights carried names hold ``weights (lag_feature, voxel)``
+    (lag-major); they are reshaped with the group's ``lags`` attr (``attrs``, default
+    ``fit.attrs``) and get ``feature = 0 .. n - 1``.
+    """
+    if "weights" not in fit:
+        raise InputError("this fit has no weights; rerun voxelflow fit with --save-weights")
+    weights = fit["weights"]
+    if "lag_feature" not in weights.dims:
+        return weights
+    lags = list((attrs if attrs is not None else fit.attrs).get("lags", []))
+    n = int(weights.sizes["lag_feature"])
+    if not lags or n % len(lags):
+        raise InputError(f"weights (lag_feature={n}) cannot be split into the fit's lags "
+                         f"{lags}; the group's 'lags' attr is missing or wrong")
+    n_features = n // len(lags)
+    shaped = weights.data.reshape(len(lags), n_features, weights.sizes["voxel"])
+    coords = {name: c for name, c in weights.coords.items() if c.dims == ("voxel",)}
+    return xr.DataArray(shaped, dims=("lag", "feature", "voxel"), name="weights",
+                        coords={**coords, "lag": np.asarray(lags, np.float64),
+                                "feature": np.arange(n_features)}, attrs=weights.attrs)
 
 
 def summarize_fit(workspace: Workspace, group: str, n_blocks_written: int = 0,
