@@ -255,11 +255,14 @@ def feature_names(runs: Sequence[RunEvents], options: EventsOptions) -> list[str
 def boxcars(events: RunEvents, names: Sequence[str], n_samples: int, rate: float
             ) -> np.ndarray:
     """float32 ``(n_samples, len(names))``: per sample ``[k, k + 1) / rate`` and feature,
-    the fraction of the interval covered by the feature's events times their height."""
+    the fraction of the interval covered by the feature's events times their height
+    (events of other labels are left out)."""
     out = np.zeros((n_samples, len(names)), np.float64)
     column = {name: i for i, name in enumerate(names)}
     for onset, duration, height, label in zip(events.onset, events.duration, events.height,
                                               events.label):
+        if label not in column:
+            continue
         # Positions on the sample grid (sample k covers [k, k + 1)), cut to the run.
         start = _snap(max(onset, 0.0) * rate)
         end = _snap(min((onset + duration) * rate, float(n_samples)))

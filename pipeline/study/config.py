@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from voxelflow.pipeline.errors import InputError
+from voxelflow.pipeline.study.sources import check_source_keys, check_sources
 
 STUDY_ALPHAS = [0.5, 1, 5, 10, 1e2, 1e3, 1e4, 2.5e4, 5e4, 1e5, 1e6, 1e7]
 
 
 @dataclass
 class ModelSpec:
-    """One feature space: a backbone, its layer and weights (see ``voxelflow features``)."""
+    """One feature space: a backbone, its layer and weights (see ``voxelflow features``),
+    or (``source``) events files (``voxelflow events``) or imported feature files
+    (``voxelflow import-features``)."""
 
     name: str
-    model: str
+    model: str = ""
     layer: str | None = None
     weights: str = "imagenet"
     pool: str | None = None
@@ -38,6 +41,26 @@ class ModelSpec:
     train_batch_size: int | None = None
     lr: float | None = None
     freeze_encoder: bool = False
+    # source = "events" | "import" (default "cnn": the keys above); their keys are
+    # checked and resolved by voxelflow.pipeline.study.sources.
+    source: str = "cnn"
+    events: list[Path] | None = None
+    files: list[Path] | None = None
+    rate: float | None = None
+    columns: list[str] | None = None
+    amplitude: str | None = None
+    duration_from: str = "column"
+    categories: list[str] | None = None
+    times_column: str | None = None
+    variable: str | None = None
+
+    @property
+    def needs_frames(self) -> bool:
+        return self.source == "cnn"
+
+    @property
+    def is_categorical_events(self) -> bool:
+        return self.source == "events" and not self.amplitude
 
     @property
     def is_autoencoder(self) -> bool:
@@ -59,7 +82,7 @@ class Experiment:
     source: Path
     store: Path
     reports: Path
-    stimulus_name: str
+    stimulus_name: str | None          # None: no [stimulus] (no model needs frames)
     videos: list[Path]
     fps: float
     size: int
@@ -91,11 +114,16 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
                  "size": (int, False), "resize": (str, False)},
     "bold": {"subject": (str, True), "runs": (list, True), "mask": (str, False),
              "tr": ((int, float), False), "zscore": (bool, False), "detrend": (str, False)},
-    "models": {"name": (str, True), "model": (str, True), "layer": (str, False),
+    "models": {"name": (str, True), "model": (str, False), "layer": (str, False),
                "weights": (str, False), "pool": (str, False), "batch_size": (int, False),
                "checkpoint": (str, False), "train": (bool, False), "epochs": (int, False),
                "train_steps": (int, False), "train_batch_size": (int, False),
-               "lr": ((int, float), False), "freeze_encoder": (bool, False)},
+               "lr": ((int, float), False), "freeze_encoder": (bool, False),
+               "source": (str, False), "events": (list, False), "files": (list, False),
+               "rate": ((int, float), False), "columns": ((list, str), False),
+               "amplitude": (str, False), "duration_from": (str, False),
+               "categories": (list, False), "times_column": (str, False),
+               "variable": (str, False)},
     "fit": {"lag_sets": (list, True), "alphas": (list, False), "test_samples": (int, False),
             "test_runs": (list, False), "cv": ((int, str), False), "aggregate": (str, False)},
     "report": {"atlas": (str, False), "atlas_labels": (str, False)},
@@ -180,13 +208,16 @@ def load_experiment(path: str | Path) -> Experiment:
     data, check = _read_toml(path)
     base = path.parent
     exp = check.table(data["experiment"], "experiment")
-    stim = check.table(data["stimulus"], "stimulus")
+    stim = check.table(data["stimulus"], "stimulus") if "stimulus" in data else None
     bold = check.table(data["bold"], "bold")
     fit = check.table(data["fit"], "fit")
     report = check.table(data.get("report", {}), "report")
     store = base / exp.get("store", "voxelflow.zarr")
     models = _models(check, data.get("models"), base, exp_name=exp["name"], store=store)
+    _require_stimulus(check, models, stim)
+    stim = stim or {}
     videos, runs, mask = _input_files(check, stim, bold, base)
+    check_sources(check, models, data["models"], base, len(runs))
     fit_options = _fit_options(check, fit)  # checked in this order: the first error is reported
     resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
     fps = _fps(check, stim)
@@ -194,7 +225,7 @@ def load_experiment(path: str | Path) -> Experiment:
     device = check.choice(exp, "experiment", "device", ("cpu", "cuda"))
     return Experiment(
         name=exp["name"], source=path, store=store,
-        reports=(base / exp.get("reports", "reports")), stimulus_name=stim["name"],
+        reports=(base / exp.get("reports", "reports")), stimulus_name=stim.get("name"),
         videos=videos, fps=fps, size=int(stim.get("size", 224)), resize=resize,
         subject=bold["subject"], bold_runs=runs, mask=mask,
         tr=float(bold["tr"]) if "tr" in bold else None, zscore=bool(bold.get("zscore", True)),
@@ -218,7 +249,7 @@ def _read_toml(path: Path) -> tuple[dict, _Checker]:
     for section in data:
         if section not in SCHEMA:
             check.fail(section, None, f"unknown section (known: {', '.join(SCHEMA)})")
-    for section in ("experiment", "stimulus", "bold", "fit"):
+    for section in ("experiment", "bold", "fit"):  # [stimulus]: _require_stimulus
         if section not in data:
             raise InputError(f"{path}:1: missing section [{section}]")
     return data, check
@@ -233,6 +264,8 @@ def _models(check: _Checker, models_raw: Any, base: Path, *, exp_name: str,
     from voxelflow.pipeline.models.registry import check_model
 
     for i, spec in enumerate(models):
+        if check_source_keys(check, spec, models_raw[i], i) != "cnn":
+            continue
         try:
             check_model(spec.model)
         except InputError as exc:
@@ -250,14 +283,23 @@ def _input_files(check: _Checker, stim: dict, bold: dict, base: Path
                  ) -> tuple[list[Path], list[Path], Path | None]:
     """Videos and BOLD runs (existing, paired by index) and the optional mask."""
     videos = [check.existing("stimulus", "videos", base, v)
-              for v in _strings(check, "stimulus", "videos", stim["videos"])]
+              for v in _strings(check, "stimulus", "videos", stim["videos"])] if stim else []
     runs = [check.existing("bold", "runs", base, v)
             for v in _strings(check, "bold", "runs", bold["runs"])]
-    if len(videos) != len(runs):
+    if stim and len(videos) != len(runs):
         check.fail("bold", "runs", f"{len(runs)} BOLD run(s) but {len(videos)} video(s) in "
                    f"stimulus.videos; runs are paired by index")
     mask = check.existing("bold", "mask", base, bold["mask"]) if "mask" in bold else None
     return videos, runs, mask
+
+
+def _require_stimulus(check: _Checker, models: list[ModelSpec], stim: dict | None) -> None:
+    """``[stimulus]`` is needed exactly when a model is computed from frames."""
+    needing = [m.name for m in models if m.needs_frames]
+    if needing and stim is None:
+        raise InputError(f"{check.path}:1: missing section [stimulus] (the videos), needed "
+                         f"by model(s) {', '.join(needing)}; or give them source = "
+                         f"\"events\" or \"import\"")
 
 
 def _fps(check: _Checker, stim: dict) -> float:

@@ -187,11 +187,16 @@ def roi_table(results: Sequence[FitResult], roi_of_voxel: np.ndarray,
 def write_report(results: Sequence[FitResult], out_dir: str | Path, *, experiment: str,
                  write_map: Callable[[FitResult, Path], None] | None = None,
                  roi_of_voxel: np.ndarray | None = None,
-                 roi_names: dict[int, str] | None = None) -> dict:
+                 roi_names: dict[int, str] | None = None,
+                 category_maps: Callable[[FitResult, Path], dict | None] | None = None
+                 ) -> dict:
     """Write every report file into ``out_dir``; return their paths and the table.
 
     ``write_map(result, path)`` writes a result's r_test_cv as NIfTI (the caller knows
     the brain geometry); without it, no maps or brain plot are made.
+    ``category_maps(result, maps_dir)`` writes a result's per-category weight maps
+    and returns ``{"lag", "categories", "niftis", "png"}`` (``None``: not a
+    categorical model; :mod:`voxelflow.pipeline.study.category_maps`).
     """
     out = Path(out_dir)
     (out / "maps").mkdir(parents=True, exist_ok=True)
@@ -220,13 +225,36 @@ def write_report(results: Sequence[FitResult], out_dir: str | Path, *, experimen
         roi = roi_table(results, roi_of_voxel, roi_names)
         roi.to_csv(out / "roi_table.csv", index=False)
         files["roi_table"] = out / "roi_table.csv"
+    categories = []
+    for res in results if category_maps is not None else []:
+        made = category_maps(res, out / "maps")
+        if made is not None:
+            categories.append({"model": res.model, "lags": res.label, **made})
     files["html"] = out / "index.html"
-    files["html"].write_text(_html(experiment, table, best, files, maps, roi, out))
-    return {"table": table, "best": (best.model, best.label), "files": files, "maps": maps}
+    files["html"].write_text(_html(experiment, table, best, files, maps, roi, out,
+                                   extra=_category_html(categories, out)))
+    return {"table": table, "best": (best.model, best.label), "files": files, "maps": maps,
+            "category_maps": categories}
+
+
+def _category_html(categories: list[dict], out: Path) -> str:
+    """The section of per-category weight maps (empty without categorical models)."""
+    parts = []
+    for item in categories:
+        links = ", ".join(f"<a href='{html.escape(str(p.relative_to(out)))}'>"
+                          f"{html.escape(c)}</a>"
+                          for c, p in zip(item["categories"], item["niftis"]))
+        parts += [f"<h2>Category weights: {html.escape(item['model'])}, lags "
+                  f"{html.escape(item['lags'])} (best lag {item['lag']:g} s)</h2>",
+                  f"<img src='{html.escape(str(item['png'].relative_to(out)))}' "
+                  f"alt='weight map per category'>",
+                  "<p>Weights at each voxel's CV-selected alpha, at the lag with the largest "
+                  "mean |weight|; NIfTI: " + links + "</p>"]
+    return "\n".join(parts)
 
 
 def _html(experiment: str, table: pd.DataFrame, best: FitResult, files: dict, maps: list[Path],
-          roi: pd.DataFrame | None, out: Path) -> str:
+          roi: pd.DataFrame | None, out: Path, extra: str = "") -> str:
     def rel(p: Path) -> str:
         return html.escape(str(Path(p).relative_to(out)))
 
@@ -260,5 +288,7 @@ def _html(experiment: str, table: pd.DataFrame, best: FitResult, files: dict, ma
                   + "</p>"]
     if roi is not None:
         parts += ["<h2>Mean r per ROI</h2>", df_html(roi)]
+    if extra:
+        parts.append(extra)
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -79,12 +79,26 @@ def make_report(exp: Experiment, ws: Workspace) -> dict:
     def write_map(res: FitResult, path: Path) -> None:
         export_variable(ws, fit_group(f"{exp.name}/{res.model}", res.lags), "r_test_cv", path)
 
+    categorical = {spec.name for spec in exp.models if spec.is_categorical_events}
+
+    def write_category_maps(res: FitResult, maps_dir: Path) -> dict | None:
+        from voxelflow.pipeline.study.category_maps import category_maps
+
+        if res.model not in categorical:
+            return None
+        group = fit_group(f"{exp.name}/{res.model}", res.lags)
+        return category_maps(
+            res.fit, f"{res.model}_lags-{res.label.replace(',', '-')}", maps_dir,
+            lambda sel, path: export_variable(ws, group, "weights", path, sel=sel),
+            f"{res.model}, lags {res.label}")
+
     roi, names = None, None
     if exp.atlas is not None:
         roi = atlas_label_of_voxel(exp.atlas, results[0].fit)
         names = read_atlas_names(exp.atlas_labels) if exp.atlas_labels else None
     return write_report(results, exp.reports / exp.name, experiment=exp.name,
-                        write_map=write_map, roi_of_voxel=roi, roi_names=names)
+                        write_map=write_map, roi_of_voxel=roi, roi_names=names,
+                        category_maps=write_category_maps)
 
 
 def atlas_label_of_voxel(atlas_path: Path, fit) -> np.ndarray:
