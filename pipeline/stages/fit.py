@@ -264,7 +264,8 @@ class BoldBlockReader:
         for n in range(len(groups[0])):
             nodes = []
             for runs in groups:
-                volumes = [workspace.open_run(group, r).sizes["time"] for r in (runs[0], runs[n])]
+                volumes = [int((design.run == r).sum()) + design.dropped[r]
+                           for r in (runs[0], runs[n])]
                 if volumes[0] != volumes[1]:
                     raise InputError(f"--test-repeats: run {runs[n]} of /{group} has "
                                      f"{volumes[1]} volumes but run {runs[0]} has {volumes[0]}; "

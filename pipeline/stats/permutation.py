@@ -11,7 +11,10 @@ in a random order (:func:`~voxelflow.pipeline.stats.resampling.block_permutation
 With ``C[k, m] = sum_{j<L} y[kL + j] p[mL + j]`` (the block cross-products, ``K x K``
 per voxel), the permuted cross-product is ``sum_k C[k, order_b[k]]``: one
 ``(B, K^2) @ (K^2, voxel)`` product of a 0/1 matrix (which entries each permutation
-picks) with ``C`` gives every permutation of every voxel of the block.
+picks) with ``C`` gives every permutation of every voxel of the block.  With many
+blocks (``K > MAX_PRODUCT_BLOCKS``, e.g. a block length of 1) that matrix grows as
+``K^2``; the permuted predictions are then gathered directly (``B x n`` per voxel,
+a few permutations at a time), still without a loop over voxels.
 
 ``"shifts"`` null: every circular shift of the predictions by ``s`` samples with
 ``L <= s <= n - L``; the cross-products of all shifts are one circular
@@ -40,6 +43,9 @@ TIE_TOLERANCE = 1e-5
 NULL_KINDS = ("blocks", "shifts")
 #: Voxels per matrix product: keeps the (permutation, voxel) product in cache.
 _VOXEL_STEP = 256
+#: Most blocks for the ``(B, K^2)`` selection product; more are gathered directly.
+MAX_PRODUCT_BLOCKS = 100
+_GATHER_PERMUTATIONS = 32
 
 
 def _centred(values: np.ndarray) -> np.ndarray:
@@ -96,6 +102,8 @@ def _block_null(yc: np.ndarray, pc: np.ndarray, scale: np.ndarray, block_length:
     n_voxels = yc.shape[1]
     if n_blocks < 2:
         return np.full((n_perm, n_voxels), np.nan, dtype=np.float32)
+    if n_blocks > MAX_PRODUCT_BLOCKS:
+        return _gathered_null(yc, pc, scale, block_length, orders)
     used = n_blocks * block_length
     fixed = (yc[used:] * pc[used:]).sum(axis=0)  # the tail that stays in place
     picks = _selection_matrix(orders)
@@ -105,6 +113,28 @@ def _block_null(yc: np.ndarray, pc: np.ndarray, scale: np.ndarray, block_length:
         cross = block_cross_products(yc[:, cols], pc[:, cols], n_blocks, block_length)
         scaled = (cross * scale[cols]).reshape(n_blocks * n_blocks, -1).astype(np.float32)
         null[:, cols] = picks @ scaled + (fixed[cols] * scale[cols]).astype(np.float32)
+    return null
+
+
+def sample_order(orders: np.ndarray, block_length: int, n_samples: int) -> np.ndarray:
+    """int64 (B, n_samples): the sample each position takes its prediction from, for
+    block orders (B, K); samples after the ``K`` full blocks stay in place."""
+    n_perm, n_blocks = orders.shape
+    within = np.arange(block_length)
+    moved = (orders[:, :, None] * block_length + within).reshape(n_perm, -1)
+    tail = np.arange(n_blocks * block_length, n_samples)
+    return np.concatenate([moved, np.broadcast_to(tail, (n_perm, tail.size))], axis=1)
+
+
+def _gathered_null(yc: np.ndarray, pc: np.ndarray, scale: np.ndarray, block_length: int,
+                   orders: np.ndarray) -> np.ndarray:
+    """Null r (B, voxel) from the permuted predictions themselves (many blocks)."""
+    order = sample_order(orders, block_length, yc.shape[0])
+    null = np.empty((order.shape[0], yc.shape[1]), dtype=np.float32)
+    for start in range(0, order.shape[0], _GATHER_PERMUTATIONS):
+        rows = order[start:start + _GATHER_PERMUTATIONS]
+        cross = np.einsum("tv,btv->bv", yc, pc[rows])
+        null[start:start + rows.shape[0]] = cross * scale
     return null
 
 
