@@ -403,7 +403,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(table_markdown(table))
     top = ranking(table).iloc[0]
     print(f"best (mean r at CV-selected alphas): {top['model']}, lags {top['lags']}")
+    for line in out["report"]["comparisons"][1:]:
+        print(line)
     print(f"report: {out['report']['files']['html']}")
+    _print_warnings(out["report"]["warnings"])
     return 0
 
 

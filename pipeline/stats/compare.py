@@ -88,13 +88,14 @@ def compare_cells(cells: Sequence[Cell], best: int, level: float = LEVEL) -> lis
 
 def winner_map(r_test_cv: np.ndarray, scored: np.ndarray,
                read_sums: Callable[[int, slice], np.ndarray], counts: np.ndarray,
-               lengths: np.ndarray, q: float = SIGNIFICANCE) -> dict[str, np.ndarray]:
+               lengths: np.ndarray, q: float = SIGNIFICANCE, chunk: int = _VOXEL_CHUNK
+               ) -> dict[str, np.ndarray]:
     """Per voxel, the winning cell if it beats every other one significantly.
 
     ``r_test_cv`` (cell, voxel) observed r; ``scored`` (cell, voxel) bool;
     ``read_sums(cell, voxels)`` returns that cell's five ``block_sum_*`` stacked
     (5, block, voxels); ``counts`` (resample, block) and ``lengths`` (block,) the shared
-    bootstrap.  The winner is the cell with the highest r; its p against each other
+    bootstrap; ``chunk`` voxels are read at a time.  The winner is the cell with the highest r; its p against each other
     cell is the two-sided bootstrap p of the paired difference of their r, and the
     voxel's p the largest of them (it must beat all); BH-FDR over voxels.
 
@@ -106,8 +107,8 @@ def winner_map(r_test_cv: np.ndarray, scored: np.ndarray,
     everywhere = scored.all(axis=0)
     best = np.where(everywhere, np.argmax(np.where(scored, r_test_cv, -np.inf), axis=0), -1)
     p = np.full(n_voxels, np.nan)
-    for start in range(0, n_voxels, _VOXEL_CHUNK):
-        cols = slice(start, min(start + _VOXEL_CHUNK, n_voxels))
+    for start in range(0, n_voxels, chunk):
+        cols = slice(start, min(start + chunk, n_voxels))
         if not everywhere[cols].any():
             continue
         r = np.stack([resampled_r(read_sums(c, cols), counts, lengths)
