@@ -28,8 +28,9 @@ __all__ = ["BLOCK_STATISTICS", "BLOCK_SUM_VARIABLES", "time_block_sums", "resamp
 BLOCK_STATISTICS = ("y", "yhat", "y2", "yhat2", "y_yhat")
 #: The fit group's variables (time_block, voxel) holding the five sums, in that order.
 BLOCK_SUM_VARIABLES = tuple(f"block_sum_{name}" for name in BLOCK_STATISTICS)
-#: Voxels per matrix product (keeps the (resample, voxel) arrays in cache).
-_VOXEL_STEP = 256
+#: Voxels per matrix product: large enough for an efficient product, small enough
+#: to keep the (resample, voxel) arrays at a few MiB.
+_VOXEL_STEP = 1024
 
 
 def time_block_sums(y: np.ndarray, p: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
@@ -54,8 +55,11 @@ def resampled_r(sums: np.ndarray, counts: np.ndarray, lengths: np.ndarray) -> np
     """
     c = np.asarray(counts, dtype=np.float32)
     n = (c @ np.asarray(lengths, np.float32))[:, None]
-    s = np.asarray(sums, dtype=np.float32)
-    sy, sp, syy, spp, syp = (c @ s[i] for i in range(5))
+    n_stats, n_blocks, n_voxels = sums.shape
+    # one (B, K) @ (K, 5 x voxel) product: small-K products are slow one by one
+    stacked = np.ascontiguousarray(np.asarray(sums, np.float32).transpose(1, 0, 2))
+    sy, sp, syy, spp, syp = (c @ stacked.reshape(n_blocks, -1)).reshape(
+        -1, n_stats, n_voxels).transpose(1, 0, 2)
     var_y = n * syy - sy * sy
     var_p = n * spp - sp * sp
     denominator = var_y * var_p

@@ -42,7 +42,7 @@ __all__ = ["TIE_TOLERANCE", "NULL_KINDS", "block_cross_products", "null_correlat
 TIE_TOLERANCE = 1e-5
 NULL_KINDS = ("blocks", "shifts")
 #: Voxels per matrix product: keeps the (permutation, voxel) product in cache.
-_VOXEL_STEP = 256
+_VOXEL_STEP = 1024
 #: Most blocks for the ``(B, K^2)`` selection product; more are gathered directly.
 MAX_PRODUCT_BLOCKS = 100
 _GATHER_PERMUTATIONS = 32
