@@ -27,22 +27,19 @@ from __future__ import annotations
 
 from voxelflow.pipeline.lazy import lazy_exports
 
-_EXPORTS = {
-    "DEFAULT_BLOCK_LENGTH": "resampling", "block_boundaries": "resampling",
-    "block_permutations": "resampling", "bootstrap_counts": "resampling",
-    "circular_shifts": "resampling",
-    "null_correlations": "permutation", "permutation_pvalues": "permutation",
-    "max_statistic_pvalues": "permutation", "bh_fdr": "permutation",
-    "parametric_pvalues": "permutation",
-    "time_block_sums": "bootstrap", "resampled_r": "bootstrap",
-    "percentile_interval": "bootstrap", "paired_difference": "bootstrap",
-    "repeat_split": "repeats", "explainable_variance": "repeats",
-    "noise_ceiling": "repeats",
-    "scored_voxels": "diagnostics", "fit_warnings": "diagnostics",
-    "StatisticsOptions": "per_block", "TestStatistics": "per_block",
-    "combine_blocks": "per_block",
-    "compare_cells": "compare", "winner_map": "compare",
+_MODULES = {
+    "resampling": ("DEFAULT_BLOCK_LENGTH", "block_boundaries", "block_permutations",
+                   "bootstrap_counts", "circular_shifts"),
+    "permutation": ("null_correlations", "permutation_pvalues", "max_statistic_pvalues",
+                    "bh_fdr", "parametric_pvalues"),
+    "bootstrap": ("time_block_sums", "resampled_r", "percentile_interval",
+                  "paired_difference"),
+    "repeats": ("repeat_split", "explainable_variance", "noise_ceiling"),
+    "diagnostics": ("scored_voxels", "fit_warnings"),
+    "per_block": ("StatisticsOptions", "TestStatistics", "combine_blocks"),
+    "compare": ("compare_cells", "winner_map"),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = list(_EXPORTS)
 

@@ -169,16 +169,15 @@ def test_resume_after_a_kill_mid_blocks_and_before_finalize_is_identical(study, 
                              progress=False)
 
     whole = ws.open_node(fit("whole").group).load()
-    original = StageWriter.write_block_data
-    calls = {"n": 0}
+    original, written = StageWriter.write_block_data, []
 
-    def crash_after_one(self, run, block, arrays):
-        if calls["n"] == 1:
+    def crash_on_the_second_block(self, run, block, arrays):
+        if written:  # the first block is written, then the process "dies"
             raise KeyboardInterrupt
-        calls["n"] += 1
+        written.append(block)
         original(self, run, block, arrays)
 
-    monkeypatch.setattr(StageWriter, "write_block_data", crash_after_one)
+    monkeypatch.setattr(StageWriter, "write_block_data", crash_on_the_second_block)
     with pytest.raises(KeyboardInterrupt):
         fit("resumed")
     monkeypatch.setattr(StageWriter, "write_block_data", original)
