@@ -104,6 +104,22 @@ class Experiment:
     atlas: Path | None = None
     atlas_labels: Path | None = None
     extra: dict = field(default_factory=dict)
+    # Repeated test presentations (BOLD runs showing the same clip) and the test-set
+    # statistics (docs/statistics.md); defaults as on ``voxelflow fit``.
+    test_repeats: list[list[int]] | None = None
+    permutations: int = 1000
+    bootstrap: int = 1000
+    block_length: int = 10
+    null: str = "blocks"
+    seed: int = 0
+
+    def statistics(self):
+        """The :class:`~voxelflow.pipeline.stats.per_block.StatisticsOptions` of the fits."""
+        from voxelflow.pipeline.stats.per_block import StatisticsOptions
+
+        return StatisticsOptions(permutations=self.permutations, bootstrap=self.bootstrap,
+                                 block_length=self.block_length, null=self.null,
+                                 seed=self.seed)
 
 
 SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
@@ -125,7 +141,10 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
                "categories": (list, False), "times_column": (str, False),
                "variable": (str, False)},
     "fit": {"lag_sets": (list, True), "alphas": (list, False), "test_samples": (int, False),
-            "test_runs": (list, False), "cv": ((int, str), False), "aggregate": (str, False)},
+            "test_runs": (list, False), "test_repeats": (list, False),
+            "cv": ((int, str), False), "aggregate": (str, False),
+            "permutations": (int, False), "bootstrap": (int, False),
+            "block_length": (int, False), "null": (str, False), "seed": (int, False)},
     "report": {"atlas": (str, False), "atlas_labels": (str, False)},
 }
 
@@ -219,6 +238,10 @@ def load_experiment(path: str | Path) -> Experiment:
     videos, runs, mask = _input_files(check, stim, bold, base)
     check_sources(check, models, data["models"], base, len(runs))
     fit_options = _fit_options(check, fit)  # checked in this order: the first error is reported
+    beyond = [r for g in fit_options["test_repeats"] or [] for r in g if r >= len(runs)]
+    if beyond:
+        check.fail("fit", "test_repeats", f"runs {beyond} do not exist: bold.runs lists "
+                   f"{len(runs)} run(s), numbered from 0")
     resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
     fps = _fps(check, stim)
     detrend = check.choice(bold, "bold", "detrend", ("none", "linear"))
@@ -326,8 +349,9 @@ def _fit_options(check: _Checker, fit: dict) -> dict:
         check.fail("fit", "alphas", f"alphas must be positive numbers, got {alphas!r}")
     test_samples = fit.get("test_samples")
     test_runs = fit.get("test_runs")
-    if (test_samples is None) == (test_runs is None):
-        check.fail("fit", None, "give exactly one of test_samples or test_runs")
+    test_repeats = _test_repeats(check, fit.get("test_repeats"))
+    if sum(x is not None for x in (test_samples, test_runs, test_repeats)) != 1:
+        check.fail("fit", None, "give exactly one of test_samples, test_runs or test_repeats")
     if test_samples is not None and test_samples <= 0:
         check.fail("fit", "test_samples", f"must be positive, got {test_samples}")
     cv = fit.get("cv", 5)
@@ -336,7 +360,39 @@ def _fit_options(check: _Checker, fit: dict) -> dict:
     return {"lag_sets": lag_sets, "alphas": [float(a) for a in alphas],
             "test_samples": test_samples,
             "test_runs": [int(r) for r in test_runs] if test_runs is not None else None,
-            "cv": cv, "aggregate": check.choice(fit, "fit", "aggregate", ("last", "mean"))}
+            "test_repeats": test_repeats,
+            "cv": cv, "aggregate": check.choice(fit, "fit", "aggregate", ("last", "mean")),
+            **_statistics_options(check, fit)}
+
+
+def _test_repeats(check: _Checker, value: Any) -> list[list[int]] | None:
+    """``[[10, 11, 12], ...]``: groups of at least two distinct run indices (>= 0)."""
+    if value is None:
+        return None
+    ok = isinstance(value, list) and value and all(
+        isinstance(g, list) and len(g) >= 2 and all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in g)
+        for g in value)
+    if not ok:
+        check.fail("fit", "test_repeats", f"a list of groups of at least two 0-based BOLD run "
+                   f"indices that showed the same clip, e.g. [[10, 11, 12]]; got {value!r}")
+    flat = [r for g in value for r in g]
+    if len(set(flat)) != len(flat):
+        check.fail("fit", "test_repeats", f"a run appears twice in {value!r}")
+    return [list(g) for g in value]
+
+
+def _statistics_options(check: _Checker, fit: dict) -> dict:
+    """``permutations``, ``bootstrap`` (>= 0), ``block_length`` (>= 1), ``null`` and
+    ``seed`` of the ``[fit]`` table, checked."""
+    out = {}
+    for key, default, least in (("permutations", 1000, 0), ("bootstrap", 1000, 0),
+                                ("block_length", 10, 1), ("seed", 0, 0)):
+        out[key] = int(fit.get(key, default))
+        if out[key] < least:
+            check.fail("fit", key, f"must be >= {least}, got {out[key]}")
+    out["null"] = check.choice(fit, "fit", "null", ("blocks", "shifts"))
+    return out
 
 
 AUTOENCODER_KEYS = ("checkpoint", "train", "epochs", "train_steps", "train_batch_size", "lr",

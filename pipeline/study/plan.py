@@ -184,7 +184,8 @@ def _fit_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, lags: list[float
 
     request = {"features": feat.request, "bold": bold.request, "lags": lags,
                "alphas": exp.alphas, "test_samples": exp.test_samples,
-               "test_runs": exp.test_runs, "cv": exp.cv, "aggregate": exp.aggregate}
+               "test_runs": exp.test_runs, "test_repeats": exp.test_repeats, "cv": exp.cv,
+               "aggregate": exp.aggregate, "statistics": exp.statistics().as_params()}
     save_weights = spec.is_categorical_events
     if save_weights:
         request["save_weights"] = True
@@ -193,9 +194,9 @@ def _fit_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, lags: list[float
                          upstream=[feat.group, bold.group])
     stage.call = lambda overwrite: run_fit_stage(
         ws, spec.name, exp.subject, lags, exp.alphas, test_samples=exp.test_samples,
-        test_runs=exp.test_runs, cv=exp.cv, aggregate=exp.aggregate,
-        device=exp.device, name=name, save_weights=save_weights, overwrite=overwrite,
-        progress=progress)
+        test_runs=exp.test_runs, test_repeats=exp.test_repeats, cv=exp.cv,
+        aggregate=exp.aggregate, statistics=exp.statistics(), device=exp.device,
+        name=name, save_weights=save_weights, overwrite=overwrite, progress=progress)
     return stage
 
 
@@ -209,6 +210,8 @@ def _train_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, frames_request
     request = {"frames": frames_request, "bold": bold_request, "lag_sets": exp.lag_sets,
                "test_samples": exp.test_samples, "test_runs": exp.test_runs,
                "aggregate": exp.aggregate, "options": options, "device": exp.device}
+    if exp.test_repeats is not None:  # absent otherwise: earlier checkpoints stay valid
+        request["test_repeats"] = exp.test_repeats
     stage = PlannedStage("train", str(spec.checkpoint), request,
                          upstream=[f"frames/{exp.stimulus_name}", f"bold/{exp.subject}"])
 
@@ -232,6 +235,9 @@ def training_split(exp: Experiment, ws: Workspace) -> dict:
     frames = ws.open_runs(f"frames/{exp.stimulus_name}")
     if exp.test_runs is not None:
         return {"train_runs": [r for r in range(len(frames)) if r not in exp.test_runs]}
+    if exp.test_repeats is not None:  # every repeat shows the test clip
+        held_out = {r for group in exp.test_repeats for r in group}
+        return {"train_runs": [r for r in range(len(frames)) if r not in held_out]}
     bold_group = f"bold/{exp.subject}"
     tr = float(ws.attrs(bold_group)["tr"])
     frame_times = [ds["time"].values for ds in frames]
