@@ -114,12 +114,19 @@ class StageWriter:
     def write_block_data(self, run: int, block: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write one block's data region only (what a Dask worker does); the client
         process then calls :meth:`mark_done`.  Safe to call concurrently for different
-        blocks: regions are shard-aligned, so no two writers touch the same file."""
+        blocks: regions are shard-aligned, so no two writers touch the same file.
+
+        A variable whose first dimension is ``<block_dim>_block`` (one row per block,
+        e.g. a per-block summary ``(voxel_block, permutation)`` chunked one row per
+        chunk) gets row ``block``."""
         template = self.templates[run]
         region = template.block_slice(block)
         root = self.workspace._root("r+")
         for name, data in arrays.items():
             var = template.dataset[name]
+            if var.dims[0] == f"{template.block_dim}_block":
+                root[f"{self.run_path(run)}/{name}"][block] = np.asarray(data, dtype=var.dtype)
+                continue
             axis = var.dims.index(template.block_dim)
             expected = region.stop - region.start
             if data.shape[axis] != expected:
@@ -129,6 +136,17 @@ class StageWriter:
             index = [slice(None)] * var.ndim
             index[axis] = region
             root[f"{self.run_path(run)}/{name}"][tuple(index)] = np.asarray(data, dtype=var.dtype)
+
+    def write_final(self, run: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write whole variables computed from every block (e.g. statistics over all
+        voxels), once no block is pending and before :meth:`finish`; a run killed in
+        between recomputes them, since the group is not complete yet."""
+        if self.n_pending():
+            raise AssertionError(f"{self.group}: {self.n_pending()} blocks not written")
+        root = self.workspace._root("r+")
+        for name, data in arrays.items():
+            var = self.templates[run].dataset[name]
+            root[f"{self.run_path(run)}/{name}"][...] = np.asarray(data, dtype=var.dtype)
 
     def mark_done(self, run: int, block: int) -> None:
         """Set the block's done flag (only the client process does this)."""

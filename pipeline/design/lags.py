@@ -29,7 +29,10 @@ class LaggedDesign:
 
     ``X`` (sample, lag_feature) float32 dask; ``Y`` (sample, voxel) float32 dask;
     ``run`` (sample,) int run index and ``time`` (sample,) float BOLD time (s) of each
-    kept sample; ``dropped`` per run: BOLD samples without a full stimulus history.
+    kept sample; ``dropped`` per run: BOLD samples without a full stimulus history;
+    ``feature_names`` (n_features,) the features' ``feature`` coordinate (``None`` for
+    groups written before features had names).  Column ``l * n_features + f`` of ``X``
+    is feature ``f`` at ``lags[l]``.
     """
 
     X: da.Array
@@ -39,6 +42,7 @@ class LaggedDesign:
     lags: list[float]
     n_features: int
     dropped: list[int] = field(default_factory=list)
+    feature_names: np.ndarray | None = None
 
     @property
     def n_samples(self) -> int:
@@ -74,12 +78,16 @@ def run_design_indices(frame_times: np.ndarray, bold_times: np.ndarray, lags: li
 
     Returns ``keep`` (n_kept,) indices into ``bold_times`` and, per lag, either an
     (n_kept,) frame index array (``last``) or an (n_kept, 2) [start, stop) frame range
-    (``mean``: frames with ``t - L - TR <= time < t - L``).
+    (``mean``: frames with ``t - L - TR <= time < t - L``).  The history must start at
+    or after the run's onset (0 s) and the first stimulus sample (imported features
+    may start later).
     """
     end = _stimulus_end(frame_times)
+    start = max(0.0, float(frame_times[0]))
     lo_needed = bold_times - max(lags) - (tr if aggregate == "mean" else 0.0)
     hi_needed = bold_times - min(lags)
-    keep_mask = (lo_needed >= -TIME_TOLERANCE_S) & (hi_needed < end + TIME_TOLERANCE_S)
+    keep_mask = ((lo_needed >= start - TIME_TOLERANCE_S)
+                 & (hi_needed < end + TIME_TOLERANCE_S))
     keep = np.flatnonzero(keep_mask)
     t = bold_times[keep]
     per_lag = []
@@ -203,7 +211,22 @@ def build_design(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
     X = da.concatenate(xs, axis=0)
     Y = da.concatenate(ys, axis=0)
     return LaggedDesign(X, Y, np.concatenate(runs), np.concatenate(times), list(lags),
-                        n_features, dropped)
+                        n_features, dropped, shared_feature_names(feature_runs, features_name))
+
+
+def shared_feature_names(feature_runs: list[xr.Dataset], features_name: str = "?"
+                         ) -> np.ndarray | None:
+    """The ``feature`` coordinate common to every run (``None`` when the group has none);
+    runs that name their features differently are refused."""
+    if "feature" not in feature_runs[0].coords:
+        return None
+    names = np.asarray(feature_runs[0]["feature"].values)
+    for r, f in enumerate(feature_runs[1:], start=1):
+        if "feature" not in f.coords or not np.array_equal(np.asarray(f["feature"].values),
+                                                           names):
+            raise InputError(f"/features/{features_name}: run {r} names its features "
+                             f"differently from run 0; rewrite the group")
+    return names
 
 
 def split_train_test(design: LaggedDesign, *, test_samples: int | None = None,

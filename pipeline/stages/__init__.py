@@ -8,6 +8,10 @@
   training frames (a checkpoint file);
 - :mod:`~voxelflow.pipeline.stages.bold`: NIfTI runs -> ``/bold/SUBJECT`` (reading in
   :mod:`~voxelflow.pipeline.stages.nifti`, the per-block passes in ``_bold_passes``);
+- :mod:`~voxelflow.pipeline.stages.feature_arrays`: any ``(time, feature)`` arrays ->
+  ``/features/NAME`` (:func:`write_features`), used by
+  :mod:`~voxelflow.pipeline.stages.events` (events files -> boxcars) and
+  :mod:`~voxelflow.pipeline.stages.imported` (tables, arrays, Zarr/netCDF files);
 - :mod:`~voxelflow.pipeline.stages.fit`: features + BOLD -> ``/fits/NAME/lags-...``;
 - :mod:`~voxelflow.pipeline.stages.export`: any per-voxel result -> NIfTI.
 
@@ -27,6 +31,10 @@ _EXPORTS = {
     "train_autoencoder": "train",
     "run_bold_stage": "bold", "bold_group": "bold", "probe_run": "nifti",
     "run_fit_stage": "fit", "fit_group": "fit", "summarize_fit": "fit",
+    "fit_weights": "fit",
+    "write_features": "feature_arrays", "feature_labels": "feature_arrays",
+    "run_events_stage": "events", "events_to_features": "events",
+    "run_import_stage": "imported", "read_feature_file": "imported",
     "export_variable": "export", "describe_export": "export",
 }
 

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
@@ -48,6 +47,8 @@ from voxelflow.pipeline.errors import InputError, WorkspaceConflict
 from voxelflow.pipeline.execution.blocks import prefetch, run_blocks
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
 from voxelflow.pipeline.execution.resources import check_request
+from voxelflow.pipeline.stages.feature_arrays import (BLOCK_MAX, choose_block_size, feature_labels,
+                                                      feature_template)
 from voxelflow.pipeline.models.backbone import Backbone, load_backbone
 from voxelflow.pipeline.models.extractor import (POOL_MODES, ExtractorSpec, FeatureExtractor,
                                                  check_device, worker_extractor)
@@ -61,9 +62,6 @@ from voxelflow.stores.workspace import (RunTemplate, StageWriter, Workspace,
 __all__ = ["FeatureBlock", "FeaturesWork", "choose_block_size", "features_group",
            "features_template", "output_names", "run_features_stage"]
 
-BLOCK_MAX = 1024  # time points per block (= per chunk) for pooled features
-BLOCK_MIN = 16
-BLOCK_BYTES = 64 * 2**20  # a block of all layers' features stays below this
 DEFAULT_BATCH = {"cpu": 16, "cuda": 64}
 QUEUE_BATCHES = 4  # frame batches read ahead
 READ_FRAMES = 128  # frames per read from the frames store (one frames shard)
@@ -84,34 +82,20 @@ def output_names(name: str, layers: Sequence[str]) -> list[str]:
     return [f"{name}.{layer}" for layer in layers]
 
 
-def choose_block_size(n_features: Sequence[int]) -> int:
-    """Time points per block: 1,024, halved until a block of all layers is <= 64 MB."""
-    per_frame = 4 * sum(n_features)
-    size = BLOCK_MAX
-    while size > BLOCK_MIN and size * per_frame > BLOCK_BYTES:
-        size //= 2
-    return size
-
-
 def features_template(frames_run: xr.Dataset, run: int, n_features: int, block: int,
-                      long_name: str) -> RunTemplate:
-    """``features (time, feature) float32`` with the frames run's ``time``/``run`` coords."""
+                      long_name: str, feature_shape: Sequence[int] | None = None
+                      ) -> RunTemplate:
+    """``features (time, feature) float32`` with the frames run's ``time``/``run`` coords
+    and a ``feature`` coordinate naming each flattened unit (:func:`feature_labels` of
+    ``feature_shape``, default ``(n_features,)``)."""
     times = frames_run["time"]
-    n = int(times.size)
-    data = da.empty((n, n_features), dtype=np.float32, chunks=(min(block, max(n, 1)), n_features))
-    ds = xr.Dataset(
-        {"features": (("time", "feature"), data, {"long_name": long_name})},
-        coords={
-            "time": ("time", np.asarray(times.values), dict(times.attrs)),
-            "run": ("time", np.asarray(frames_run["run"].values), dict(frames_run["run"].attrs)),
-        },
-    )
-    encoding = {
-        "features": {"chunks": (block, n_features)},
-        "time": {"chunks": (max(n, 1),)},
-        "run": {"chunks": (max(n, 1),)},
-    }
-    return RunTemplate(ds, encoding, block_dim="time", block_size=block)
+    names = feature_labels(feature_shape or (n_features,))
+    if names.size != n_features:
+        raise AssertionError(f"feature_shape {feature_shape} is not {n_features} features")
+    return feature_template(np.asarray(times.values), run, names, block, long_name,
+                            time_attrs=dict(times.attrs),
+                            run_values=np.asarray(frames_run["run"].values),
+                            run_attrs=dict(frames_run["run"].attrs))
 
 
 # -------------------------------------------------------------- the per-block work
@@ -252,7 +236,8 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
     writers = []
     for i, (group, layer) in enumerate(zip(groups, layers)):
         templates = [
-            features_template(ds, run, n_features[i], block, f"{model} {layer} output")
+            features_template(ds, run, n_features[i], block, f"{model} {layer} output",
+                              feature_shape=shapes[i])
             for run, ds in enumerate(frames_runs)
         ]
         attrs = _group_attrs(base, backbone, layers, i, shapes[i], frames_attrs,

@@ -170,6 +170,8 @@ def print_summary(out: dict, log=print) -> None:
     top = ranking(table).iloc[0]
     log(f"best (mean r at CV-selected alphas): {top['model']}, lags {top['lags']} "
         f"(planted: {PLANTED_MODEL}, lags {','.join(f'{l:g}' for l in PLANTED_LAGS)})")
+    for line in out["report"].get("comparisons", [])[1:]:
+        log(line)
     log(f"report: {out['report']['files']['html']}")
     log(f"finished in {out['seconds']:.0f} s")
 

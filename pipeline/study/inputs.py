@@ -50,11 +50,12 @@ def check_inputs(exp: Experiment) -> InputProbe:
     """Probe the inputs' headers and check the experiment against them; raise
     :class:`InputError` as ``FILE:LINE: section.key: ...`` at the first problem."""
     probe = _probe(exp)
-    _check_stimulus(exp, probe)
-    if exp.aggregate == "mean":
-        check_mean_window(exp.fail, exp.fps, probe.tr)
-    for r, (video_s, n) in enumerate(zip(probe.video_s, probe.volumes)):
-        _check_pairing(exp, r, video_s, n, probe.tr)
+    if exp.videos:  # [stimulus] is absent when no model is computed from frames
+        _check_stimulus(exp, probe)
+        if exp.aggregate == "mean":
+            check_mean_window(exp.fail, exp.fps, probe.tr)
+        for r, (video_s, n) in enumerate(zip(probe.video_s, probe.volumes)):
+            _check_pairing(exp, r, video_s, n, probe.tr)
     for lags in exp.lag_sets:
         _check_lag_set(exp, probe, lags)
     _check_weights(exp)
@@ -135,13 +136,17 @@ def _check_lag_set(exp: Experiment, probe: InputProbe, lags: list[float]) -> Non
     from voxelflow.pipeline.stages.frames import sample_times
 
     kept = []
-    for r, (video_s, n) in enumerate(zip(probe.video_s, probe.volumes)):
+    for r, n in enumerate(probe.volumes):
         problem = run_length_problem(n, probe.tr, lags, exp.aggregate)
         if problem:
             exp.fail("fit", "lag_sets", f"lags {_label(lags)}: run {r} "
                      f"({exp.bold_runs[r].name}) {problem}; use shorter lags or leave the "
                      f"run out")
-        frames = sample_times(video_s + probe.tr, exp.fps)
+        # Without videos (events or imported features) the features span the BOLD run;
+        # ten samples per TR bound the kept samples from above.
+        seconds = probe.video_s[r] if exp.videos else n * probe.tr
+        rate = exp.fps if exp.videos else 10.0 / probe.tr
+        frames = sample_times(seconds + probe.tr, rate)
         keep, _ = run_design_indices(frames, np.arange(n) * probe.tr, lags, probe.tr,
                                      exp.aggregate)
         kept.append(int(keep.size))
@@ -152,8 +157,9 @@ def _check_lag_set(exp: Experiment, probe: InputProbe, lags: list[float]) -> Non
                      f"lags {_label(lags)} keep at most {total} samples ({kept} per run); "
                      f"hold out fewer")
         n_train = total - exp.test_samples
-    else:
-        n_train = sum(k for r, k in enumerate(kept) if r not in exp.test_runs)
+    else:  # whole runs held out: test_runs, or every run of test_repeats
+        held_out = set(exp.test_runs or []) | {r for g in exp.test_repeats or [] for r in g}
+        n_train = sum(k for r, k in enumerate(kept) if r not in held_out)
     if isinstance(exp.cv, int) and exp.cv > n_train:
         exp.fail("fit", "cv", f"{exp.cv} folds but lags {_label(lags)} leave at most "
                  f"{n_train} training samples; use fewer folds")
@@ -164,7 +170,7 @@ def _check_weights(exp: Experiment) -> None:
     from voxelflow.pipeline.models.weights import parse_weights
 
     for i, spec in enumerate(exp.models):
-        if spec.is_autoencoder and not spec.train:
+        if not spec.needs_frames or spec.is_autoencoder and not spec.train:
             continue  # the checkpoint is the weights (checked when the file is loaded)
         try:
             parse_weights(spec.weights)
