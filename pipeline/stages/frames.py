@@ -38,7 +38,7 @@ from voxelflow.pipeline.execution.cluster import active_client, require_shared_p
 from voxelflow.pipeline.execution.resources import (FRAMES_COMPRESSION, check_disk,
                                                     check_memory)
 from voxelflow.pipeline.errors import InputError
-from voxelflow.pipeline.stages.video import (VideoInfo, ffmpeg_reason, open_container,
+from voxelflow.pipeline.stages.video import (VideoInfo, corrupt_video, open_container,
                                              video_stream, probe_video)
 from voxelflow.stores.inventory import stored_bytes
 from voxelflow.stores.names import check_name
@@ -129,10 +129,7 @@ def iter_sampled_frames(info: VideoInfo, source_index: np.ndarray, start_sample:
                 if k >= source_index.size:
                     return
         except av.error.FFmpegError as exc:
-            raise InputError(
-                f"{info.path}: video is corrupt or truncated ({ffmpeg_reason(exc)} near "
-                f"sample {k}); re-encode or re-download it"
-            ) from None
+            raise corrupt_video(info.path, exc, f" near sample {k}") from None
         if k < source_index.size:
             raise InputError(
                 f"{info.path}: video is corrupt or truncated (decoding stopped before frame "

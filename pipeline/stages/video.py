@@ -21,7 +21,7 @@ import numpy as np
 
 from voxelflow.pipeline.errors import InputError
 
-__all__ = ["VideoHeader", "VideoInfo", "ffmpeg_reason", "open_container", "probe_video",
+__all__ = ["VideoHeader", "VideoInfo", "corrupt_video", "ffmpeg_reason", "open_container", "probe_video",
            "probe_video_header", "video_stream"]
 
 # Demuxers of single pictures: a JPEG/PNG/... file (whatever its extension) is not a video.
@@ -70,6 +70,13 @@ def ffmpeg_reason(exc: Exception) -> str:
     """The first words of an FFmpeg error (for quoting it in a one-line message)."""
     text = getattr(exc, "strerror", None) or str(exc)
     return str(text).split(":")[0].strip() or type(exc).__name__
+
+
+def corrupt_video(path: Path, exc: Exception, where: str = "") -> InputError:
+    """The one-line error for an FFmpeg failure while reading ``path`` (``where``: e.g.
+    ``" after 12 frames"``)."""
+    return InputError(f"{path}: video is corrupt or truncated ({ffmpeg_reason(exc)}{where}); "
+                      f"re-encode or re-download it")
 
 
 def video_stream(container: av.container.InputContainer, path: Path
@@ -138,10 +145,7 @@ def probe_video(path: str | Path) -> VideoInfo:
                 pts.append(int(packet.pts))
                 durations.append(int(packet.duration or 0))
         except av.error.FFmpegError as exc:
-            raise InputError(
-                f"{path}: video is corrupt or truncated ({ffmpeg_reason(exc)} after "
-                f"{len(pts)} frames); re-encode or re-download it"
-            ) from None
+            raise corrupt_video(path, exc, f" after {len(pts)} frames") from None
         width, height = stream.codec_context.width, stream.codec_context.height
         declared_frames = int(stream.frames or 0)
         nominal = float(stream.average_rate) if stream.average_rate else None
@@ -177,10 +181,7 @@ def _decode_pts(path: Path) -> tuple[list[int], list[int]]:
                 pts.append(int(value))
                 durations.append(int(frame.duration or 0))
         except av.error.FFmpegError as exc:
-            raise InputError(
-                f"{path}: video is corrupt or truncated ({ffmpeg_reason(exc)}); "
-                f"re-encode or re-download it"
-            ) from None
+            raise corrupt_video(path, exc) from None
     return pts, durations
 
 
