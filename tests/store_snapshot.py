@@ -10,10 +10,11 @@ import numpy as np
 import zarr
 
 
-def snapshot(store_path: str | Path) -> dict:
+def snapshot(store_path: str | Path, group: str | None = None) -> dict:
     """``{path: (dtype, shape, sha256 of the bytes)}`` for every array and
     ``{path + "@attrs": attrs}`` for every group and array (``"/"`` is the root);
-    ``{}`` when there is no store."""
+    ``{}`` when there is no store.  ``group``: only the paths under it (the same API as
+    the storage half's helper, which replaces this one at merge)."""
     store_path = Path(store_path)
     if not (store_path / "zarr.json").is_file():
         return {}
@@ -24,4 +25,14 @@ def snapshot(store_path: str | Path) -> dict:
         if isinstance(node, zarr.Array):
             data = np.ascontiguousarray(node[...])
             out[name] = (str(data.dtype), data.shape, hashlib.sha256(data.tobytes()).hexdigest())
+    if group is not None:
+        prefix = group.strip("/")
+        out = {k: v for k, v in out.items() if k == prefix or k.startswith(prefix + "/")
+               or k == f"{prefix}@attrs"}
     return out
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    """One line per path whose content differs between two snapshots."""
+    return [f"{k}: {'added' if k not in a else 'removed' if k not in b else 'changed'}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
