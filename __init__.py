@@ -6,6 +6,7 @@ The public Python API, for what users call outside the command line::
     ws = voxelflow.Workspace("voxelflow.zarr")            # open (or name) a workspace
     voxelflow.run_frames_stage(ws, ["movie.mp4"], "movie", fps=20, size=224)
     voxelflow.run_features_stage(ws, "movie", "resnet50", weights="random:0")
+    voxelflow.write_features(ws, "words", runs=[run0, run1])  # your own (time, feature) arrays
     tree = ws.open_tree()                                  # an xarray.DataTree
     exp = voxelflow.load_experiment("study.toml")
     voxelflow.run_experiment(exp)                          # the whole study, like `voxelflow run`
@@ -29,6 +30,10 @@ _EXPORTS = {
     "train_autoencoder": "voxelflow.pipeline.stages",
     "run_bold_stage": "voxelflow.pipeline.stages",
     "run_fit_stage": "voxelflow.pipeline.stages",
+    "write_features": "voxelflow.pipeline.stages",
+    "run_events_stage": "voxelflow.pipeline.stages",
+    "run_import_stage": "voxelflow.pipeline.stages",
+    "fit_weights": "voxelflow.pipeline.stages",
     "export_variable": "voxelflow.pipeline.stages",
     "load_experiment": "voxelflow.pipeline.study",
     "run_experiment": "voxelflow.pipeline.study",

@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from voxelflow.cli_regressors import add_events, add_import_features
 from voxelflow.pipeline.execution.cluster import dask_client
 from voxelflow.pipeline.errors import VoxelflowError
 from voxelflow.stores.workspace import DEFAULT_STORE, Workspace
@@ -63,6 +64,7 @@ def cmd_frames(args: argparse.Namespace) -> int:
     summary = run_frames_stage(
         Workspace(args.store), args.videos, args.name, fps=args.fps, size=args.size,
         resize=args.resize, overwrite=args.overwrite, progress=args.progress,
+        log=lambda note: print(f"voxelflow: note: {note}", file=sys.stderr, flush=True),
     )
     counts = ", ".join(str(n) for n in summary["frames"])
     print(f"wrote /{summary['group']} in {args.store}: {summary['runs']} run(s), "
@@ -243,7 +245,8 @@ def cmd_bold(args: argparse.Namespace) -> int:
     summary = run_bold_stage(
         Workspace(args.store), args.runs, args.subject, mask=args.mask, tr=args.tr,
         zscore=args.zscore, detrend=args.detrend,
-        chunk_voxels=args.chunk_voxels or CHUNK_VOXELS, overwrite=args.overwrite,
+        chunk_voxels=CHUNK_VOXELS if args.chunk_voxels is None else args.chunk_voxels,
+        overwrite=args.overwrite,
         progress=args.progress,
     )
     vols = summary["volumes"]
@@ -270,16 +273,20 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("group", metavar="GROUP", help="e.g. bold/SUBJECT or fits/EXP/MODEL/LAGS")
     p.add_argument("var", metavar="VAR", help="variable with a voxel dimension, e.g. mean")
     p.add_argument("out", metavar="OUT", help="output file, .nii or .nii.gz")
+    p.add_argument("--sel", action="append", metavar="DIM=VALUE[,DIM=VALUE]",
+                   help="pick one value along a dimension first, e.g. feature=face,lag=5 "
+                        "on a fit's weights (repeatable)")
     p.add_argument("--store", default=DEFAULT_STORE,
                    help=f"workspace Zarr group (default ./{DEFAULT_STORE})")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from voxelflow.pipeline.stages.export import describe_export, export_variable
+    from voxelflow.pipeline.stages.export import (describe_export, export_variable,
+                                                  parse_selection)
 
     print(describe_export(export_variable(Workspace(args.store), args.group, args.var,
-                                          args.out)))
+                                          args.out, sel=parse_selection(args.sel))))
     return 0
 
 
@@ -296,6 +303,10 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
     split = p.add_mutually_exclusive_group(required=True)
     split.add_argument("--test-samples", type=int, help="hold out the last N samples")
     split.add_argument("--test-runs", help="hold out whole runs, e.g. 10,11")
+    split.add_argument("--test-repeats", action="append", metavar="R,R[,R...]",
+                       help="hold out runs that repeat one clip, e.g. 10,11,12: test on the "
+                            "first run's features against the mean BOLD of the repeats "
+                            "(noise ceiling per voxel); repeat the option for more clips")
     p.add_argument("--cv", default="5", help="CV folds on training data: K contiguous "
                    "blocks (default 5) or 'runs'")
     p.add_argument("--aggregate", choices=["last", "mean"], default="last",
@@ -305,29 +316,59 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-weights", action="store_true", help="store weights at the best alpha")
     p.add_argument("--save-predictions", action="store_true", help="store test predictions")
     p.add_argument("--voxel-block", type=int, default=4096, help="voxels per block (4096)")
+    _statistics_args(p)
     _store_arg(p)
     p.set_defaults(func=cmd_fit)
 
 
+def _statistics_args(p: argparse.ArgumentParser) -> None:
+    stats = p.add_argument_group("test-set statistics (docs/statistics.md)")
+    stats.add_argument("--permutations", type=int, default=1000, metavar="N",
+                       help="null draws for per-voxel permutation p-values, BH-FDR and "
+                            "max-statistic FWE maps (default 1000; 0: none)")
+    stats.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                       help="block-bootstrap resamples of the test set for intervals of "
+                            "mean r and paired comparisons (default 1000; 0: none)")
+    stats.add_argument("--block-length", type=int, default=10, metavar="SAMPLES",
+                       help="test samples (TRs) per block of the permutations and the "
+                            "bootstrap (default 10)")
+    stats.add_argument("--null", choices=["blocks", "shifts"], default="blocks",
+                       help="permutation null: shuffle whole blocks (default) or circular "
+                            "shifts of the predictions")
+    stats.add_argument("--seed", type=int, default=0,
+                       help="seed of the permutations and resamples (default 0)")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
-    from voxelflow.pipeline.errors import InputError
     from voxelflow.pipeline.stages.fit import parse_alphas, run_fit_stage
     from voxelflow.pipeline.design.lags import parse_lags
+    from voxelflow.pipeline.stats.per_block import StatisticsOptions
 
     cv = args.cv if args.cv == "runs" else _int_arg(args.cv, "--cv")
     test_runs = ([_int_arg(r, "--test-runs") for r in args.test_runs.split(",")]
                  if args.test_runs else None)
-    if args.voxel_block < 1:
-        raise InputError(f"--voxel-block must be >= 1 (got {args.voxel_block})")
+    test_repeats = ([[_int_arg(r, "--test-repeats") for r in group.split(",") if r.strip()]
+                     for group in args.test_repeats] if args.test_repeats else None)
+    statistics = StatisticsOptions(permutations=args.permutations, bootstrap=args.bootstrap,
+                                   block_length=args.block_length, null=args.null,
+                                   seed=args.seed)
     summary = run_fit_stage(
         Workspace(args.store), args.features, args.bold, parse_lags(args.lags),
         parse_alphas(args.alphas), test_samples=args.test_samples, test_runs=test_runs,
-        cv=cv, aggregate=args.aggregate, device=args.device, name=args.name,
-        save_weights=args.save_weights, save_predictions=args.save_predictions,
+        test_repeats=test_repeats, cv=cv, aggregate=args.aggregate, device=args.device,
+        name=args.name, save_weights=args.save_weights,
+        save_predictions=args.save_predictions, statistics=statistics,
         voxel_block=args.voxel_block, overwrite=args.overwrite, progress=args.progress,
     )
     print(summary.table())
+    _print_warnings(summary.warnings)
     return 0
+
+
+def _print_warnings(lines: Sequence[str], where: str = "") -> None:
+    """One ``voxelflow: warning: ...`` line each, on stderr."""
+    for line in lines:
+        print(f"voxelflow: warning: {where}{line}", file=sys.stderr)
 
 
 def _int_arg(text: str, flag: str) -> int:
@@ -355,10 +396,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from voxelflow.pipeline.study.report import ranking, table_markdown
 
     exp = load_experiment(args.experiment)
-    out = run_experiment(exp, dry_run=args.dry_run, progress=args.progress)
-    print(f"plan for {exp.source} (store {exp.store}):")
-    for stage in out["plan"]:
-        print("  " + stage.describe())
+    # The plan is printed (and flushed) before the first stage runs.
+    out = run_experiment(exp, dry_run=args.dry_run, progress=args.progress,
+                         log=lambda line: print(line, flush=True))
     if args.dry_run:
         return 0
     table = out["report"]["table"]
@@ -366,7 +406,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(table_markdown(table))
     top = ranking(table).iloc[0]
     print(f"best (mean r at CV-selected alphas): {top['model']}, lags {top['lags']}")
+    for line in out["report"]["comparisons"][1:]:
+        print(line)
     print(f"report: {out['report']['files']['html']}")
+    _print_warnings(out["report"]["warnings"])
     return 0
 
 
@@ -434,8 +477,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_frames, add_features, add_train_autoencoder, add_bold, add_export, add_fit, add_run,
-    add_status, add_verify, add_demo,
+    add_frames, add_features, add_train_autoencoder, add_bold, add_events, add_import_features,
+    add_export, add_fit, add_run, add_status, add_verify, add_demo,
 ]
 
 

@@ -38,13 +38,17 @@ class RunTemplate:
     variable as a lazy placeholder (``dask.array.empty`` is fine: never computed).
     ``encoding`` gives per-variable ``{"chunks": ..., "shards": ...}``.  Blocks run
     along ``block_dim`` in steps of ``block_size`` samples; ``block_size`` must be a
-    whole number of shards of every variable that has ``block_dim``.
+    whole number of shards of every variable that has ``block_dim``.  ``final`` names
+    variables with ``block_dim`` that no block writes: :meth:`StageWriter.write_final`
+    writes them whole once every block is done (they get no block digests; ``voxelflow
+    verify`` checks them by reading).
     """
 
     dataset: xr.Dataset
     encoding: dict[str, dict]
     block_dim: str
     block_size: int
+    final: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
@@ -60,9 +64,11 @@ class RunTemplate:
 
     @property
     def block_variables(self) -> list[str]:
-        """The data variables each block writes (those with the block dimension)."""
+        """The data variables each block writes (those with the block dimension, but
+        not the ``final`` ones)."""
         return integrity.block_variables(
-            {name: var.dims for name, var in self.dataset.data_vars.items()}, self.block_dim)
+            {name: var.dims for name, var in self.dataset.data_vars.items()
+             if name not in self.final}, self.block_dim)
 
     def files_per_block(self) -> int:
         """Chunk (or shard) files a full block writes: the width of ``block_digest``."""
@@ -164,13 +170,20 @@ class StageWriter:
         process then calls :meth:`mark_done`.  Safe to call concurrently for different
         blocks: regions are shard-aligned, so no two writers touch the same file.
         Every chunk is written, also one equal to the fill value (a missing chunk file
-        then always means damage)."""
+        then always means damage).
+
+        A variable whose first dimension is ``<block_dim>_block`` (one row per block,
+        e.g. a per-block summary ``(voxel_block, permutation)`` chunked one row per
+        chunk) gets row ``block``."""
         template = self.templates[run]
         region = template.block_slice(block)
         with self.workspace.storage_errors():
             node = self.workspace._node(self.run_path(run), "r+")
             for name, data in arrays.items():
                 var = template.dataset[name]
+                if var.dims[0] == f"{template.block_dim}_block":
+                    integrity.dense(node[name])[block] = np.asarray(data, dtype=var.dtype)
+                    continue
                 axis = var.dims.index(template.block_dim)
                 expected = region.stop - region.start
                 if data.shape[axis] != expected:
@@ -180,6 +193,18 @@ class StageWriter:
                 index[axis] = region
                 integrity.dense(node[name])[tuple(index)] = np.asarray(data, dtype=var.dtype)
         fault_point("block:data-written")
+
+    def write_final(self, run: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write whole variables computed from every block (e.g. statistics over all
+        voxels), once no block is pending and before :meth:`finish`; a run killed in
+        between recomputes them, since the group is not complete yet."""
+        if self.n_pending():
+            raise AssertionError(f"{self.group}: {self.n_pending()} blocks not written")
+        with self.workspace.storage_errors():
+            node = self.workspace._node(self.run_path(run), "r+")
+            for name, data in arrays.items():
+                var = self.templates[run].dataset[name]
+                integrity.dense(node[name])[...] = np.asarray(data, dtype=var.dtype)
 
     def mark_done(self, run: int, block: int) -> None:
         """Record the digests of the block's files, then set its done flag (only the

@@ -331,8 +331,13 @@ class Workspace:
 
     def delete(self, group: str) -> None:
         """Remove a group and everything under it (with its write lock), then refresh
-        the metadata."""
+        the metadata.  Through the view of a replacement being built (``writer.workspace``
+        of an ``--overwrite``) it drops the replacement only: the old group stays."""
         with self._write_lock(group):
+            if group in self._builds:
+                with self.storage_errors():
+                    replace.discard(self.path, group)
+                return
             self._delete(group)
 
     def _delete(self, group: str) -> None:

@@ -67,3 +67,8 @@ def cli_error(capsys, *argv: str) -> str:
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("voxelflow: error: "), out.err
     return lines[0]
+
+
+# The storage tests' fixtures (tests/stores): imported here rather than defined in a
+# tests/stores/conftest.py, which would shadow this module for `from conftest import`.
+from storage_fixtures import bold_runs, fit_inputs, forked, videos  # noqa: E402,F401

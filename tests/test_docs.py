@@ -195,6 +195,8 @@ def _placeholders(data: dict, base: Path) -> None:
     names += [data.get(s, {}).get(k) for s, k in (("bold", "mask"), ("report", "atlas"),
                                                   ("report", "atlas_labels"))]
     names += [m["checkpoint"] for m in data.get("models", []) if "checkpoint" in m]
+    names += [f for m in data.get("models", []) for f in [*m.get("events", []),
+                                                           *m.get("files", [])]]
     for name in filter(None, names):
         (base / name).parent.mkdir(parents=True, exist_ok=True)
         (base / name).touch()

@@ -29,7 +29,10 @@ class LaggedDesign:
 
     ``X`` (sample, lag_feature) float32 dask; ``Y`` (sample, voxel) float32 dask;
     ``run`` (sample,) int run index and ``time`` (sample,) float BOLD time (s) of each
-    kept sample; ``dropped`` per run: BOLD samples without a full stimulus history.
+    kept sample; ``dropped`` per run: BOLD samples without a full stimulus history;
+    ``feature_names`` (n_features,) the features' ``feature`` coordinate (``None`` for
+    groups written before features had names).  Column ``l * n_features + f`` of ``X``
+    is feature ``f`` at ``lags[l]``.
     """
 
     X: da.Array
@@ -39,6 +42,7 @@ class LaggedDesign:
     lags: list[float]
     n_features: int
     dropped: list[int] = field(default_factory=list)
+    feature_names: np.ndarray | None = None
 
     @property
     def n_samples(self) -> int:
@@ -74,12 +78,16 @@ def run_design_indices(frame_times: np.ndarray, bold_times: np.ndarray, lags: li
 
     Returns ``keep`` (n_kept,) indices into ``bold_times`` and, per lag, either an
     (n_kept,) frame index array (``last``) or an (n_kept, 2) [start, stop) frame range
-    (``mean``: frames with ``t - L - TR <= time < t - L``).
+    (``mean``: frames with ``t - L - TR <= time < t - L``).  The history must start at
+    or after the run's onset (0 s) and the first stimulus sample (imported features
+    may start later).
     """
     end = _stimulus_end(frame_times)
+    start = max(0.0, float(frame_times[0]))
     lo_needed = bold_times - max(lags) - (tr if aggregate == "mean" else 0.0)
     hi_needed = bold_times - min(lags)
-    keep_mask = (lo_needed >= -TIME_TOLERANCE_S) & (hi_needed < end + TIME_TOLERANCE_S)
+    keep_mask = ((lo_needed >= start - TIME_TOLERANCE_S)
+                 & (hi_needed < end + TIME_TOLERANCE_S))
     keep = np.flatnonzero(keep_mask)
     t = bold_times[keep]
     per_lag = []
@@ -108,6 +116,12 @@ def _mean_frames(features: da.Array, ranges: np.ndarray) -> da.Array:
     return ((csum[ranges[:, 1]] - csum[ranges[:, 0]]) / counts).astype(np.float32)
 
 
+def durations_match(stimulus_s: float, bold_s: float, tr: float) -> bool:
+    """Whether a stimulus run of ``stimulus_s`` seconds pairs with a BOLD run of
+    ``bold_s`` seconds: they differ by at most two TRs or 5 % of the BOLD run."""
+    return abs(stimulus_s - bold_s) <= max(2 * tr, 0.05 * bold_s)
+
+
 def check_runs_match(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
                      tr: float, features_name: str, bold_name: str) -> None:
     """Runs pair by index: same count, and each stimulus run about as long as its BOLD run."""
@@ -119,12 +133,37 @@ def check_runs_match(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset]
     for r, (f, b) in enumerate(zip(feature_runs, bold_runs)):
         f_end = _stimulus_end(f["time"].values)
         b_end = float(b["time"].values[-1]) + tr
-        if abs(f_end - b_end) > max(2 * tr, 0.05 * b_end):
+        if not durations_match(f_end, b_end, tr):
             raise InputError(
                 f"run {r}: stimulus lasts {f_end:.1f} s but BOLD lasts {b_end:.1f} s "
                 f"(/features/{features_name} vs /bold/{bold_name}); check that the runs "
                 f"are given in the same order and trimmed alike"
             )
+
+
+def run_length_problem(n_volumes: int, tr: float, lags: list[float],
+                       aggregate: str = "last") -> str | None:
+    """Why a run of ``n_volumes`` at ``tr`` s is too short for ``lags`` (None: long
+    enough).  A run must last at least the longest lag plus one TR (plus another TR with
+    ``aggregate="mean"``, whose window reaches one TR further back), or no sample of it
+    has a stimulus history and the run would be dropped silently."""
+    history = max(lags) + (tr if aggregate == "mean" else 0.0)
+    if (n_volumes - 1) * tr >= history - TIME_TOLERANCE_S:
+        return None
+    need = history + tr
+    return (f"lasts {n_volumes * tr:g} s ({n_volumes} volumes x TR {tr:g} s), shorter than "
+            f"the {need:g} s that lags up to {max(lags):g} s need (the longest lag plus one "
+            f"TR{' plus the mean window' if aggregate == 'mean' else ''})")
+
+
+def check_run_lengths(bold_runs: list[xr.Dataset], lags: list[float], tr: float,
+                      aggregate: str, bold_name: str) -> None:
+    """Refuse a BOLD run too short for ``lags`` (:func:`run_length_problem`)."""
+    for r, b in enumerate(bold_runs):
+        problem = run_length_problem(int(b.sizes["time"]), tr, lags, aggregate)
+        if problem:
+            raise InputError(f"/bold/{bold_name} run {r} {problem}; use shorter lags or "
+                             f"leave the run out")
 
 
 def build_design(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
@@ -140,6 +179,7 @@ def build_design(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
     if aggregate not in AGGREGATES:
         raise InputError(f"--aggregate must be one of {', '.join(AGGREGATES)} (got {aggregate!r})")
     check_runs_match(feature_runs, bold_runs, tr, features_name, bold_name)
+    check_run_lengths(bold_runs, lags, tr, aggregate, bold_name)
     xs, ys, runs, times, dropped = [], [], [], [], []
     n_features = int(feature_runs[0].sizes["feature"])
     for r, (f, b) in enumerate(zip(feature_runs, bold_runs)):
@@ -171,7 +211,22 @@ def build_design(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
     X = da.concatenate(xs, axis=0)
     Y = da.concatenate(ys, axis=0)
     return LaggedDesign(X, Y, np.concatenate(runs), np.concatenate(times), list(lags),
-                        n_features, dropped)
+                        n_features, dropped, shared_feature_names(feature_runs, features_name))
+
+
+def shared_feature_names(feature_runs: list[xr.Dataset], features_name: str = "?"
+                         ) -> np.ndarray | None:
+    """The ``feature`` coordinate common to every run (``None`` when the group has none);
+    runs that name their features differently are refused."""
+    if "feature" not in feature_runs[0].coords:
+        return None
+    names = np.asarray(feature_runs[0]["feature"].values)
+    for r, f in enumerate(feature_runs[1:], start=1):
+        if "feature" not in f.coords or not np.array_equal(np.asarray(f["feature"].values),
+                                                           names):
+            raise InputError(f"/features/{features_name}: run {r} names its features "
+                             f"differently from run 0; rewrite the group")
+    return names
 
 
 def split_train_test(design: LaggedDesign, *, test_samples: int | None = None,

@@ -25,7 +25,8 @@ def _output_layout(factors: RidgeFactors, has_test: bool, weights: bool,
     sizes = [("r_cv", n_alphas), ("best_alpha_index", 1), ("constant_voxel", 1),
              ("intercept", 1)]
     if has_test:
-        sizes += [("r_test", n_alphas), ("r_test_cv", 1)]
+        sizes += [("r_test", n_alphas), ("r_test_cv", 1), ("r2_test", n_alphas),
+                  ("r2_test_cv", 1)]
     if predictions:
         sizes.append(("predictions", factors.n_test))
     if weights:
@@ -247,6 +248,7 @@ def _dataset_from_packed(packed: Any, layout: dict[str, slice],
 
     alphas = factors.alphas
     dims = {"r_cv": ("alpha", "voxel"), "r_test": ("alpha", "voxel"),
+            "r2_test": ("alpha", "voxel"),
             "weights": ("feature", "voxel"), "predictions": ("test_sample", "voxel")}
     data_vars = {}
     for name, rows in layout.items():

@@ -69,15 +69,21 @@ def _cv_scores_dual(factors: RidgeFactors, shifted: Any, xp: Any
 
 def _test_outputs(factors: RidgeFactors, rhs: Any, y_mean: Any, Y_test: Any,
                   best: Any, want_predictions: bool, xp: Any
-                  ) -> tuple[Any, Any | None]:
-    """r_test (n_alphas, voxel) float64 and predictions at the best alpha."""
+                  ) -> tuple[Any, Any, Any | None]:
+    """r_test and r2_test (n_alphas, voxel) float64, and predictions at the best
+    alpha.  R^2 is scikit-learn's ``r2_score`` per voxel on the test samples,
+    ``1 - sum (y - yhat)^2 / sum (y - mean y)^2`` with ``yhat`` in BOLD units
+    (intercept included); NaN where the test BOLD is constant."""
     operator = factors.test
     projected = _project(operator, rhs)
+    y_offset = Y_test.astype(xp.float64) - y_mean  # yhat - y_mean is the prediction
     y_centred = Y_test.astype(xp.float64)
     y_centred -= y_centred.mean(axis=0)
     y_centred = y_centred.astype(factors.dtype)
     y_ss = _column_dot(y_centred, y_centred, xp)
+    y_offset = y_offset.astype(factors.dtype)
     r_test = xp.empty((factors.n_alphas, rhs.shape[1]), dtype=xp.float64)
+    r2_test = xp.empty((factors.n_alphas, rhs.shape[1]), dtype=xp.float64)
     predictions = None
     if want_predictions:
         predictions = xp.zeros((factors.n_test, rhs.shape[1]), dtype=factors.dtype)
@@ -87,6 +93,9 @@ def _test_outputs(factors: RidgeFactors, rhs: Any, y_mean: Any, Y_test: Any,
             if predictions is not None:
                 chosen = best == index
                 predictions[:, chosen] = prediction[:, chosen]
+            residual = y_offset - prediction
+            r2_test[index] = _r2_from_sums(_column_dot(residual, residual, xp), y_ss, xp)
+            del residual
             prediction -= prediction.mean(axis=0, dtype=xp.float64).astype(
                 factors.dtype)
             r_test[index] = correlation_from_sums(
@@ -95,7 +104,13 @@ def _test_outputs(factors: RidgeFactors, rhs: Any, y_mean: Any, Y_test: Any,
         del batch
     if predictions is not None:
         predictions += y_mean.astype(factors.dtype)
-    return r_test, predictions
+    return r_test, r2_test, predictions
+
+
+def _r2_from_sums(residual_ss: Any, total_ss: Any, xp: Any) -> Any:
+    """``1 - residual_ss / total_ss`` (float64), NaN where ``total_ss`` is zero."""
+    defined = total_ss > 0
+    return xp.where(defined, 1.0 - residual_ss / xp.where(defined, total_ss, 1.0), xp.nan)
 
 
 def _weights_at_best(factors: RidgeFactors, rhs: Any, best: Any, xp: Any) -> Any:
@@ -148,7 +163,8 @@ def ridge_chunk(factors: RidgeFactors, Y_train: Any, Y_test: Any | None = None,
         ``intercept`` (voxel,) float64 -- training mean of Y
         ``r_test`` (n_alphas, voxel) float64 and ``r_test_cv`` (voxel,)
         float64 -- test r of the full-training fit, at every alpha and at the
-        selected one (only with ``Y_test``)
+        selected one (only with ``Y_test``); ``r2_test`` (n_alphas, voxel) and
+        ``r2_test_cv`` (voxel,) float64 -- its R^2 (scikit-learn's ``r2_score``)
         ``weights``, ``predictions`` when asked for.
     """
     xp = get_array_module(factors.device)
@@ -213,10 +229,12 @@ def _chunk_outputs(factors: Any, fold_scores: list[Any], rhs: Any, y_mean: Any,
         "intercept": y_mean,
     }
     if Y_test is not None:
-        r_test, predictions = _test_outputs(factors, rhs, y_mean, Y_test, best,
-                                            return_predictions, xp)
+        r_test, r2_test, predictions = _test_outputs(factors, rhs, y_mean, Y_test, best,
+                                                     return_predictions, xp)
         out["r_test"] = r_test
         out["r_test_cv"] = _pick_best(r_test, best, xp)
+        out["r2_test"] = r2_test
+        out["r2_test_cv"] = _pick_best(r2_test, best, xp)
         if predictions is not None:
             out["predictions"] = predictions
     if return_weights:

@@ -15,17 +15,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 import xarray as xr
 
 from voxelflow.pipeline.errors import InputError
+from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import Workspace
 
 __all__ = ["Geometry", "describe_export", "export_variable", "find_geometry", "output_dtype",
-           "to_volume", "write_nifti"]
+           "parse_selection", "select", "to_volume", "write_nifti"]
 
 EXPORT_BUDGET = 64 * 2**20  # bytes of output volumes assembled at once by the exporter
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -166,26 +167,81 @@ def write_nifti(path: str | Path, volumes: Iterator[np.ndarray], shape: tuple[in
     os.replace(tmp, path)
 
 
-def export_variable(workspace: Workspace, node: str, name: str, out: str | Path) -> dict:
+def parse_selection(texts: Sequence[str] | None) -> dict[str, str]:
+    """``["feature=face,lag=5"]`` (``--sel``, repeatable) -> ``{"feature": "face", "lag": "5"}``."""
+    selection: dict[str, str] = {}
+    for text in texts or []:
+        for item in text.split(","):
+            dim, sep, value = item.partition("=")
+            if not sep or not dim.strip() or not value.strip():
+                raise InputError(f"--sel must be DIM=VALUE[,DIM=VALUE...], e.g. "
+                                 f"feature=face,lag=5 (got {text!r})")
+            selection[dim.strip()] = value.strip()
+    return selection
+
+
+def select(var: xr.DataArray, selection: Mapping[str, Any], where: str) -> xr.DataArray:
+    """``var`` with one value chosen along each dimension of ``selection`` (the
+    dimension is dropped): by coordinate value (numbers compared to 1e-6 relative,
+    so ``lag=5`` finds 5.0), or by position where the dimension has no coordinate."""
+    for dim, value in selection.items():
+        if dim not in var.dims or dim == "voxel":
+            others = [d for d in var.dims if d != "voxel"]
+            raise InputError(f"{where}: --sel {dim}: not a dimension to select on "
+                             f"(dims: {', '.join(others) or 'none'})")
+        labels = (np.asarray(var[dim].values) if dim in var.coords
+                  else np.arange(var.sizes[dim]))
+        if labels.dtype.kind in "iuf":
+            try:
+                number = float(value)
+            except ValueError:
+                raise InputError(f"{where}: --sel {dim}={value}: {dim} is numeric") from None
+            hits = np.flatnonzero(np.isclose(labels.astype(np.float64), number, rtol=1e-6,
+                                             atol=1e-9))
+        else:
+            hits = np.flatnonzero([str(v) == str(value) for v in labels])
+        if hits.size != 1:
+            shown = ", ".join(str(v) for v in labels[:12]) + (", ..." if labels.size > 12
+                                                             else "")
+            raise InputError(f"{where}: --sel {dim}={value}: "
+                             f"{'no such' if not hits.size else 'several'} {dim} "
+                             f"(values: {shown})")
+        var = var.isel({dim: int(hits[0])})
+    return var
+
+
+def export_variable(workspace: Workspace, node: str, name: str, out: str | Path,
+                    sel: Mapping[str, Any] | None = None) -> dict:
     """Write variable ``name`` of workspace node ``node`` to the NIfTI file ``out``.
 
     ``(voxel,)`` -> 3D, ``(n, voxel)`` -> 4D with ``n`` volumes (e.g. one per alpha);
     zeros outside the voxels; affine and grid of the bold data it came from.  A 3D
     variable already on the grid (the bold group's ``mask``) is written as it is.
+    ``sel`` picks one value along some dimensions first (:func:`select`), e.g.
+    ``{"feature": "face", "lag": 5}`` on a fit's ``weights (lag, feature, voxel)``
+    (older ``weights (lag_feature, voxel)`` are read as that layout).
     Returns a summary for :func:`describe_export`.
     """
     out = Path(out)
-    node = node.strip("/")
+    node = check_name(node.strip("/"), "GROUP", nested=True)
     stage, ds = _open_request(workspace, node, name, out)
     var = ds[name]
+    if name == "weights" and "lag_feature" in var.dims:
+        from voxelflow.pipeline.stages.fit import fit_weights
+
+        var = fit_weights(ds, workspace.attrs(stage))
+    if sel:
+        var = select(var, sel, f"{workspace.path}: /{node}/{name}")
     dtype = output_dtype(var.dtype)
     extra_dim, n_rows = None, 1
     if "voxel" not in var.dims:
         return _export_on_grid(workspace, node, var, out, dtype,
                                sorted(v for v in ds.variables if "voxel" in ds[v].dims))
     if var.ndim > 2:
+        others = [d for d in var.dims if d != "voxel"]
         raise InputError(f"{workspace.path}: /{node}/{name} has dims {var.dims}; select down "
-                         f"to (voxel,) or (n, voxel) first")
+                         f"to (voxel,) or (n, voxel) first, e.g. --sel "
+                         + ",".join(f"{d}=..." for d in others[:-1]))
     geometry = find_geometry(workspace, node, var)
     if var.ndim == 1:
         values = np.asarray(var.values)
@@ -208,7 +264,8 @@ def export_variable(workspace: Workspace, node: str, name: str, out: str | Path)
         labels = [v.item() if hasattr(v, "item") else v for v in var.coords[extra_dim].values]
     return {"file": str(out), "shape": list(geometry.shape) + ([n_rows] if extra_dim else []),
             "voxels": int(geometry.i.size), "dim": extra_dim, "labels": labels,
-            "dtype": str(dtype), "sources": geometry.sources}
+            "dtype": str(dtype), "sources": geometry.sources,
+            "sel": {str(k): str(v) for k, v in (sel or {}).items()}}
 
 
 def _open_request(workspace: Workspace, node: str, name: str, out: Path
@@ -293,6 +350,8 @@ def describe_export(summary: dict) -> str:
             extra = f"; volume n = {summary['dim']}[n] ({shown}{more})"
         else:
             extra = f"; volume n = {summary['dim']} n"
+    if summary.get("sel"):
+        extra += "; selected " + ", ".join(f"{k}={v}" for k, v in summary["sel"].items())
     if summary["sources"][0] == "its own grid":
         return (f"wrote {summary['file']}: {kind} NIfTI {shape} {summary['dtype']}, "
                 f"affine from {summary['sources'][1]}")

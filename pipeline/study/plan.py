@@ -34,7 +34,7 @@ STARTED_ATTR = "voxelflow_started"  # workspace root: {group: request} of unfini
 
 @dataclass
 class PlannedStage:
-    kind: str            # frames | bold | train | features | fit
+    kind: str            # frames | bold | train | features | events | import | fit
     group: str           # store group it writes (train: the checkpoint file)
     request: dict        # what the experiment asks of it
     action: str = "run"  # skip | run | resume | rerun
@@ -56,15 +56,28 @@ class PlannedStage:
         return text + (f"  ({self.note})" if self.note else "")
 
 
-def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool = True
-               ) -> list[PlannedStage]:
-    """Every stage of the experiment in order, each with its action (nothing is run)."""
+def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool = True,
+               check: bool = True) -> list[PlannedStage]:
+    """Every stage of the experiment in order, each with its action (nothing is run).
+
+    With ``check`` (the default) the inputs are checked first
+    (:func:`~voxelflow.pipeline.study.inputs.check_inputs`: cheap probes of the files'
+    headers), so a plan is only made for a study that can run.
+    """
+    from voxelflow.pipeline.study.inputs import check_inputs
+
+    if check:
+        check_inputs(exp)
     ws = ws or Workspace(exp.store)
-    frames = _frames_stage(exp, ws, progress)
+    needs_frames = any(spec.needs_frames for spec in exp.models)
+    frames = _frames_stage(exp, ws, progress) if needs_frames else None
     bold = _bold_stage(exp, ws, progress)
-    stages = [frames, bold]
+    stages = [frames, bold] if frames is not None else [bold]
     for spec in exp.models:
-        stages += _model_stages(exp, ws, spec, frames, bold, progress)
+        if spec.needs_frames:
+            stages += _model_stages(exp, ws, spec, frames, bold, progress)
+        else:
+            stages += _regressor_stages(exp, ws, spec, bold, progress)
     return decide_actions(ws, stages)
 
 
@@ -145,20 +158,54 @@ def _features_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, weights: st
     return stage
 
 
+def _regressor_stages(exp: Experiment, ws: Workspace, spec: ModelSpec, bold: PlannedStage,
+                      progress: bool) -> list[PlannedStage]:
+    """A feature space that is not computed from frames: its events or import stage
+    (``source``), then a fit per lag set."""
+    from voxelflow.pipeline.study.sources import events_options, import_options
+
+    if spec.source == "events":
+        from voxelflow.pipeline.stages.events import run_events_stage
+
+        options = {"rate": spec.rate, **events_options(spec)}
+        request = {"events": [_file_id(p) for p in spec.events], **options,
+                   "bold": bold.request}
+        feat = PlannedStage("events", f"features/{spec.name}", request, upstream=[bold.group])
+        feat.call = lambda overwrite: run_events_stage(
+            ws, spec.events, spec.name, bold=exp.subject, overwrite=overwrite, **options)
+    else:
+        from voxelflow.pipeline.stages.imported import run_import_stage
+
+        options = import_options(spec)
+        request = {"files": [_file_id(p) for p in spec.files], **options}
+        feat = PlannedStage("import", f"features/{spec.name}", request)
+        feat.call = lambda overwrite: run_import_stage(ws, spec.files, spec.name,
+                                                       overwrite=overwrite, **options)
+    return [feat] + [_fit_stage(exp, ws, spec, lags, feat, bold, progress)
+                     for lags in exp.lag_sets]
+
+
 def _fit_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, lags: list[float],
                feat: PlannedStage, bold: PlannedStage, progress: bool) -> PlannedStage:
+    """A fit of one lag set; categorical event models keep their weights (the report's
+    per-category maps)."""
     from voxelflow.pipeline.stages.fit import fit_group, run_fit_stage
 
     request = {"features": feat.request, "bold": bold.request, "lags": lags,
                "alphas": exp.alphas, "test_samples": exp.test_samples,
-               "test_runs": exp.test_runs, "cv": exp.cv, "aggregate": exp.aggregate}
+               "test_runs": exp.test_runs, "test_repeats": exp.test_repeats, "cv": exp.cv,
+               "aggregate": exp.aggregate, "statistics": exp.statistics().as_params()}
+    save_weights = spec.is_categorical_events
+    if save_weights:
+        request["save_weights"] = True
     name = f"{exp.name}/{spec.name}"
     stage = PlannedStage("fit", fit_group(name, lags), request,
                          upstream=[feat.group, bold.group])
     stage.call = lambda overwrite: run_fit_stage(
         ws, spec.name, exp.subject, lags, exp.alphas, test_samples=exp.test_samples,
-        test_runs=exp.test_runs, cv=exp.cv, aggregate=exp.aggregate,
-        device=exp.device, name=name, overwrite=overwrite, progress=progress)
+        test_runs=exp.test_runs, test_repeats=exp.test_repeats, cv=exp.cv,
+        aggregate=exp.aggregate, statistics=exp.statistics(), device=exp.device,
+        name=name, save_weights=save_weights, overwrite=overwrite, progress=progress)
     return stage
 
 
@@ -172,6 +219,8 @@ def _train_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, frames_request
     request = {"frames": frames_request, "bold": bold_request, "lag_sets": exp.lag_sets,
                "test_samples": exp.test_samples, "test_runs": exp.test_runs,
                "aggregate": exp.aggregate, "options": options, "device": exp.device}
+    if exp.test_repeats is not None:  # absent otherwise: earlier checkpoints stay valid
+        request["test_repeats"] = exp.test_repeats
     stage = PlannedStage("train", str(spec.checkpoint), request,
                          upstream=[f"frames/{exp.stimulus_name}", f"bold/{exp.subject}"])
 
@@ -195,6 +244,9 @@ def training_split(exp: Experiment, ws: Workspace) -> dict:
     frames = ws.open_runs(f"frames/{exp.stimulus_name}")
     if exp.test_runs is not None:
         return {"train_runs": [r for r in range(len(frames)) if r not in exp.test_runs]}
+    if exp.test_repeats is not None:  # every repeat shows the test clip
+        held_out = {r for group in exp.test_repeats for r in group}
+        return {"train_runs": [r for r in range(len(frames)) if r not in held_out]}
     bold_group = f"bold/{exp.subject}"
     tr = float(ws.attrs(bold_group)["tr"])
     frame_times = [ds["time"].values for ds in frames]

@@ -22,9 +22,13 @@ from voxelflow.stores.workspace import Workspace
 
 def run_experiment(exp: Experiment, *, dry_run: bool = False, progress: bool = True,
                    log: Callable[[str], None] = print) -> dict:
-    """Plan, run what is needed, write the report; return plan, ran stages and report."""
+    """Check the inputs and plan, show the plan (``log``) before anything runs, run what
+    is needed, write the report; return plan, ran stages and report."""
     ws = Workspace(exp.store)
     stages = build_plan(exp, ws, progress=progress)
+    log(f"plan for {exp.source} (store {exp.store}):")
+    for stage in stages:
+        log("  " + stage.describe())
     if dry_run:
         return {"plan": stages, "ran": [], "report": None}
     ran = execute_plan(ws, stages, log)
@@ -59,15 +63,22 @@ def execute_plan(ws: Workspace, stages: list[PlannedStage],
     return ran
 
 
+#: Dimensions of the fit variables that stay on disk (read a voxel chunk at a time).
+LAZY_DIMS = {"time_block", "test_sample", "lag_feature"}
+
+
 def collect_results(exp: Experiment, ws: Workspace) -> list[FitResult]:
-    """The stored fit of every (model, lag set), loaded, with its group attrs."""
+    """The stored fit of every (model, lag set) with its group attrs: per-voxel and
+    per-alpha variables loaded, those over test time or features left lazy."""
     from voxelflow.pipeline.stages.fit import fit_group
 
     results = []
     for spec in exp.models:
         for lags in exp.lag_sets:
             group = fit_group(f"{exp.name}/{spec.name}", lags)
-            ds = ws.open_node(group).load()
+            ds = ws.open_node(group)
+            small = [n for n, v in ds.variables.items() if not LAZY_DIMS & set(v.dims)]
+            ds = ds.assign({n: ds[n].load() for n in small if n in ds.data_vars})
             ds.attrs.update(ws.attrs(group))
             results.append(FitResult(spec.name, lags, ds))
     return results
@@ -85,12 +96,43 @@ def make_report(exp: Experiment, ws: Workspace) -> dict:
     def write_map(res: FitResult, path: Path) -> None:
         export_variable(ws, fit_group(f"{exp.name}/{res.model}", res.lags), "r_test_cv", path)
 
+    categorical = {spec.name for spec in exp.models if spec.is_categorical_events}
+
+    def write_category_maps(res: FitResult, maps_dir: Path) -> dict | None:
+        from voxelflow.pipeline.study.category_maps import category_maps
+
+        if res.model not in categorical:
+            return None
+        group = fit_group(f"{exp.name}/{res.model}", res.lags)
+        return category_maps(
+            res.fit, f"{res.model}_lags-{res.label.replace(',', '-')}", maps_dir,
+            lambda sel, path: export_variable(ws, group, "weights", path, sel=sel),
+            f"{res.model}, lags {res.label}")
+
+    def write_values(values: np.ndarray, path: Path, description: str) -> None:
+        group = fit_group(f"{exp.name}/{results[0].model}", results[0].lags)
+        write_voxel_values(ws, group, values, path, description)
+
     roi, names = None, None
     if exp.atlas is not None:
         roi = atlas_label_of_voxel(exp.atlas, results[0].fit)
         names = read_atlas_names(exp.atlas_labels) if exp.atlas_labels else None
     return write_report(results, exp.reports / exp.name, experiment=exp.name,
-                        write_map=write_map, roi_of_voxel=roi, roi_names=names)
+                        write_map=write_map, roi_of_voxel=roi, roi_names=names,
+                        write_values=write_values, category_maps=write_category_maps)
+
+
+def write_voxel_values(ws: Workspace, group: str, values: np.ndarray, path: Path,
+                       description: str) -> None:
+    """A (voxel,) array computed from fits (e.g. the winner map) as a 3D NIfTI on the
+    grid of fit group ``group``'s voxels."""
+    from voxelflow.pipeline.stages.export import (find_geometry, output_dtype, to_volume,
+                                                  write_nifti)
+
+    geometry = find_geometry(ws, group, ws.open_node(group)["r_test_cv"])
+    dtype = output_dtype(np.asarray(values).dtype)
+    write_nifti(path, iter([to_volume(values, geometry, dtype)]), geometry.shape, dtype,
+                geometry, description=description)
 
 
 def atlas_label_of_voxel(atlas_path: Path, fit) -> np.ndarray:

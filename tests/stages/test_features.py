@@ -121,6 +121,14 @@ def test_several_layers_flattened_and_pooled_and_queried_by_time(ws):
     assert tree[f"features/r18.{last}"].attrs["feature_shape"] == [512, 7, 7]
     assert flat.shape == (6, 512 * 7 * 7) and avg.shape == pooled.shape == (6, 512)
     np.testing.assert_allclose(flat.reshape(6, 512, 7, 7).mean(axis=(2, 3)), avg, atol=1e-5)
+    # feature names: (channel, y, x) of the flattened map in C order; units when pooled
+    names = tree[f"features/r18.{last}/run-000"]["feature"].values
+    assert names[0] == "c0_y0_x0" and names[1] == "c0_y0_x1" and names[7] == "c0_y1_x0"
+    assert names[12 * 49 + 3 * 7 + 4] == "c12_y3_x4" and len(set(names)) == names.size
+    by_name = tree[f"features/r18.{last}/run-000"]["features"].sel(feature="c12_y3_x4")
+    np.testing.assert_array_equal(by_name.values, flat.reshape(6, 512, 7, 7)[:, 12, 3, 4])
+    assert tree["features/r18pool/run-000"]["feature"].values[[0, 511]].tolist() == [
+        "unit-0000", "unit-0511"]
     np.testing.assert_allclose(pooled, avg, atol=1e-5)
     # Query by time: 5 s .. 15 s of each run (frames every 5 s).
     sel = tree["features/r18.avgpool"].sel(time=slice(5, 15))["run-000"]

@@ -13,7 +13,7 @@ from sklearn.linear_model import Ridge
 from conftest import run_cli
 from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.pipeline.errors import InputError
-from voxelflow.pipeline.stages.fit import run_fit_stage
+from voxelflow.pipeline.stages.fit import fit_weights, run_fit_stage
 from voxelflow.pipeline.ridge.scoring import contiguous_folds
 from voxelflow.stores import RunTemplate, Workspace
 
@@ -369,7 +369,9 @@ def test_aggregate_mean_design_and_scores_match_sklearn(options_ws):
 def test_saved_weights_and_predictions_match_sklearn_at_the_selected_alpha(options_ws):
     ws = options_ws
     fit = ws.open_node("fits/runs/lags-2-3")
-    assert fit["weights"].dims == ("lag_feature", "voxel")
+    assert fit["weights"].dims == ("lag", "feature", "voxel")
+    assert fit["lag"].values.tolist() == list(LAGS)
+    assert fit["feature"].values.tolist() == [f"unit-{f:04d}" for f in range(N_FEAT)]
     assert fit["predictions"].dims == ("test_sample", "voxel")
     X, Y, run = _reference_design(ws, "last")
     test = run == 1
@@ -384,10 +386,17 @@ def test_saved_weights_and_predictions_match_sklearn_at_the_selected_alpha(optio
         model = Ridge(alpha=alpha, solver="svd").fit(X[~test], Y[~test][:, voxels])
         coef[:, voxels] = model.coef_.reshape(-1, X.shape[1]).T
         pred[:, voxels] = model.predict(X[test]).reshape(test.sum(), -1)
-    weights = fit["weights"].values
-    # lag-major: row l * n_features + f is feature f at the l-th lag (as in the design)
+    weights = fit["weights"].values.reshape(len(LAGS) * N_FEAT, N_VOX)
+    # (lag, feature, voxel): the design's column l * n_features + f is feature f at lag l
     np.testing.assert_allclose(weights, coef, rtol=1e-3, atol=1e-4 * np.abs(coef).max())
+    np.testing.assert_allclose(fit["weights"].sel(feature="unit-0003", lag=3).values,
+                               coef[1 * N_FEAT + 3], rtol=1e-3, atol=1e-4 * np.abs(coef).max())
     feature_major = coef.reshape(len(LAGS), N_FEAT, N_VOX).transpose(1, 0, 2).reshape(coef.shape)
     assert not np.allclose(weights, feature_major, rtol=1e-3, atol=1e-4 * np.abs(coef).max())
+    # a group written in the old layout, weights (lag_feature, voxel), reads the same
+    old = fit.drop_vars(["weights", "lag", "feature"]).assign(
+        weights=(("lag_feature", "voxel"), weights))
+    np.testing.assert_array_equal(fit_weights(old, {"lags": list(LAGS)}).values,
+                                  fit["weights"].values)
     # predictions in BOLD units (intercept included), test samples in time order
     np.testing.assert_allclose(fit["predictions"].values, pred, rtol=0, atol=2e-3)

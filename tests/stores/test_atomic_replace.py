@@ -143,3 +143,24 @@ def test_bold_overwrite_is_built_beside_the_old_group(tmp_path, fit_inputs, bold
     assert ws.read_array("bold/s", "mask").sum() == 27
     assert differences(snapshot(store, "bold/s"), before)
     assert not (store / ".staging").exists()
+
+
+def test_bold_overwrite_with_no_usable_voxel_keeps_the_old_group(tmp_path, fit_inputs,
+                                                                 bold_runs, capsys):
+    """A replacement found unusable at its end (every voxel constant) is dropped; the
+    complete group it was to replace stays, byte for byte."""
+    import nibabel as nib
+    import numpy as np
+
+    store = shutil.copytree(fit_inputs, tmp_path / "s.zarr")
+    before = snapshot(store, "bold/s")
+    src = nib.load(bold_runs[0])
+    flat = tmp_path / "mask.nii.gz"
+    shutil.copy(bold_runs[0].parent / "mask.nii.gz", flat)
+    run = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(src.shape, 100, np.float32), src.affine, src.header), run)
+    assert cli.main([*bold_args([run], store), "--overwrite"]) == 2
+    assert "no usable voxel" in capsys.readouterr().err
+    assert not differences(snapshot(store, "bold/s"), before)
+    assert Workspace(store).state("bold/s") == "complete"
+    assert not (store / ".staging").exists()

@@ -160,6 +160,12 @@ test_samples = 10
     (('weights = "random:0"', 'weights = "random:0"\nepochs = 3'), "models.epochs"),
     (('model = "resnet50"', 'model = "autoencoder"\ntrain = false'), "models.train"),
     (('model = "resnet50"', 'model = "autoencoder"\ntrain_steps = 0'), "models.train_steps"),
+    (("test_samples = 10", "test_repeats = [[0]]"), "fit.test_repeats"),
+    (("test_samples = 10", "test_repeats = [[0, 1]]"), "fit.test_repeats"),
+    (("test_samples = 10", "test_samples = 10\ntest_repeats = [[0, 1]]"), "[fit]"),
+    (("[fit]", "[fit]\npermutations = -1"), "fit.permutations"),
+    (("[fit]", "[fit]\nblock_length = 0"), "fit.block_length"),
+    (("[fit]", '[fit]\nnull = "permute"'), "fit.null"),
 ])
 def test_bad_experiment_files_name_the_key_and_line(tmp_path, capsys, edit, key):
     (tmp_path / "v.mp4").write_bytes(b"x")
@@ -174,6 +180,24 @@ def test_bad_experiment_files_name_the_key_and_line(tmp_path, capsys, edit, key)
     line = int(msg.split(f"{path}:")[1].split(":")[0])
     assert line > 1
     assert cli_error(capsys, "run", str(path)) == f"voxelflow: error: {msg}"  # exit 2, one line
+
+
+def test_test_repeats_and_statistics_keys_reach_the_fit_request(tmp_path):
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    (tmp_path / "b.nii.gz").write_bytes(b"x")
+    text = (BASE.replace('videos = ["{video}"]', 'videos = ["v.mp4", "v.mp4", "v.mp4"]')
+            .replace('runs = ["{bold}"]', 'runs = ["b.nii.gz", "b.nii.gz", "b.nii.gz"]')
+            .replace("test_samples = 10", 'test_repeats = [[1, 2]]\npermutations = 200\n'
+                     'bootstrap = 0\nblock_length = 6\nnull = "shifts"\nseed = 3'))
+    (tmp_path / "exp.toml").write_text(text)
+    exp = load_experiment(tmp_path / "exp.toml")
+    assert exp.test_repeats == [[1, 2]] and exp.test_samples is None
+    assert exp.statistics().as_params() == {"permutations": 200, "bootstrap": 0,
+                                            "block_length": 6, "null": "shifts", "seed": 3}
+    # the files are placeholders: plan without the input probes (check=False)
+    fit = next(s for s in build_plan(exp, progress=False, check=False) if s.kind == "fit")
+    assert fit.request["test_repeats"] == [[1, 2]]
+    assert fit.request["statistics"]["null"] == "shifts"
 
 
 AUTOENCODER_MODEL = """

@@ -67,13 +67,14 @@ def test_summary_table_means_over_valid_voxels():
     for a_i, a in enumerate(fit["alpha"].values):
         assert abs(row[f"{a:g}"] - mean_r[a_i]) < 1e-6
     assert row["n_valid_voxels"] == N_VOXELS - len(INVALID) - 1
+    assert row["n_nan_voxels"] == 1  # valid, but its r is NaN: counted apart
     # best alpha: argmax of the mean r per alpha over the kept voxels
     best = int(np.argmax(mean_r))
     assert row["best_alpha"] == ALPHAS[best] and abs(row["r_best_alpha"] - mean_r[best]) < 1e-6
     assert abs(row["r_cv_selected"] - fit["r_test_cv"].values[kept].astype(np.float64).mean()) < 1e-6
-    # n_significant: one-sided pearsonr p-values, Benjamini-Hochberg over the kept voxels
+    # n_sig_parametric: one-sided pearsonr p-values, Benjamini-Hochberg over the kept voxels
     expected = int((stats.false_discovery_control(p[kept]) < 0.05).sum())
-    assert row["n_significant"] == expected > 0
+    assert row["n_sig_parametric"] == expected > 0
     # ... and each of these would differ had the invalid voxels been counted.
     with_invalid = np.isfinite(r).all(axis=0)
     assert np.argmax(r[:, with_invalid].mean(axis=1)) != best

@@ -1,5 +1,6 @@
-"""Tiny inputs for the storage tests: two index videos (2-4 frames blocks at 32 px), a
-BOLD run pair on a 3x3x3 grid, a features group, and one forked-CLI helper."""
+"""Fixtures of the storage tests (tests/stores), registered by tests/conftest.py so that
+the suite has one module named ``conftest``: two index videos (2-4 frames blocks at
+32 px), a BOLD run pair on a 3x3x3 grid, a features group, one forked-CLI helper."""
 
 from __future__ import annotations
 
