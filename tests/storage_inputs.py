@@ -59,3 +59,14 @@ def refused(capsys, *argv: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith("voxelflow: error: "), err
     return err[0]
+
+
+def build_frames(base: Path, videos: dict[str, Path], keys: tuple[str, ...]) -> dict[str, Path]:
+    """``{key: store}``: an uninterrupted ``frames`` build of ``videos[key]`` per key."""
+    from voxelflow import cli
+
+    stores = {}
+    for key in keys:
+        stores[key] = base / f"{key}.zarr"
+        assert cli.main(frames_args(videos[key], stores[key])) == 0
+    return stores

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import xarray as xr
 
-from storage_inputs import bold_args, fit_args, frames_args
+from storage_inputs import bold_args, build_frames, fit_args, frames_args
 from store_snapshot import differences, snapshot
 from voxelflow import cli
 from voxelflow.stores import Workspace
@@ -43,9 +43,8 @@ def refs(tmp_path_factory, videos):
     """Uninterrupted builds: ``old`` (video a) and ``new`` (video b) of /frames/c."""
     base = tmp_path_factory.mktemp("refs")
     out = {}
-    for key, video in (("old", videos["a"]), ("new", videos["b"])):
-        store = base / f"{key}.zarr"
-        assert cli.main(frames_args(video, store)) == 0
+    built = build_frames(base, {"old": videos["a"], "new": videos["b"]}, ("old", "new"))
+    for key, store in built.items():
         out[key] = store
         out[f"{key}_snap"] = snapshot(store, GROUP)
         out[f"{key}_n"] = Workspace(store).open_run(GROUP, 0).sizes["time"]

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import zarr.storage._local as zarr_local
 
-from storage_inputs import bold_args, frames_args, refused
+from storage_inputs import bold_args, build_frames, frames_args, refused
 from store_snapshot import differences, snapshot
 from voxelflow import cli
 import voxelflow.stores.scratch as scratch_module
@@ -23,12 +23,7 @@ GROUP = "frames/c"
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory, videos):
     base = tmp_path_factory.mktemp("storage-refs")
-    out = {}
-    for key, video in (("old", videos["a"]), ("long", videos["long"])):
-        store = base / f"{key}.zarr"
-        assert cli.main(frames_args(video, store)) == 0
-        out[key] = store
-    return out
+    return build_frames(base, {"old": videos["a"], "long": videos["long"]}, ("old", "long"))
 
 
 def _unchanged(store, before, *argv, capsys) -> str:
