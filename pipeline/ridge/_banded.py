@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from ._backend import _compute_dtype, get_array_module, to_numpy
-from ._factorize import DEFAULT_MAX_DENSE_BYTES, factorize_ridge
+from ._checks import _resolve_regime
+from ._factorize import DEFAULT_MAX_DENSE_BYTES, _centred_kernels, factorize_ridge
 from ._select import TIE_BREAK_SLOPE
 from ._solve import ridge_chunk
 
@@ -225,14 +226,23 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
     n_voxels = int(Y_train.shape[1])
     alpha_grid = np.asarray(alphas, dtype=np.float64)
     best = _RunningBest(n_voxels, float(np.finfo(compute).eps))
+    regime = _resolve_regime(solver, int(Xs_train[0].shape[0]), slices[-1].stop)
+    kernels = None
+    if regime == "dual" and not (len(slices) == 1 and (gammas == 1.0).all()):
+        # one centred kernel per space, once; a weighting's is their weighted sum
+        kernels = [_centred_kernels(xp.asarray(x), None if Xs_test is None
+                                    else xp.asarray(xt), compute, xp)
+                   for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train))]
     for number, gamma in enumerate(gammas):
         x_train = _scaled_design(Xs_train, gamma, xp)
         x_test = None if Xs_test is None else _scaled_design(Xs_test, gamma, xp)
         factors = factorize_ridge(
             x_train, x_test, alpha_grid, folds, device=device, dtype=compute,
-            solver=solver, operator_form=operator_form,
+            solver=regime, operator_form=operator_form,
             max_dense_bytes=max_dense_bytes, decomposition=decomposition,
-            keep_weight_factors=return_weights or (return_split and x_test is not None))
+            keep_weight_factors=return_weights or (return_split and x_test is not None),
+            centred_kernels=None if kernels is None else _weighted_kernels(
+                kernels, gamma, xp))
         out = _one_weighting(factors, x_test, Y_train, Y_test, gamma, slices,
                              voxel_chunk, return_weights, return_split, xp)
         best.update(number, out, factors.alphas)
@@ -245,6 +255,17 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
         space_alpha = result["best_alpha"][None, :] / chosen
     result["space_alpha"] = np.where(undefined[None, :], np.nan, space_alpha)
     return result
+
+
+def _weighted_kernels(kernels: list[tuple[Any, Any, Any]], gamma: np.ndarray, xp: Any
+                      ) -> tuple[Any, Any, Any]:
+    """Centred kernels of the scaled design from the per-space ones:
+    ``sum_i gamma_i K_i`` (train and test-by-train) and the scaled mean."""
+    kernel = sum(g * k[0] for g, k in zip(gamma, kernels))
+    cross = None if kernels[0][1] is None else sum(
+        g * k[1] for g, k in zip(gamma, kernels))
+    x_mean = xp.concatenate([np.sqrt(g) * k[2] for g, k in zip(gamma, kernels)])
+    return kernel, cross, x_mean
 
 
 def _one_weighting(factors: Any, x_test: Any | None, Y_train: Any, Y_test: Any | None,
