@@ -57,11 +57,15 @@ Where the code lives (private modules, by concern):
 * ``_eager``: in-memory convenience (:func:`ridge_cv_scores`, :func:`fit_ridge`);
 * ``_streamed``: time-chunked statistics (long recordings);
 * ``_over_voxels``: the Dask graph (:func:`ridge_over_voxels`);
+* ``_banded``: several feature spaces, one penalty per space
+  (:func:`banded_ridge`, :func:`simplex_weightings`, :func:`split_r2`);
 * ``_flops``: flop counts for benchmarks (:func:`ridge_flops`);
 * :mod:`voxelflow.pipeline.ridge.scoring` (public): Pearson r and CV folds.
 """
 
 from ._backend import get_array_module, to_numpy
+from ._banded import (DEFAULT_CONCENTRATION, banded_ridge, check_weightings,
+                      simplex_weightings, space_slices, split_r2)
 from ._checks import CHOLESKY_MAX_ALPHAS, check_alphas
 from ._eager import fit_ridge, ridge_cv_scores
 from ._factorize import (DEFAULT_MAX_DENSE_BYTES, FitShape, FoldFactors, RidgeFactors,
@@ -103,4 +107,10 @@ __all__ = [
     "DEFAULT_BLOCK_VOXELS",
     "CHOLESKY_MAX_ALPHAS",
     "TIE_BREAK_SLOPE",
+    "banded_ridge",
+    "simplex_weightings",
+    "check_weightings",
+    "space_slices",
+    "split_r2",
+    "DEFAULT_CONCENTRATION",
 ]

@@ -150,7 +150,9 @@ def factorize_ridge(X_train: Any, X_test: Any | None, alphas: Any,
                     operator_form: str = "auto",
                     max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
                     decomposition: str = "auto",
-                    keep_weight_factors: bool = False) -> RidgeFactors:
+                    keep_weight_factors: bool = False,
+                    centred_kernels: tuple[Any, Any, Any] | None = None
+                    ) -> RidgeFactors:
     """Decompose the training design once: per fold and for the full fit.
 
     Parameters
@@ -175,6 +177,11 @@ def factorize_ridge(X_train: Any, X_test: Any | None, alphas: Any,
         :data:`CHOLESKY_MAX_ALPHAS` alphas, else eigh). Results agree to
         rounding.
     keep_weight_factors : keep what :func:`ridge_chunk` needs for weights
+    centred_kernels : dual only, optional: the float64 (train kernel (n, n),
+        test-by-train kernel (n_test, n) or None, training mean (feature,)) of
+        the design centred on its training mean, when the caller has them
+        (banded ridge sums per-space kernels); ``X_train`` is then only read
+        for weights
 
     Returns
     -------
@@ -204,11 +211,13 @@ def factorize_ridge(X_train: Any, X_test: Any | None, alphas: Any,
     if compute not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64; got {compute}.")
     decomposition = _resolve_decomposition(decomposition, len(alphas), device)
-    builder = _factorize_primal if regime == "primal" else _factorize_dual
-    return builder(X_train, X_test, alphas, folds, xp=xp, dtype=compute,
-                   device=device, operator_form=operator_form,
+    options = dict(xp=xp, dtype=compute, device=device, operator_form=operator_form,
                    max_dense_bytes=max_dense_bytes, decomposition=decomposition,
                    keep_weight_factors=keep_weight_factors)
+    if regime == "primal":
+        return _factorize_primal(X_train, X_test, alphas, folds, **options)
+    return _factorize_dual(X_train, X_test, alphas, folds,
+                           centred_kernels=centred_kernels, **options)
 
 
 def _design_mean(X_train: Any, xp: Any) -> Any:
@@ -358,11 +367,14 @@ def _dual_fold_operator(blocks: list, alphas: np.ndarray, form: str,
 
 def _factorize_dual(X_train, X_test, alphas, folds, *, xp, dtype, device,
                     operator_form, max_dense_bytes, decomposition,
-                    keep_weight_factors):
+                    keep_weight_factors, centred_kernels=None):
     """Dual factors: float64 kernel ``X X^T`` per fold (sub-blocks of one
     kernel, re-centred on each fold's training mean)."""
     n_train, n_features = X_train.shape
-    kernel, cross, x_mean = _centred_kernels(X_train, X_test, dtype, xp)
+    if centred_kernels is None:
+        kernel, cross, x_mean = _centred_kernels(X_train, X_test, dtype, xp)
+    else:
+        kernel, cross, x_mean = centred_kernels
     forms = _choose_forms(len(alphas), [(len(f), n_train - len(f)) for f in folds],
                           np.dtype(dtype).itemsize, operator_form, max_dense_bytes,
                           decomposition)

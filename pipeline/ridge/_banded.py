@@ -1,0 +1,302 @@
+"""Banded ridge: several feature spaces, one penalty per space, chosen per voxel.
+
+For spaces ``X_1 .. X_m`` (same samples) the objective per voxel ``v`` is::
+
+    minimise ||y_v - sum_i X_i w_i||^2 + sum_i alpha_i ||w_i||^2
+
+with ``X_i`` and ``y_v`` centred on the training samples. The per-space penalties
+are searched as in himalaya's random search: a candidate is a *weighting*
+``gamma`` (one value >= 0 per space, on the simplex when sampled) and an overall
+``alpha`` from the grid, giving ``alpha_i = alpha / gamma_i``. Scaling space ``i``
+by ``sqrt(gamma_i)`` turns the candidate into plain ridge with penalty ``alpha``,
+so each weighting reuses the whole one-factorisation-per-fold engine
+(:func:`~._factorize.factorize_ridge`, :func:`~._solve.ridge_chunk`) for every
+alpha at once. Each voxel keeps the (weighting, alpha) with the best mean
+held-out Pearson r: alphas tie-broken to the larger one, weightings to the
+earlier one (a later one must beat it by more than the dtype's epsilon), as in
+himalaya's ``solve_group_ridge_random_search``.
+
+The loop is weighting-outer: one weighting's factors are alive at a time, so
+memory is one single-space fit's plus the running per-voxel best. With a single
+space and weighting ``[1]`` the scaled design is the design itself and every
+output is bit-equal to :func:`~._eager.ridge_cv_scores`.
+
+Arrays are ``(sample, feature)`` per space and ``(sample, voxel)`` for BOLD.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._backend import _compute_dtype, get_array_module, to_numpy
+from ._checks import _resolve_regime
+from ._factorize import DEFAULT_MAX_DENSE_BYTES, _centred_kernels, factorize_ridge
+from ._select import TIE_BREAK_SLOPE
+from ._solve import ridge_chunk
+
+#: Dirichlet concentrations cycled through by :func:`simplex_weightings`
+#: (himalaya's default): 0.1 favours one dominant space, 1 is uniform.
+DEFAULT_CONCENTRATION = (0.1, 1.0)
+
+
+def simplex_weightings(n_spaces: int, n_candidates: int, seed: int = 0,
+                       concentration: Sequence[float] = DEFAULT_CONCENTRATION
+                       ) -> np.ndarray:
+    """Random weightings on the simplex, himalaya's random search.
+
+    Same draws as ``himalaya.kernel_ridge.generate_dirichlet_samples`` with
+    ``random_state=seed`` (NumPy ``RandomState``), alternating between the
+    concentrations, with the first row replaced by the uniform weighting.
+
+    Returns
+    -------
+    float64 (n_candidates, n_spaces), rows summing to 1.
+    """
+    if n_spaces < 1 or n_candidates < 1:
+        raise ValueError(f"need at least one space and one weighting; got "
+                         f"{n_spaces} spaces, {n_candidates} weightings.")
+    generator = np.random.RandomState(seed)
+    levels = np.atleast_1d(np.asarray(concentration, dtype=np.float64))
+    per_level = int(np.ceil(n_candidates / float(len(levels))))
+    draws = []
+    for level in levels:
+        if level == np.inf:
+            draws.append(np.full((per_level, n_spaces), 1.0 / n_spaces))
+        else:
+            draws.append(generator.dirichlet([level] * n_spaces, per_level))
+    gammas = np.swapaxes(np.stack(draws), 0, 1).reshape(-1, n_spaces)[:n_candidates]
+    gammas[0] = 1.0 / n_spaces
+    return gammas
+
+
+def check_weightings(weightings: Any, n_spaces: int) -> np.ndarray:
+    """Validate per-space weightings: (n_candidates, n_spaces), finite, >= 0,
+    no all-zero row. Returns float64; raises ValueError naming the bad row."""
+    values = np.asarray(weightings, dtype=np.float64)
+    if values.ndim == 1 and n_spaces == 1:
+        values = values[:, None]
+    if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] != n_spaces:
+        raise ValueError(f"weightings must have one value per feature space "
+                         f"({n_spaces}) in each of >= 1 rows; got shape "
+                         f"{values.shape}.")
+    for index, row in enumerate(values):
+        if not np.isfinite(row).all() or (row < 0).any() or not (row > 0).any():
+            raise ValueError(f"weighting {index} is {row.tolist()}: every value must "
+                             "be finite and >= 0, and at least one > 0.")
+    return values
+
+
+def space_slices(widths: Sequence[int]) -> list[slice]:
+    """Column range of each space in the joint design."""
+    bounds = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _scaled_design(designs: Sequence[Any], gamma: np.ndarray, xp: Any) -> Any:
+    """``[sqrt(gamma_1) X_1, ..., sqrt(gamma_m) X_m]`` in the designs' dtype;
+    one space with weighting 1 is returned as it is (bit-equal single fits)."""
+    if len(designs) == 1 and gamma[0] == 1.0:
+        return xp.asarray(designs[0])
+    parts = [xp.asarray(x) * np.asarray(np.sqrt(g), dtype=x.dtype)
+             for x, g in zip(designs, gamma)]
+    return xp.concatenate(parts, axis=1)
+
+
+def _check_spaces(designs: Sequence[Any], name: str) -> list[Any]:
+    """Every space 2-D with the same number of samples."""
+    designs = [x if hasattr(x, "shape") else np.asarray(x) for x in designs]
+    if not designs:
+        raise ValueError(f"{name}: give at least one feature space.")
+    for index, x in enumerate(designs):
+        if len(x.shape) != 2:
+            raise ValueError(f"{name}[{index}] must be 2-D (sample, feature); got "
+                             f"shape {tuple(x.shape)}.")
+        if x.shape[0] != designs[0].shape[0]:
+            raise ValueError(f"{name}[{index}] has {x.shape[0]} samples but "
+                             f"{name}[0] has {designs[0].shape[0]}; every feature "
+                             "space must cover the same samples.")
+    return designs
+
+
+def split_r2(y_test: Any, space_predictions: Sequence[Any], xp: Any) -> Any:
+    """Product-measure split of test R^2 (himalaya's ``r2_score_split``).
+
+    ``y_test`` (n_test, voxel) and each space's prediction (n_test, voxel) are
+    centred on the test samples here; per space ``i``::
+
+        r2_i = sum_t (2 y_t p_it - p_it sum_j p_jt) / sum_t y_t^2
+
+    so ``sum_i r2_i = 1 - ||y - sum_i p_i||^2 / ||y||^2`` (R^2 of the joint
+    prediction once its mean offset on the test set is removed). Float64
+    (n_spaces, voxel), NaN where the test BOLD is constant.
+    """
+    y = xp.asarray(y_test, dtype=xp.float64)
+    y = y - y.mean(axis=0)
+    parts = [xp.asarray(p, dtype=xp.float64) for p in space_predictions]
+    parts = [p - p.mean(axis=0) for p in parts]
+    total = sum(parts[1:], parts[0])
+    sst = (y * y).sum(axis=0)
+    defined = sst > 0
+    out = xp.empty((len(parts), y.shape[1]), dtype=xp.float64)
+    for index, p in enumerate(parts):
+        value = ((2.0 * y - total) * p).sum(axis=0)
+        out[index] = xp.where(defined, value / xp.where(defined, sst, 1.0), xp.nan)
+    return out
+
+
+class _RunningBest:
+    """Per-voxel best (weighting, alpha) over the weightings seen so far."""
+
+    def __init__(self, n_voxels: int, eps: float):
+        self.eps = eps
+        self.score = np.full(n_voxels, -np.inf)
+        self.candidate = np.full(n_voxels, -1, dtype=np.int64)
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def update(self, number: int, out: dict[str, np.ndarray], alphas: np.ndarray
+               ) -> np.ndarray:
+        """Take this weighting's outputs where it beats the best; returns the mask."""
+        index = out["best_alpha_index"]
+        slope = TIE_BREAK_SLOPE * np.log(alphas)
+        picked = np.take_along_axis(out["r_cv"], np.maximum(index, 0)[None], 0)[0]
+        score = np.where(index >= 0, picked + slope[np.maximum(index, 0)], -np.inf)
+        mask = score > self.score + self.eps
+        self.score[mask] = score[mask]
+        self.candidate[mask] = number
+        for key, value in out.items():
+            if key not in self.arrays:
+                self.arrays[key] = value.copy()
+            else:
+                self.arrays[key][..., mask] = value[..., mask]
+        return mask
+
+
+def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] | None,
+                 Y_test: Any | None, alphas: Any, weightings: Any,
+                 folds: Sequence[Any], *, device: str = "cpu", dtype: Any = None,
+                 solver: str = "auto", voxel_chunk: int = 4096,
+                 return_weights: bool = False, return_split: bool = True,
+                 operator_form: str = "auto",
+                 max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
+                 decomposition: str = "auto") -> dict[str, np.ndarray]:
+    """Banded ridge over every voxel of in-memory BOLD.
+
+    Parameters
+    ----------
+    Xs_train : per space, (n_train, feature_i); Xs_test : per space
+        (n_test, feature_i), or None (then Y_test must be None)
+    Y_train : (n_train, voxel); Y_test : (n_test, voxel) or None
+    alphas : (n_alphas,) floats > 0, the overall grid
+    weightings : (n_candidates, n_spaces) floats >= 0 (see
+        :func:`simplex_weightings`); penalty of space i: alpha / weighting_i
+    folds : held-out index arrays into the training samples
+    voxel_chunk : voxels per chunk (results do not depend on it)
+    return_weights : also ``weights`` (feature, voxel), spaces concatenated in
+        order, in the units of the unscaled design (scikit-learn's ``coef_``)
+    return_split : with a test set, ``r2_split`` (space, voxel)
+    solver, operator_form, max_dense_bytes, decomposition : per weighting, see
+        :func:`~._factorize.factorize_ridge`
+
+    Returns
+    -------
+    dict of numpy arrays: ``r_cv`` (alpha, voxel) and, with a test set,
+    ``r_test``/``r2_test`` (alpha, voxel) at each voxel's chosen weighting;
+    ``best_alpha_index``, ``best_alpha``, ``r_test_cv``, ``r2_test_cv``,
+    ``constant_voxel``, ``intercept`` (voxel,) as :func:`~._solve.ridge_chunk`;
+    ``best_weighting`` (voxel,) int64 (-1 if undefined); ``space_alpha``
+    (space, voxel) float64 = alpha / weighting (inf for a zero weighting, NaN
+    if undefined); optionally ``weights`` and ``r2_split``.
+    """
+    xp = get_array_module(device)
+    Xs_train = _check_spaces(Xs_train, "Xs_train")
+    if (Xs_test is None) != (Y_test is None):
+        raise ValueError("Give both Xs_test and Y_test, or neither.")
+    if Xs_test is not None:
+        Xs_test = _check_spaces(Xs_test, "Xs_test")
+        if len(Xs_test) != len(Xs_train):
+            raise ValueError(f"{len(Xs_train)} training spaces but {len(Xs_test)} "
+                             "test spaces.")
+    gammas = check_weightings(weightings, len(Xs_train))
+    Y_train = np.asarray(Y_train) if not hasattr(Y_train, "shape") else Y_train
+    compute = (np.dtype(dtype) if dtype is not None
+               else _compute_dtype(*(x.dtype for x in Xs_train), Y_train.dtype))
+    slices = space_slices([x.shape[1] for x in Xs_train])
+    n_voxels = int(Y_train.shape[1])
+    alpha_grid = np.asarray(alphas, dtype=np.float64)
+    best = _RunningBest(n_voxels, float(np.finfo(compute).eps))
+    regime = _resolve_regime(solver, int(Xs_train[0].shape[0]), slices[-1].stop)
+    kernels = None
+    if regime == "dual" and not (len(slices) == 1 and (gammas == 1.0).all()):
+        # one centred kernel per space, once; a weighting's is their weighted sum
+        kernels = [_centred_kernels(xp.asarray(x), None if Xs_test is None
+                                    else xp.asarray(xt), compute, xp)
+                   for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train))]
+    for number, gamma in enumerate(gammas):
+        x_train = _scaled_design(Xs_train, gamma, xp)
+        x_test = None if Xs_test is None else _scaled_design(Xs_test, gamma, xp)
+        factors = factorize_ridge(
+            x_train, x_test, alpha_grid, folds, device=device, dtype=compute,
+            solver=regime, operator_form=operator_form,
+            max_dense_bytes=max_dense_bytes, decomposition=decomposition,
+            keep_weight_factors=return_weights or (return_split and x_test is not None),
+            centred_kernels=None if kernels is None else _weighted_kernels(
+                kernels, gamma, xp))
+        out = _one_weighting(factors, x_test, Y_train, Y_test, gamma, slices,
+                             voxel_chunk, return_weights, return_split, xp)
+        best.update(number, out, factors.alphas)
+        del factors, x_train, x_test
+    result = best.arrays
+    result["best_weighting"] = best.candidate
+    undefined = best.candidate < 0
+    chosen = gammas[np.maximum(best.candidate, 0)].T  # (space, voxel)
+    with np.errstate(divide="ignore"):
+        space_alpha = result["best_alpha"][None, :] / chosen
+    result["space_alpha"] = np.where(undefined[None, :], np.nan, space_alpha)
+    return result
+
+
+def _weighted_kernels(kernels: list[tuple[Any, Any, Any]], gamma: np.ndarray, xp: Any
+                      ) -> tuple[Any, Any, Any]:
+    """Centred kernels of the scaled design from the per-space ones:
+    ``sum_i gamma_i K_i`` (train and test-by-train) and the scaled mean."""
+    kernel = sum(g * k[0] for g, k in zip(gamma, kernels))
+    cross = None if kernels[0][1] is None else sum(
+        g * k[1] for g, k in zip(gamma, kernels))
+    x_mean = xp.concatenate([np.sqrt(g) * k[2] for g, k in zip(gamma, kernels)])
+    return kernel, cross, x_mean
+
+
+def _one_weighting(factors: Any, x_test: Any | None, Y_train: Any, Y_test: Any | None,
+                   gamma: np.ndarray, slices: list[slice], voxel_chunk: int,
+                   return_weights: bool, return_split: bool, xp: Any
+                   ) -> dict[str, np.ndarray]:
+    """Every voxel's outputs for one weighting (host arrays), chunk by chunk.
+
+    Weights come back in unscaled units (``sqrt(gamma_i)`` times the scaled
+    design's); the split uses each space's test prediction
+    ``(X_test_i - mean) w_i`` at the voxel's best alpha."""
+    need_weights = return_weights or (return_split and Y_test is not None)
+    scale = np.concatenate([np.full(s.stop - s.start, np.sqrt(g))
+                            for s, g in zip(slices, gamma)])
+    scale = xp.asarray(scale.astype(factors.dtype))[:, None]
+    centred_test = None
+    if need_weights and x_test is not None:
+        centred_test = (x_test.astype(xp.float64) - factors.x_mean).astype(factors.dtype)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, Y_train.shape[1], int(voxel_chunk)):
+        stop = start + int(voxel_chunk)
+        y_test = None if Y_test is None else xp.asarray(Y_test[:, start:stop])
+        chunk = ridge_chunk(factors, Y_train[:, start:stop], y_test,
+                            return_weights=need_weights)
+        if need_weights:
+            scaled_weights = chunk.pop("weights")
+            if return_split and y_test is not None:
+                predictions = [centred_test[:, s] @ scaled_weights[s] for s in slices]
+                chunk["r2_split"] = split_r2(y_test, predictions, xp)
+            if return_weights:
+                chunk["weights"] = scaled_weights * scale
+        for key, value in chunk.items():
+            parts.setdefault(key, []).append(to_numpy(value))
+    return {key: np.concatenate(values, axis=-1) for key, values in parts.items()}

@@ -1,0 +1,175 @@
+"""Banded ridge (voxelflow.pipeline.ridge.banded_ridge) against himalaya:
+BandedRidgeCV (primal) and MultipleKernelRidgeCV (dual, precomputed kernels)
+with the same fixed weightings, folds and score (Pearson r); the product-measure
+split against himalaya's r2_score_split; one space against the single-space
+engine (bit-equal); variance partitioning against the explicit set formulas."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from voxelflow.pipeline import ridge
+from voxelflow.pipeline.ridge.partition import variance_partition
+from voxelflow.pipeline.ridge.scoring import contiguous_folds, train_indices
+
+ALPHAS = np.logspace(-1, 4, 8)
+N_TEST = 40
+
+
+def spaces_problem(n_train, widths, n_voxels, seed=5):
+    """Spaces with different relevance per voxel: voxel v draws on space i with
+    a weight that varies across voxels, so the best weighting varies too."""
+    rng = np.random.default_rng(seed)
+    n = n_train + N_TEST
+    xs = [rng.standard_normal((n, w)) for w in widths]
+    mix = rng.dirichlet([0.5] * len(widths), n_voxels).T  # (space, voxel)
+    signal = sum(x @ (rng.standard_normal((x.shape[1], n_voxels)) / np.sqrt(x.shape[1]))
+                 * m for x, m in zip(xs, mix))
+    y = signal * np.geomspace(0.3, 3, n_voxels) + rng.standard_normal((n, n_voxels)) + 7
+    return ([x[:n_train] for x in xs], y[:n_train], [x[n_train:] for x in xs],
+            y[n_train:])
+
+
+def column_r(a, b):
+    """Pearson r per column, by the textbook formula."""
+    a, b = a - a.mean(axis=0), b - b.mean(axis=0)
+    return (a * b).sum(axis=0) / np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+
+
+@pytest.fixture(scope="module")
+def himalaya_numpy():
+    from himalaya.backend import set_backend
+    set_backend("numpy", on_error="raise")
+
+
+def _himalaya_primal(xs, y, xs_test, gammas, cv):
+    from himalaya.ridge import BandedRidgeCV
+    from himalaya.scoring import correlation_score
+    model = BandedRidgeCV(groups=np.concatenate(
+        [np.full(x.shape[1], i) for i, x in enumerate(xs)]), cv=cv, fit_intercept=True,
+        solver_params=dict(n_iter=gammas, alphas=ALPHAS, score_func=correlation_score,
+                           progress_bar=False))
+    model.fit(np.hstack(xs), y)
+    # himalaya's predict(split=True) refuses fit_intercept=True: split by hand
+    coef = np.asarray(model.coef_)
+    bounds = np.cumsum([0] + [x.shape[1] for x in xs])
+    split = [(xt - x.mean(axis=0)) @ coef[a:b]
+             for x, xt, a, b in zip(xs, xs_test, bounds[:-1], bounds[1:])]
+    return model, np.stack(split)
+
+
+def _himalaya_dual(xs, y, xs_test, gammas, cv):
+    from himalaya.kernel_ridge import MultipleKernelRidgeCV
+    from himalaya.scoring import correlation_score
+    kernels = np.stack([x @ x.T for x in xs])
+    model = MultipleKernelRidgeCV(
+        kernels="precomputed", cv=cv, fit_intercept=True,
+        solver_params=dict(n_iter=gammas, alphas=ALPHAS, score_func=correlation_score,
+                           progress_bar=False))
+    model.fit(kernels, y)
+    # split by hand on kernels centred on the training mean (as himalaya's
+    # KernelCenterer does for fit_intercept=True)
+    dual = np.asarray(model.dual_coef_)
+    split = [np.exp(delta)[None] * (((xt - x.mean(axis=0)) @ (x - x.mean(axis=0)).T) @ dual)
+             for x, xt, delta in zip(xs, xs_test, np.asarray(model.deltas_))]
+    return model, np.stack(split)
+
+
+@pytest.mark.parametrize("regime", ["primal", "dual"])
+def test_banded_matches_himalaya(regime, himalaya_numpy):
+    from himalaya.scoring import r2_score_split
+    n_train, widths = (200, (6, 10, 4)) if regime == "primal" else (80, (60, 90, 40))
+    xs, y, xs_test, y_test = spaces_problem(n_train, widths, 300)
+    gammas = ridge.simplex_weightings(3, 10, seed=1)
+    folds = contiguous_folds(n_train, 4)
+    cv = [(train_indices(fold, n_train), fold) for fold in folds]
+    reference = _himalaya_primal if regime == "primal" else _himalaya_dual
+    model, split = reference(xs, y, xs_test, gammas, cv)
+    ours = ridge.banded_ridge(xs, y, xs_test, y_test, ALPHAS, gammas, folds,
+                              solver=regime, return_weights=True, voxel_chunk=128)
+    theirs = np.exp(-np.asarray(model.deltas_))  # (space, voxel) per-space alphas
+    same = np.isclose(ours["space_alpha"], theirs, rtol=1e-6).all(axis=0)
+    assert len(np.unique(ours["best_weighting"])) >= 3, "weighting should vary"
+    assert same.mean() >= 0.99, same.mean()
+    # test r of the chosen model against himalaya's own prediction (r ignores the
+    # intercept, so the sum of the per-space predictions is enough)
+    predicted = np.asarray(split).sum(axis=0)
+    np.testing.assert_allclose(ours["r_test_cv"][same], column_r(predicted, y_test)[same],
+                               atol=1e-3)
+    # product-measure split on test-centred data
+    y_centred = y_test - y_test.mean(axis=0)
+    split_centred = np.asarray(split) - np.asarray(split).mean(axis=1, keepdims=True)
+    expected = r2_score_split(y_centred, split_centred)
+    np.testing.assert_allclose(ours["r2_split"][:, same], np.asarray(expected)[:, same],
+                               atol=1e-6)
+    if regime == "primal":
+        np.testing.assert_allclose(ours["weights"][:, same],
+                                   np.asarray(model.coef_)[:, same], atol=1e-6)
+
+
+@pytest.mark.parametrize("regime", ["primal", "dual"])
+def test_single_space_is_todays_fit_bit_equal(regime):
+    n_train, widths = (120, (12,)) if regime == "primal" else (60, (150,))
+    xs, y, xs_test, y_test = spaces_problem(n_train, widths, 50)
+    xs = [x.astype(np.float32) for x in xs]
+    xs_test = [x.astype(np.float32) for x in xs_test]
+    y, y_test = y.astype(np.float32), y_test.astype(np.float32)
+    folds = contiguous_folds(n_train, 3)
+    single = ridge.ridge_cv_scores(xs[0], y, xs_test[0], y_test, ALPHAS, folds,
+                                   return_weights=True, return_predictions=True,
+                                   voxel_chunk=20)
+    prediction = single.pop("predictions").astype(np.float64)
+    joint = ridge.banded_ridge(xs, y, xs_test, y_test, ALPHAS,
+                               ridge.simplex_weightings(1, 5), folds,
+                               return_weights=True, voxel_chunk=20)
+    for key, value in single.items():
+        np.testing.assert_array_equal(joint[key], value, err_msg=key)
+    np.testing.assert_array_equal(joint["space_alpha"][0], single["best_alpha"])
+    # one space: the split is the R^2 of the test-centred prediction
+    prediction -= prediction.mean(axis=0)
+    y_centred = y_test - y_test.mean(axis=0, dtype=np.float64)
+    expected = 1 - ((y_centred - prediction) ** 2).sum(0) / (y_centred ** 2).sum(0)
+    np.testing.assert_allclose(joint["r2_split"][0], expected, atol=1e-5)
+
+
+def test_simplex_weightings_are_himalayas():
+    from himalaya.kernel_ridge import generate_dirichlet_samples
+    expected = generate_dirichlet_samples(20, 3, random_state=7)
+    expected[0] = 1 / 3
+    np.testing.assert_allclose(ridge.simplex_weightings(3, 20, seed=7), expected)
+
+
+@pytest.mark.parametrize("weightings, message", [
+    ([[0.5, 0.5, 0.0]], "one value per feature space"),
+    ([[0.5, np.nan]], "finite"),
+    ([[0.5, -1.0]], ">= 0"),
+    ([[0.0, 0.0]], "at least one"),
+])
+def test_bad_weightings_are_rejected(weightings, message):
+    xs, y, _, _ = spaces_problem(40, (3, 4), 5)
+    with pytest.raises(ValueError, match=message):
+        ridge.banded_ridge(xs, y, None, None, ALPHAS, weightings,
+                           contiguous_folds(40, 2))
+
+
+def test_spaces_with_different_samples_are_rejected():
+    xs, y, _, _ = spaces_problem(40, (3, 4), 5)
+    with pytest.raises(ValueError, match="same samples"):
+        ridge.banded_ridge([xs[0], xs[1][:-1]], y, None, None, ALPHAS, [[0.5, 0.5]],
+                           contiguous_folds(40, 2))
+
+
+def test_variance_partition_three_spaces_matches_set_formulas():
+    rng = np.random.default_rng(0)
+    names = ("A", "B", "C")
+    r2 = {frozenset(s): rng.random(4) for s in
+          [("A",), ("B",), ("C",), ("A", "B"), ("A", "C"), ("B", "C"), names]}
+    f = {"".join(sorted(k)): v for k, v in r2.items()}
+    parts = variance_partition(r2, names)
+    np.testing.assert_allclose(parts[frozenset("A")], f["ABC"] - f["BC"])
+    np.testing.assert_allclose(parts[frozenset("AB")],
+                               f["AC"] + f["BC"] - f["C"] - f["ABC"])
+    np.testing.assert_allclose(parts[frozenset("ABC")],
+                               f["A"] + f["B"] + f["C"] - f["AB"] - f["AC"] - f["BC"]
+                               + f["ABC"])
+    np.testing.assert_allclose(sum(parts.values()), f["ABC"])
