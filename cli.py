@@ -482,8 +482,17 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``voxelflow: error: ...``, exit 2)
+    like every other refusal; the subcommand parsers inherit it."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(EXIT_INPUT_ERROR,
+                  f"voxelflow: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="voxelflow",
         description="Streaming encoding models: movie -> frames -> CNN features -> "
                     "lagged ridge onto every voxel.",

@@ -9,6 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from conftest import cli_main  # noqa: F401 - imported from here by the BOLD tests
+
 
 def haxby_runs(haxby_dir: Path) -> list[Path]:
     runs = sorted(haxby_dir.glob("run*/bold_25mm.nii.gz"))
@@ -52,15 +54,6 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file below ``root`` (relative path -> bytes)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
-
-
-def cli_main(capsys, *args: str) -> tuple[int, str, str]:
-    """The real CLI entry point, in process (fast): exit status, stdout, stderr."""
-    from voxelflow import cli
-
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def make_synthetic(d: Path) -> dict:

@@ -58,10 +58,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli_main(capsys, *args: str) -> tuple[int, str, str]:
+    """The real CLI entry point, in process (fast): exit status, stdout, stderr."""
+    from voxelflow import cli
+
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def cli_error(capsys, *argv: str) -> str:
     """Run ``cli.main(argv)`` in process; assert exit 2 and one ``voxelflow: error:`` line."""
     from voxelflow import cli
-    status = cli.main(list(argv))
+    try:
+        status = cli.main(list(argv))
+    except SystemExit as exc:  # argparse's usage errors
+        status = exc.code
     out = capsys.readouterr()
     assert status == 2, (out.out, out.err)
     lines = out.err.strip().splitlines()

@@ -142,6 +142,7 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
                  warmup_steps=warmup_steps, weight_decay=float(weight_decay), weights=weights,
                  freeze_encoder=freeze_encoder, seed=int(seed),
                  shuffle_buffer=int(shuffle_buffer))
+    _check_request(plan, out, int(shuffle_buffer), overwrite)
     target = SteppedFile(out)
     target.acquire(f"--out {out}")  # one trainer per checkpoint
     ckpt, save_to = _existing_checkpoint(target, plan.config, overwrite)
@@ -185,6 +186,29 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
 
 
 # ----------------------------------------------------------------------- planning
+ACTIVATIONS_PER_INPUT = 100  # lower bound: floats kept for backward per input float
+
+
+def _check_request(plan: "_Plan", out: Path, shuffle_buffer: int, overwrite: bool) -> None:
+    """Refuse (one line) a training whose lower-bound memory or checkpoint size cannot
+    fit: memory = model state (weights, gradients, two AdamW moments: 16 bytes per
+    parameter) + the shuffle buffer (uint8 frames) + one batch's activations (at least
+    :data:`ACTIVATIONS_PER_INPUT` floats per input float); disk = the checkpoint
+    (weights + two moments: 12 bytes per parameter), twice while it replaces one."""
+    from voxelflow.pipeline.execution.resources import check_request
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in ResNetAutoencoder(torchvision.models.resnet50())
+                       .parameters())
+    pixels = plan.size[0] * plan.size[1] * 3
+    memory = (16 * n_params + shuffle_buffer * pixels
+              + plan.batch_size * pixels * 4 * ACTIVATIONS_PER_INPUT)
+    disk = 12 * n_params * (2 if overwrite and out.exists() else 1)
+    check_request(f"train-autoencoder --batch-size {plan.batch_size} ({plan.size[0]}x"
+                  f"{plan.size[1]} frames)", block_bytes=memory,
+                  block_option="lower --batch-size or --shuffle-buffer", output_bytes=disk,
+                  store=out.parent, disk_option="choose another --out",
+                  already_written=out.stat().st_size if out.exists() and not overwrite else 0)
 def _check_numbers(*, batch_size, epochs, steps, lr, warmup_steps, weight_decay,
                    shuffle_buffer, checkpoint_every) -> None:
     """One-line :class:`InputError` naming the flag of the first bad number."""

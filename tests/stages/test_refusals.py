@@ -24,6 +24,8 @@ FIT = ["fit", "--features", "r18", "--bold", "s", "--lags", "2", "--test-samples
 FEATURES = ["features", "--frames", "clip", "--model", "resnet18", "--weights", "random:0"]
 FRAMES = ["frames", "{d}/movie.mp4", "--fps", "2", "--size", "32"]
 BOLD = ["bold", "{d}/bold.nii.gz", "--mask", "{d}/mask.nii.gz"]
+TRAIN = ["train-autoencoder", "--frames", "clip", "--train-until", "2", "--steps", "1",
+         "--out", "{d}/ae.pt"]
 
 # id -> (argv, a fragment the one error line must hold: the option/file and the fix)
 CASES = {
@@ -95,6 +97,9 @@ CASES = {
                       "--test-runs [5] not among the runs"),
     "fit-voxel-block-0": (FIT + ["--voxel-block", "0", "--name", "v"],
                           "--voxel-block must be >= 1"),
+    # argparse's own refusals are one line too
+    "features-block-size-1e9": (FEATURES + ["--name", "b", "--block-size", "1e9"],
+                                "--block-size: invalid int value: '1e9'"),
 }
 
 # id -> (argv, fragment) refused for the free disk space (made 1 KiB for them)
@@ -103,6 +108,7 @@ DISK_CASES = {
     "features-disk": (FEATURES + ["--name", "d"], "the output needs about"),
     "bold-disk": (BOLD + ["--subject", "d"], "the output needs about"),
     "fit-disk": (FIT + ["--name", "d"], "the output needs about"),
+    "train-disk": (TRAIN, "choose another --out"),
 }
 
 # id -> (argv, fragment) refused for the memory one block needs (made 1 KiB for them):
@@ -112,6 +118,7 @@ MEMORY_CASES = {
     "features-memory": (FEATURES + ["--name", "m"], "lower --block-size"),
     "bold-memory": (BOLD + ["--subject", "m"], "lower --chunk-voxels"),
     "fit-memory": (FIT + ["--name", "m"], "use fewer lags or a smaller feature layer"),
+    "train-memory": (TRAIN, "lower --batch-size or --shuffle-buffer"),
 }
 
 

@@ -2,18 +2,22 @@
 features equal a direct encoder forward, bad input.
 
 One small configuration is trained once, uninterrupted (module fixture, in this
-process): 64x64 generated frames, 16 training frames of 30, batch 8, 32 steps,
-random:0 weights, a checkpoint every 8 steps (the one at step 16 is kept aside).
+process): 32x32 generated frames, 16 training frames of 30, batch 8, 32 steps,
+random:0 weights, one intermediate checkpoint at step 24 (kept aside, by a hard
+link: a checkpoint is ~0.5 GB and is replaced by a rename, never rewritten).
 The SIGKILL test continues the same run through the CLI in a subprocess from that
-step-16 checkpoint, SIGKILLs it right after its step-24 checkpoint, resumes it with
-the same command, and compares the whole loss curve and the final weights with the
-uninterrupted run.  (Starting the killed run at step 16 rather than 0 saves 16
-training steps of test time; steps 16-24 are then trained across a process boundary
-and 24-32 across a SIGKILL.)
+step-24 checkpoint with a checkpoint every 4 steps (``--checkpoint-every`` is not
+part of the training's configuration: it changes when the state is saved, not what
+is trained), SIGKILLs it right after its step-28 checkpoint, resumes it with the
+same command (in this process, through ``cli.main``), and compares the whole loss
+curve and the final weights with the uninterrupted run.  (Starting the killed run
+at step 24 rather than 0 saves 24 training steps of test time; steps 24-28 are then
+trained across a process boundary and 28-32 across a SIGKILL.)
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +32,7 @@ import torchvision
 import xarray as xr
 
 import voxelflow.pipeline.stages.train as ae
-from conftest import cli_error, ROOT, run_cli
+from conftest import cli_error, cli_main, ROOT
 from voxelflow.pipeline.stages.train import (ShuffleStream, make_pieces, preview_path,
                                              train_autoencoder, training_ranges)
 from voxelflow.pipeline.stages.train import read_training_frames as _read_frames
@@ -38,17 +42,19 @@ from voxelflow.pipeline.stages.frames import run_frames_stage
 from voxelflow.pipeline.synthetic.movies import write_moving_video
 from voxelflow.stores import Workspace
 
-SIZE = 64
+SIZE = 32  # the smallest side the autoencoder takes (a multiple of its stride 32)
 FPS = 5.0
 SECONDS = 6  # 30 frames
 TRAIN_UNTIL = 3.2  # -> frames 0..15 train, 16..29 are the "test samples"
 N_TRAIN = 16
 STEPS = 32
+KEPT_STEP = 24  # the uninterrupted run's checkpoint the killed run starts from
+KILL_STEP = 28  # the killed run's checkpoint after which it is SIGKILLed
 TRAIN = dict(train_until=TRAIN_UNTIL, steps=STEPS, batch_size=8, lr=3e-3, warmup_steps=4,
-             weights="random:0", seed=0, checkpoint_every=8)
+             weights="random:0", seed=0, checkpoint_every=KEPT_STEP)
 CLI_TRAIN = ["--train-until", str(TRAIN_UNTIL), "--steps", str(STEPS), "--batch-size", "8",
              "--lr", "3e-3", "--warmup-steps", "4", "--weights", "random:0", "--seed", "0",
-             "--checkpoint-every", "8", "--no-progress"]
+             "--checkpoint-every", str(KILL_STEP - KEPT_STEP), "--no-progress"]
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(1, 1, 1, 3)
 STD = np.array([0.229, 0.224, 0.225]).reshape(1, 1, 1, 3)
 
@@ -78,22 +84,24 @@ def trained(frames_store, tmp_path_factory):
         return original(self, node, name, index)
 
     save = ae._save_atomic
+    kept = d / f"ae.step{KEPT_STEP}.pt"
 
-    def keep_step16(obj, path):
+    def keep_step(obj, path):
         save(obj, path)
-        if obj["step"] == 16:
-            shutil.copy(path, d / "ae.step16.pt")
+        if obj["step"] == KEPT_STEP:
+            os.link(path, kept)  # the next save replaces ``path`` by a rename
 
     mp = pytest.MonkeyPatch()
     mp.setattr(Workspace, "read_array", spy)
-    mp.setattr(ae, "_save_atomic", keep_step16)
+    mp.setattr(ae, "_save_atomic", keep_step)
     try:
         summary = train_autoencoder(Workspace(store), "clip", d / "ae.pt", progress=False,
                                     **TRAIN)
     finally:
         mp.undo()
+    assert kept.is_file(), f"no checkpoint at step {KEPT_STEP}"
     return {"summary": summary, "reads": reads, "ckpt": d / "ae.pt", "store": store,
-            "step16": d / "ae.step16.pt"}
+            "kept": kept}
 
 
 def _normalised(frames: np.ndarray) -> np.ndarray:
@@ -113,7 +121,7 @@ def test_loss_falls_well_below_predicting_the_mean_frame(trained):
     assert final < 0.5 * float(np.mean(s["losses"][:2]))
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     assert ckpt["complete"] and ckpt["step"] == STEPS and ckpt["losses"] == s["losses"]
-    # The preview: 8 inputs over their reconstructions, enlarged 2x (64 -> 128 px).
+    # The preview: 8 inputs over their reconstructions, enlarged 4x (32 -> 128 px).
     from PIL import Image
 
     png = preview_path(trained["ckpt"])
@@ -190,12 +198,15 @@ def test_shuffle_stream_is_bounded_and_resumable():
 
 
 # ------------------------------------------------------------------ kill and resume
-def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tmp_path):
+def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tmp_path,
+                                                        capsys):
     store = tmp_path / "ws.zarr"
     shutil.copytree(frames_store, store)
     out = tmp_path / "ae.pt"
-    shutil.copy(trained["step16"], out)  # the uninterrupted run's checkpoint at step 16
-    assert torch.load(out, map_location="cpu", weights_only=True)["step"] == 16
+    # The uninterrupted run's checkpoint at step 24, hard-linked: every save replaces
+    # ``out`` by a rename, so the kept file is never written to.
+    os.link(trained["kept"], out)
+    assert torch.load(out, map_location="cpu", weights_only=True)["step"] == KEPT_STEP
     before = out.stat().st_ino, out.stat().st_mtime_ns
     args = ["train-autoencoder", "--frames", "clip", *CLI_TRAIN, "--out", str(out),
             "--store", str(store)]
@@ -208,13 +219,17 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tm
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it was killed"
     mid = torch.load(out, map_location="cpu", weights_only=True)
-    assert not mid["complete"] and mid["step"] == 24, "kill must land after step 24's checkpoint"
-    assert mid["data"]["position"] == 24 * 8 and len(mid["losses"]) == 24
+    assert not mid["complete"] and mid["step"] == KILL_STEP, \
+        f"kill must land after step {KILL_STEP}'s checkpoint"
+    assert mid["data"]["position"] == KILL_STEP * 8 and len(mid["losses"]) == KILL_STEP
+    assert torch.load(trained["kept"], map_location="cpu",
+                      weights_only=True)["step"] == KEPT_STEP  # the link was not written
 
-    resumed = run_cli(*args)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed at step 24" in resumed.stdout, resumed.stdout
+    status, stdout, stderr = cli_main(capsys, *args)  # the resume: the CLI's entry point
+    assert status == 0, stderr
+    assert f"resumed at step {KILL_STEP}" in stdout, stdout
     final = torch.load(out, map_location="cpu", weights_only=True)
     assert final["complete"] and final["step"] == STEPS
     np.testing.assert_allclose(final["losses"], trained["summary"]["losses"], rtol=1e-5,
@@ -225,8 +240,9 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tm
         torch.testing.assert_close(final["model"][key], ref["model"][key], rtol=1e-5,
                                    atol=1e-6)
     # A rerun of the finished checkpoint does nothing.
-    again = run_cli(*args)
-    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
+    status, stdout, stderr = cli_main(capsys, *args)
+    assert status == 0 and "already complete" in stdout, stderr
+
 
 
 # ----------------------------------------------------------------------- extraction
