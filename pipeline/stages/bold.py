@@ -89,7 +89,8 @@ from voxelflow.pipeline.stages.surface import (
 from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 __all__ = ["CHUNK_VOXELS", "DETRENDS", "bold_group", "bold_template", "group_variables",
-           "run_bold_stage", "run_validity", "standardize"]
+           "bold_inputs", "run_bold_stage", "run_validity",
+           "standardize"]
 
 CHUNK_VOXELS = 4096  # voxels per Zarr chunk (all time points) == voxels per resumable block
 DETRENDS = ("none", "linear")
@@ -318,6 +319,31 @@ def _volume_attrs(grid: RunInfo, mask, mask_spec: dict, mask_arr: np.ndarray,
         "mask_method": method,
         "voxel_order": "C order of np.nonzero(mask): bold[:, v] is volume[i[v], j[v], k[v]]",
     }
+
+
+def bold_inputs(runs: Sequence, *, bids: str | Path | None, subject: str,
+                task: str | None, session: str | None = None, space: str | None = None,
+                desc: str | None = None, tr: float | None = None
+                ) -> tuple[list, float | None, str | None, list[dict] | None]:
+    """Runs given as files, or found in a BIDS dataset: ``(runs, tr, tr_source,
+    run_attrs)`` for :func:`run_bold_stage`."""
+    if bids is None:
+        for option, value in (("--task", task), ("--session", session), ("--space", space),
+                              ("--desc", desc)):
+            if value:
+                raise InputError(f"{option} selects runs in a BIDS dataset; give --bids DIR")
+        return list(runs), tr, None, None
+    if runs:
+        raise InputError("give either RUN files or --bids DIR, not both")
+    if not task:
+        raise InputError(f"{bids}: --bids needs --task (the BIDS task label)")
+    from voxelflow.pipeline.stages.bids import bids_stage_inputs, find_bids_runs
+
+    found = find_bids_runs(bids, subject, task, session=session, space=space, desc=desc)
+    files, sidecar_tr, attrs = bids_stage_inputs(found, bids)
+    if tr is not None:
+        return files, tr, "--tr", attrs
+    return files, sidecar_tr, "BIDS sidecar RepetitionTime" if sidecar_tr else None, attrs
 
 
 def _check_arguments(runs: Sequence, subject: str, detrend: str, chunk_voxels: int) -> None:

@@ -146,7 +146,7 @@ def _probe_cifti(paths: Sequence[Path], structures: Sequence[str] | None
                              f"share one set of grayordinates")
         unit = str(series.unit).upper()
         tr = float(series.step) if unit == "SECOND" and series.step > 0 else None
-        runs.append(SurfaceRun((str(path),), len(series), tr, str(img.header.get_data_dtype())))
+        runs.append(SurfaceRun((str(path),), len(series), tr, str(img.nifti_header.get_data_dtype())))
     names = _structure_names(first_models, structures, paths[0])
     return runs, _cifti_layout(first_models, names)
 
