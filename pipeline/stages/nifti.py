@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from voxelflow.pipeline.errors import InputError, exception_reason
 
-__all__ = ["MASK_METHODS", "RunInfo", "RunReader", "auto_mask", "check_runs", "load_mask", "mask_voxels",
-           "mean_volume", "probe_run"]
+__all__ = ["MASK_METHODS", "RunInfo", "RunReader", "auto_mask", "check_runs", "load_mask",
+           "mask_voxels", "mean_volume", "otsu_threshold", "probe_run"]
 
 READ_BUDGET = 4 * 2**20  # bytes of volumes (as stored) read from a NIfTI at once
 TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
@@ -283,7 +283,7 @@ MIN_MASK_VOXELS = 10  # fewer voxels than this is not a plausible brain mask
 MASK_METHODS = (
     "nilearn.masking.compute_epi_mask",
     "nilearn.masking.compute_background_mask",
-    "Otsu threshold of the mean volume",
+    "Otsu threshold",
 )
 
 
@@ -321,7 +321,7 @@ def _method_mask(method: str, img: nib.Nifti1Image, mean: np.ndarray) -> np.ndar
 
 def auto_mask(mean: np.ndarray, affine: np.ndarray, source: str) -> tuple[np.ndarray, str]:
     """Brain mask of a mean EPI volume (3D): the first of :data:`MASK_METHODS` that keeps
-    at least :data:`MIN_MASK_VOXELS` voxels, and the method's name.
+    at least :data:`MIN_MASK_VOXELS` voxels and not all of them, and the method's name.
 
     ``compute_epi_mask`` (a histogram cut tuned for whole-brain EPI) finds nothing in
     slabs of a few slices or tiny low-resolution runs; the background mask (everything
@@ -332,7 +332,8 @@ def auto_mask(mean: np.ndarray, affine: np.ndarray, source: str) -> tuple[np.nda
     for method in MASK_METHODS:
         mask = _method_mask(method, img, mean)
         counts.append(f"{method.split('.')[-1]}: {int(mask.sum())}")
-        if mask.sum() >= MIN_MASK_VOXELS:
+        # a mask of every voxel separates nothing (e.g. no uniform background): go on
+        if MIN_MASK_VOXELS <= mask.sum() < mask.size:
             return mask, method
     raise InputError(f"{source}: no automatic method found a plausible brain (at least "
                      f"{MIN_MASK_VOXELS} voxels) in the mean volume ({'; '.join(counts)} "
