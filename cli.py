@@ -64,6 +64,7 @@ def cmd_frames(args: argparse.Namespace) -> int:
     summary = run_frames_stage(
         Workspace(args.store), args.videos, args.name, fps=args.fps, size=args.size,
         resize=args.resize, overwrite=args.overwrite, progress=args.progress,
+        log=lambda note: print(f"voxelflow: note: {note}", file=sys.stderr, flush=True),
     )
     counts = ", ".join(str(n) for n in summary["frames"])
     print(f"wrote /{summary['group']} in {args.store}: {summary['runs']} run(s), "
@@ -275,7 +276,7 @@ def cmd_bold(args: argparse.Namespace) -> int:
         tr_source=tr_source, run_attrs=run_attrs, zscore=args.zscore, detrend=args.detrend,
         confounds=args.confounds, high_pass=args.high_pass, hemis=args.hemi,
         structures=args.structures.split(",") if args.structures else None,
-        chunk_voxels=args.chunk_voxels or CHUNK_VOXELS, overwrite=args.overwrite,
+        chunk_voxels=CHUNK_VOXELS if args.chunk_voxels is None else args.chunk_voxels, overwrite=args.overwrite,
         progress=args.progress,
     )
     vols = summary["volumes"]
@@ -372,7 +373,6 @@ def _statistics_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from voxelflow.pipeline.errors import InputError
     from voxelflow.pipeline.stages.fit import parse_alphas, run_fit_stage
     from voxelflow.pipeline.design.lags import parse_lags
     from voxelflow.pipeline.stats.per_block import StatisticsOptions
@@ -382,8 +382,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
                  if args.test_runs else None)
     test_repeats = ([[_int_arg(r, "--test-repeats") for r in group.split(",") if r.strip()]
                      for group in args.test_repeats] if args.test_repeats else None)
-    if args.voxel_block < 1:
-        raise InputError(f"--voxel-block must be >= 1 (got {args.voxel_block})")
     statistics = StatisticsOptions(permutations=args.permutations, bootstrap=args.bootstrap,
                                    block_length=args.block_length, null=args.null,
                                    seed=args.seed)
@@ -431,10 +429,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from voxelflow.pipeline.study.report import ranking, table_markdown
 
     exp = load_experiment(args.experiment)
-    out = run_experiment(exp, dry_run=args.dry_run, progress=args.progress)
-    print(f"plan for {exp.source} (store {exp.store}):")
-    for stage in out["plan"]:
-        print("  " + stage.describe())
+    # The plan is printed (and flushed) before the first stage runs.
+    out = run_experiment(exp, dry_run=args.dry_run, progress=args.progress,
+                         log=lambda line: print(line, flush=True))
     if args.dry_run:
         return 0
     table = out["report"]["table"]
