@@ -218,17 +218,43 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- bold
 def add_bold(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "bold", help="ingest 4D NIfTI runs into /bold/SUBJECT (time, voxel)",
-        description="Stream 4D NIfTI runs (one file per run, in order) into /bold/SUBJECT: "
-                    "bold (time, voxel) float32, all time points x 4,096 voxels per chunk, "
-                    "with time (s from run onset), run, and per-voxel i, j, k, valid.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="4D .nii/.nii.gz files, one run each")
-    p.add_argument("--subject", required=True, help="writes /bold/SUBJECT")
+        "bold", help="ingest BOLD runs (NIfTI, CIFTI, GIFTI or a BIDS dataset) into "
+                     "/bold/SUBJECT (time, voxel)",
+        description="Stream BOLD runs (4D NIfTI, CIFTI-2 .dtseries.nii or GIFTI .func.gii; "
+                    "one run per file, or found in a BIDS dataset with --bids) into "
+                    "/bold/SUBJECT: bold (time, voxel) float32, all time points x 4,096 "
+                    "voxels per chunk, with time (s from run onset), run, and per-voxel "
+                    "i, j, k, valid (and structure, vertex, hemi on surfaces).")
+    p.add_argument("runs", nargs="*", metavar="RUN",
+                   help=".nii/.nii.gz, .dtseries.nii or .func.gii files, one run each "
+                        "(GIFTI: see --hemi); leave out with --bids")
+    p.add_argument("--subject", required=True,
+                   help="writes /bold/SUBJECT (with --bids: the BIDS subject label)")
+    p.add_argument("--bids", metavar="DIR",
+                   help="BIDS dataset (raw, with derivatives/ if any) or fMRIPrep derivatives "
+                        "folder: the runs of --subject and --task are found with pybids")
+    p.add_argument("--task", help="BIDS task label (with --bids)")
+    p.add_argument("--session", help="BIDS session label (with --bids)")
+    p.add_argument("--space", help="derivative space, e.g. MNI152NLin2009cAsym or fsLR "
+                                   "(with --bids: searches the derivatives)")
+    p.add_argument("--desc", help="derivative desc label, e.g. preproc (with --bids)")
     p.add_argument("--mask", metavar="MASK",
-                   help="NIfTI on the BOLD grid, voxels != 0 are kept (default: an EPI mask "
-                        "computed from the mean volume with nilearn, saved in the group)")
+                   help="NIfTI on the BOLD grid, voxels != 0 are kept (default: computed from "
+                        "the mean volume: nilearn EPI mask, else background mask, else Otsu)")
     p.add_argument("--tr", type=_positive_float, default=None, metavar="SECONDS",
-                   help="repetition time (default: the header's pixdim[4] and time unit)")
+                   help="repetition time (default: the BIDS sidecar, else the file header)")
+    p.add_argument("--confounds", metavar="STRATEGY",
+                   help="regress out fMRIPrep confounds per run, nilearn load_confounds "
+                        "strategies, e.g. motion=full,wm_csf=basic,high_pass")
+    p.add_argument("--high-pass", type=_positive_float, default=None, metavar="HZ",
+                   help="regress out cosine drift terms below HZ per run (nilearn's cosine "
+                        "filter; needs no fMRIPrep)")
+    p.add_argument("--hemi", nargs="+", choices=["L", "R"], metavar="H",
+                   help="GIFTI runs: hemisphere of each file of a run, e.g. L R (files given "
+                        "as run1-L run1-R run2-L ...)")
+    p.add_argument("--structures", metavar="S[,S]",
+                   help="CIFTI runs: brain models to keep, e.g. CORTEX_LEFT,CORTEX_RIGHT "
+                        "(default all)")
     p.add_argument("--zscore", action=argparse.BooleanOptionalAction, default=True,
                    help="z-score every voxel within each run (default: --zscore)")
     p.add_argument("--detrend", choices=["none", "linear"], default="none",
@@ -240,13 +266,17 @@ def add_bold(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bold(args: argparse.Namespace) -> int:
-    from voxelflow.pipeline.stages.bold import CHUNK_VOXELS, run_bold_stage
+    from voxelflow.pipeline.stages.bold import CHUNK_VOXELS, bold_inputs, run_bold_stage
 
+    runs, tr, tr_source, run_attrs = bold_inputs(
+        args.runs, bids=args.bids, subject=args.subject, task=args.task,
+        session=args.session, space=args.space, desc=args.desc, tr=args.tr)
     summary = run_bold_stage(
-        Workspace(args.store), args.runs, args.subject, mask=args.mask, tr=args.tr,
-        zscore=args.zscore, detrend=args.detrend,
-        chunk_voxels=CHUNK_VOXELS if args.chunk_voxels is None else args.chunk_voxels,
-        overwrite=args.overwrite,
+        Workspace(args.store), runs, args.subject, mask=args.mask, tr=tr,
+        tr_source=tr_source, run_attrs=run_attrs, zscore=args.zscore, detrend=args.detrend,
+        confounds=args.confounds, high_pass=args.high_pass, hemis=args.hemi,
+        structures=args.structures.split(",") if args.structures else None,
+        chunk_voxels=CHUNK_VOXELS if args.chunk_voxels is None else args.chunk_voxels, overwrite=args.overwrite,
         progress=args.progress,
     )
     vols = summary["volumes"]
@@ -257,6 +287,9 @@ def cmd_bold(args: argparse.Namespace) -> int:
           f"({summary['tr_source']}), mask {summary['mask']} "
           f"({summary['blocks_written']} blocks written, {summary['blocks_skipped']} "
           f"already done)")
+    if any(summary["confounds"]):
+        print(f"confounds removed per run: {', '.join(map(str, summary['confounds']))} "
+              f"regressor(s) (stored as run-NNN/confounds)")
     print(f"invalid voxels: {summary['invalid']} of {summary['voxels']} (constant or NaN in "
           f"at least one run; kept with valid=False, excluded from scoring)")
     return 0

@@ -6,14 +6,17 @@
   of :mod:`voxelflow.pipeline.models`);
 - :mod:`~voxelflow.pipeline.stages.train`: trains the ResNet-50 autoencoder on the
   training frames (a checkpoint file);
-- :mod:`~voxelflow.pipeline.stages.bold`: NIfTI runs -> ``/bold/SUBJECT`` (reading in
-  :mod:`~voxelflow.pipeline.stages.nifti`, the per-block passes in ``_bold_passes``);
+- :mod:`~voxelflow.pipeline.stages.bold`: NIfTI / CIFTI / GIFTI runs -> ``/bold/SUBJECT``
+  (reading in :mod:`~voxelflow.pipeline.stages.nifti` and
+  :mod:`~voxelflow.pipeline.stages.surface`, runs found in BIDS datasets by
+  :mod:`~voxelflow.pipeline.stages.bids`, confound regressors from
+  :mod:`~voxelflow.pipeline.stages.confounds`, the per-block passes in ``_bold_passes``);
 - :mod:`~voxelflow.pipeline.stages.feature_arrays`: any ``(time, feature)`` arrays ->
   ``/features/NAME`` (:func:`write_features`), used by
   :mod:`~voxelflow.pipeline.stages.events` (events files -> boxcars) and
   :mod:`~voxelflow.pipeline.stages.imported` (tables, arrays, Zarr/netCDF files);
 - :mod:`~voxelflow.pipeline.stages.fit`: features + BOLD -> ``/fits/NAME/lags-...``;
-- :mod:`~voxelflow.pipeline.stages.export`: any per-voxel result -> NIfTI.
+- :mod:`~voxelflow.pipeline.stages.export`: any per-voxel result -> NIfTI, CIFTI or GIFTI.
 
 Each stage describes its per-block work once (a work object with ``compute`` and
 ``write``) and runs it with :func:`voxelflow.pipeline.execution.run_blocks`.  The names
@@ -36,6 +39,9 @@ _EXPORTS = {
     "run_events_stage": "events", "events_to_features": "events",
     "run_import_stage": "imported", "read_feature_file": "imported",
     "export_variable": "export", "describe_export": "export",
+    "find_bids_runs": "bids", "bids_stage_inputs": "bids",
+    "parse_strategy": "confounds", "run_confounds": "confounds",
+    "probe_surface_runs": "surface", "write_cifti": "surface", "write_gifti": "surface",
 }
 
 __all__ = list(_EXPORTS)

@@ -28,6 +28,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from voxelflow.pipeline.stages.nifti import RunReader
+from voxelflow.pipeline.stages.surface import GiftiReader
 from voxelflow.stores.scratch import TransposeScratch
 from voxelflow.stores.workspace import StageWriter, Workspace
 
@@ -37,9 +38,13 @@ FLOAT64_COLUMNS = 256  # voxels standardised at once in float64 inside an output
 
 # ==================================================================== the maths
 def standardize(x: np.ndarray, zscore: bool, detrend: str,
-                columns: int = FLOAT64_COLUMNS) -> tuple[np.ndarray, np.ndarray]:
-    """Detrend / z-score ``x`` (time, voxel) float32 *in place*, per voxel.
+                columns: int = FLOAT64_COLUMNS, basis: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Clean, detrend / z-score ``x`` (time, voxel) float32 *in place*, per voxel.
 
+    ``basis`` (time, q) float64, orthonormal: confound regressors to remove first
+    (:func:`~voxelflow.pipeline.stages.confounds.projection_basis`), ``x - Q (Q^T x)``
+    on the voxels whose samples are all finite (the others are invalid anyway).
     Returns the raw per-voxel ``mean`` and ``std`` (float32, ``ddof=0``, before any
     change) with NaN where the voxel has a non-finite sample and ``std`` exactly 0
     where the voxel is constant.  Work is done in float64, ``columns`` voxels at a time.
@@ -60,7 +65,13 @@ def standardize(x: np.ndarray, zscore: bool, detrend: str,
             std[constant] = 0.0
             raw_mean[c0:c1] = mean
             raw_std[c0:c1] = std
+            if basis is not None and all_finite.any():
+                clean = xs[:, all_finite]
+                clean -= basis @ (basis.T @ clean)
+                xs[:, all_finite] = clean
             if not zscore and detrend == "none":
+                if basis is not None:
+                    x[:, c0:c1] = xs  # cleaned, mean kept (as nilearn keeps it)
                 continue
             _standardize_columns(xs, finite, all_finite.all(), mean, constant, t, zscore,
                                  detrend)
@@ -180,13 +191,13 @@ class _Buffers:
 
 
 # ==================================================================== pass 1
-def scratch_keys(run_file: str | Path, pending: Sequence[int]) -> list[tuple[int, ...]]:
+def scratch_keys(run_file: str | Path | tuple, pending: Sequence[int]) -> list[tuple[int, ...]]:
     """Pass-1 keys of one run: a time block each, or all of them in one key for a gzip
     file (reading volume ``t`` of a ``.nii.gz`` decompresses everything before it, so
-    only one sequential reader per file is efficient)."""
+    only one sequential reader per file is efficient) or a GIFTI run (parsed whole)."""
     if not pending:
         return []
-    if str(run_file).endswith(".gz"):
+    if isinstance(run_file, tuple) or str(run_file).endswith((".gz", ".gii")):
         return [tuple(int(b) for b in pending)]
     return [(int(b),) for b in pending]
 
@@ -210,7 +221,7 @@ class ScratchWork:
     """
 
     scratch: ScratchSpec
-    run_file: str
+    run_file: str | tuple[str, ...]  # a NIfTI file, or the hemisphere files of a GIFTI run
     flat_index: np.ndarray
     _buffers: _Buffers = field(default_factory=_Buffers, repr=False, compare=False)
 
@@ -221,12 +232,14 @@ class ScratchWork:
         write); several (a gzip run) are read lazily, one at a time as :meth:`write`
         takes them, so memory holds one block whatever the run's length.
         """
-        reader, scratch = RunReader(self.run_file), self.scratch.open()
+        reader = (GiftiReader(self.run_file) if isinstance(self.run_file, tuple)
+                  else RunReader(self.run_file))
+        scratch = self.scratch.open()
         if len(blocks) == 1:
             return iter([self._read(reader, scratch, blocks[0])])
         return (self._read(reader, scratch, block) for block in blocks)
 
-    def _read(self, reader: RunReader, scratch: TransposeScratch, block: int) -> MaskedBlock:
+    def _read(self, reader: RunReader | GiftiReader, scratch: TransposeScratch, block: int) -> MaskedBlock:
         region = scratch.block_slice(block)
         buffer = self._buffers.take((scratch.time_block, scratch.n_voxel))
         data = reader.read_masked(self.flat_index, region.start, region.stop, buffer)
@@ -268,6 +281,7 @@ class ChunkWork:
     writer: StageWriter
     zscore: bool
     detrend: str
+    basis: np.ndarray | None = None  # (time, q) confounds to remove, or None
     _buffers: _Buffers = field(default_factory=_Buffers, repr=False, compare=False)
 
     def compute(self, key: tuple[int, int]) -> StandardizedChunk:
@@ -283,7 +297,7 @@ class ChunkWork:
             self._buffers.clear()
             buffer = None
         x = self.scratch.open().read_voxels(region, out=buffer)  # a view of `buffer`
-        raw_mean, raw_std = standardize(x, self.zscore, self.detrend)
+        raw_mean, raw_std = standardize(x, self.zscore, self.detrend, basis=self.basis)
         return StandardizedChunk(x, raw_mean, raw_std, buffer)
 
     def write(self, key: tuple[int, int], chunk: StandardizedChunk) -> int:

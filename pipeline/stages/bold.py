@@ -65,23 +65,38 @@ from voxelflow.pipeline.stages._bold_passes import (
     scratch_time_block,
     standardize,
 )
+from voxelflow.pipeline.stages.confounds import (
+    Confounds,
+    parse_strategy,
+    projection_basis,
+    run_confounds,
+)
 from voxelflow.pipeline.stages.nifti import (
+    MASK_METHODS,
     READ_BUDGET,
     RunInfo,
+    auto_mask,
     check_runs,
     check_usable_voxels,
-    epi_mask,
     load_mask,
     mask_voxels,
     mean_volume,
     probe_run,
+)
+from voxelflow.pipeline.stages.surface import (
+    CiftiColumns,
+    SurfaceLayout,
+    check_surface_tr,
+    is_surface,
+    probe_surface_runs,
 )
 from voxelflow.stores.names import check_name
 from voxelflow.stores.inventory import stored_bytes
 from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 __all__ = ["CHUNK_VOXELS", "DETRENDS", "bold_group", "bold_template", "group_variables",
-           "run_bold_stage", "run_validity", "standardize"]
+           "bold_inputs", "run_bold_stage", "run_validity",
+           "standardize"]
 
 CHUNK_VOXELS = 4096  # voxels per Zarr chunk (all time points) == voxels per resumable block
 # Pass 2 holds an output chunk read from the scratch, the chunk Zarr writes, and the
@@ -97,70 +112,88 @@ def bold_group(subject: str) -> str:
     return f"bold/{subject}"
 
 
-def bold_template(info: RunInfo, run: int, tr: float, i: np.ndarray, j: np.ndarray,
-                  k: np.ndarray, chunk_voxels: int) -> RunTemplate:
-    """One run: ``bold (time, voxel) float32`` + time/run and per-voxel i/j/k/valid coords."""
-    n_time, n_vox = info.n_volumes, i.size
+def bold_template(info, run: int, tr: float, coords: dict, n_vox: int, chunk_voxels: int,
+                  confounds: Confounds | None = None, attrs: dict | None = None
+                  ) -> RunTemplate:
+    """One run: ``bold (time, voxel) float32`` + time/run and the per-voxel ``coords``
+    (:func:`_voxel_coords`); with ``confounds``, the regressors removed from it
+    (``confounds (time, confound) float64``, names in the ``confound`` coordinate)."""
+    n_time = info.n_volumes
     chunk = (n_time, min(chunk_voxels, n_vox))
     times = np.arange(n_time, dtype=np.float64) * tr
+    data = {"bold": (("time", "voxel"), da.empty((n_time, n_vox), dtype=np.float32,
+                                                 chunks=chunk),
+                     {"long_name": "BOLD signal of the voxels in the mask"})}
+    extra = {}
+    if confounds is not None:
+        data["confounds"] = (("time", "confound"), confounds.values,
+                             {"long_name": "regressors removed from every voxel (before "
+                                           "detrend/z-scoring)", "source": confounds.source})
+        extra = {"confound": ("confound", np.asarray(confounds.names, dtype=str))}
     ds = xr.Dataset(
-        {"bold": (("time", "voxel"), da.empty((n_time, n_vox), dtype=np.float32, chunks=chunk),
-                  {"long_name": "BOLD signal of the voxels in the mask"})},
-        coords=_voxel_coords(i, j, k) | {
+        data,
+        coords=coords | extra | {
             "time": ("time", times, {"units": "s", "long_name": "time from run onset"}),
             "run": ("time", np.full(n_time, run, dtype=np.int32), {"long_name": "run index"}),
         },
         attrs={"source": str(info.path), "n_volumes": n_time, "tr": tr,
-               "source_dtype": info.dtype},
+               "source_dtype": info.dtype, **(attrs or {})},
     )
     voxel_enc = {"chunks": (n_vox,)}
     # No compressor: z-scored float32 BOLD is noise down to the last mantissa bits (zstd
     # saves ~8 %), and the codec's buffers would double the memory of a chunk.
     encoding = {"bold": {"chunks": chunk, "compressors": None}, "time": {"chunks": (n_time,)},
-                "run": {"chunks": (n_time,)}, "i": voxel_enc, "j": voxel_enc, "k": voxel_enc,
-                "valid": voxel_enc}
+                "run": {"chunks": (n_time,)}} | {c: voxel_enc for c in coords}
     return RunTemplate(ds, encoding, block_dim="voxel", block_size=chunk[1])
 
 
-def _voxel_coords(i, j, k, valid: np.ndarray | None = None) -> dict:
-    valid = np.zeros(i.size, dtype=bool) if valid is None else valid
-    return {
+def _voxel_coords(i, j, k, surface: SurfaceLayout | None = None) -> dict:
+    """Per-voxel coordinates: ``i, j, k`` (-1 on a surface), ``valid``, and on surfaces
+    ``structure``, ``vertex`` (-1 for a subcortical voxel) and ``hemi``."""
+    coords = {
         "i": ("voxel", i, {"long_name": "voxel index along the 1st NIfTI axis"}),
         "j": ("voxel", j, {"long_name": "voxel index along the 2nd NIfTI axis"}),
         "k": ("voxel", k, {"long_name": "voxel index along the 3rd NIfTI axis"}),
-        "valid": ("voxel", valid, {"long_name": "finite and not constant in every run; "
-                                                "exclude invalid voxels from scoring"}),
+        "valid": ("voxel", np.zeros(i.size, dtype=bool),
+                  {"long_name": "finite and not constant in every run; exclude invalid "
+                                "voxels from scoring"}),
     }
+    if surface is not None:
+        coords |= {
+            "structure": ("voxel", surface.structure, {"long_name": "CIFTI brain structure"}),
+            "vertex": ("voxel", surface.vertex,
+                       {"long_name": "vertex index on its mesh (-1: a subcortical voxel)"}),
+            "hemi": ("voxel", surface.hemi, {"long_name": "hemisphere (L, R; '' elsewhere)"}),
+        }
+    return coords
 
 
-def group_variables(mask: np.ndarray, i, j, k, n_runs: int, chunk_voxels: int
+def group_variables(mask: np.ndarray | None, coords: dict, n_runs: int, chunk_voxels: int
                     ) -> tuple[xr.Dataset, dict]:
-    """Group-level arrays: coords i/j/k/valid, ``mask``, ``mean`` and per-run raw stats."""
-    n_vox = i.size
+    """Group-level arrays: the voxel ``coords``, ``mask`` (NIfTI only), ``mean`` and
+    per-run raw stats."""
+    n_vox = coords["i"][1].size
     chunk = min(chunk_voxels, n_vox)
     stats = {"long_name": "", "note": "of the raw signal before detrend/z-scoring; NaN where "
                                       "a sample is non-finite"}
-    ds = xr.Dataset(
-        {
-            "mask": (("mask_i", "mask_j", "mask_k"), mask.astype(np.uint8),
-                     {"long_name": "voxels ingested (1) on the NIfTI grid"}),
-            "mean": ("voxel", da.empty(n_vox, dtype=np.float32, chunks=chunk),
-                     {**stats, "long_name": "mean over all volumes of all runs"}),
-            "raw_mean": (("run_index", "voxel"),
-                         da.empty((n_runs, n_vox), dtype=np.float32, chunks=(1, chunk)),
-                         {**stats, "long_name": "mean over each run's volumes"}),
-            "raw_std": (("run_index", "voxel"),
-                        da.empty((n_runs, n_vox), dtype=np.float32, chunks=(1, chunk)),
-                        {**stats, "long_name": "standard deviation (ddof=0) over each run's "
-                                               "volumes; 0 where constant"}),
-        },
-        coords=_voxel_coords(i, j, k),
-    )
-    voxel_enc = {"chunks": (n_vox,)}
-    encoding = {"mask": {"chunks": mask.shape}, "mean": {"chunks": (chunk,)},
-                "raw_mean": {"chunks": (1, chunk)}, "raw_std": {"chunks": (1, chunk)},
-                "i": voxel_enc, "j": voxel_enc, "k": voxel_enc, "valid": voxel_enc}
-    return ds, encoding
+    data = {
+        "mean": ("voxel", da.empty(n_vox, dtype=np.float32, chunks=chunk),
+                 {**stats, "long_name": "mean over all volumes of all runs"}),
+        "raw_mean": (("run_index", "voxel"),
+                     da.empty((n_runs, n_vox), dtype=np.float32, chunks=(1, chunk)),
+                     {**stats, "long_name": "mean over each run's volumes"}),
+        "raw_std": (("run_index", "voxel"),
+                    da.empty((n_runs, n_vox), dtype=np.float32, chunks=(1, chunk)),
+                    {**stats, "long_name": "standard deviation (ddof=0) over each run's "
+                                           "volumes; 0 where constant"}),
+    }
+    encoding = {"mean": {"chunks": (chunk,)}, "raw_mean": {"chunks": (1, chunk)},
+                "raw_std": {"chunks": (1, chunk)}} | {c: {"chunks": (n_vox,)} for c in coords}
+    if mask is not None:
+        data["mask"] = (("mask_i", "mask_j", "mask_k"), mask.astype(np.uint8),
+                        {"long_name": "voxels ingested (1) on the NIfTI grid"})
+        encoding["mask"] = {"chunks": mask.shape}
+    return xr.Dataset(data, coords=coords), encoding
 
 
 def _scratch_token(params: dict, run: int, time_block: int) -> str:
@@ -183,66 +216,148 @@ def _array_sha256(mask: np.ndarray) -> str:
 
 
 # ==================================================================== the stage
-def run_bold_stage(workspace: Workspace, runs: Sequence[str | Path], subject: str, *,
+def run_bold_stage(workspace: Workspace, runs: Sequence, subject: str, *,
                    mask: str | Path | None = None, tr: float | None = None,
-                   zscore: bool = True, detrend: str = "none",
+                   zscore: bool = True, detrend: str = "none", confounds: str | None = None,
+                   high_pass: float | None = None, hemis: Sequence[str] | None = None,
+                   structures: Sequence[str] | None = None,
+                   run_attrs: Sequence[dict] | None = None, tr_source: str | None = None,
                    chunk_voxels: int = CHUNK_VOXELS, time_block: int | None = None,
                    overwrite: bool = False, progress: bool = True) -> dict:
-    """Ingest 4D NIfTI ``runs`` (one run each) into ``/bold/<subject>``; resume if interrupted.
+    """Ingest ``runs`` (4D NIfTI, CIFTI dtseries or GIFTI func files; one run each, or
+    one ``(L, R)`` tuple / ``hemis`` group per GIFTI run) into ``/bold/<subject>``;
+    resume if interrupted.
 
+    ``confounds`` (nilearn ``load_confounds`` strategies, :func:`~voxelflow.pipeline.
+    stages.confounds.parse_strategy`) and ``high_pass`` (Hz, cosine drift terms) are
+    removed per run in pass 2.  ``run_attrs`` (one dict per run, e.g. BIDS entities) go
+    into each run node's attrs; ``tr_source`` names where a given ``tr`` came from.
     ``time_block`` (volumes per pass-1 block) defaults to what fits ``SCRATCH_BUDGET``.
     Returns a summary: group, runs, volumes per run, voxels, invalid voxels, TR and its
     source, mask source, blocks written / skipped.
     """
     _check_arguments(runs, subject, detrend, chunk_voxels)
-    infos = [probe_run(Path(r)) for r in runs]
-    tr_s, tr_source = check_runs(infos, tr)
-    grid = infos[0]
+    strategy = parse_strategy(confounds)
+    if any(is_surface(r) for r in runs):
+        if mask is not None:
+            raise InputError("--mask is for NIfTI runs; surface runs keep every vertex (choose "
+                             "CIFTI brain models with --structures)")
+        infos, surface = probe_surface_runs(runs, hemis, structures)
+        tr_s, tr_src = check_surface_tr(infos, tr)
+        i, j, k = (surface.ijk[:, n].copy() for n in range(3))
+        flat_index, mask_arr, mask_spec = surface.index, None, {"surface": surface.kind}
+    else:
+        infos, surface = [probe_run(Path(r)) for r in runs], None
+        tr_s, tr_src = check_runs(infos, tr)
+        mask_path = Path(mask) if mask is not None else None
+        mask_arr = load_mask(mask_path, infos[0]) if mask_path is not None else None
+        _check_memory(infos, mask_arr, chunk_voxels)
+        check_usable_voxels(infos, None if mask_arr is None else mask_voxels(mask_arr)[3],
+                            str(mask_path))
+        mask_spec = ({"file": os.path.abspath(mask_path), "sha256": _sha256(mask_path)}
+                     if mask_path is not None else {"computed": EPI_MASK_METHOD})
+    if tr is not None and tr_source:
+        tr_src = tr_source
     group = bold_group(subject)
-    mask_path = Path(mask) if mask is not None else None
-    mask_arr = load_mask(mask_path, grid) if mask_path is not None else None
-    _check_memory(infos, mask_arr, chunk_voxels)
-    check_usable_voxels(infos, None if mask_arr is None else mask_voxels(mask_arr)[3],
-                        str(mask_path))
-    mask_spec = ({"file": os.path.abspath(mask_path), "sha256": _sha256(mask_path)}
-                 if mask_path is not None else {"computed": EPI_MASK_METHOD})
     params = {
         "stage": "bold",
-        "runs": [{"file": os.path.abspath(i.path), "bytes": i.path.stat().st_size}
-                 for i in infos],
+        "runs": [{"file": os.path.abspath(f), "bytes": Path(f).stat().st_size}
+                 for f in _run_files(infos)],
         "mask": mask_spec, "tr": tr_s, "zscore": bool(zscore), "detrend": detrend,
         "chunk_voxels": int(chunk_voxels),
     }
+    if strategy or high_pass is not None:
+        params["confounds"] = {"strategy": strategy, "high_pass": high_pass}
+    if surface is not None:
+        params["elements"] = {"structures": sorted(set(surface.structure.tolist())),
+                              "hemis": list(hemis or [])}
     workspace.check_params(group, params, overwrite=overwrite)
-    if mask_arr is None:
-        mask_arr = _computed_mask(workspace, group, infos, overwrite, progress)
-    i, j, k, flat_index = mask_voxels(mask_arr)
-    _check_disk(workspace, group, infos, int(i.size))
-    attrs = {
-        "subject": subject, "tr": tr_s, "tr_source": tr_source,
-        "affine": grid.affine.tolist(), "volume_shape": list(grid.shape),
-        "xform_code": grid.xform_code, "space_unit": grid.space_unit,
-        "mask_file": str(mask_path) if mask_path else "",
-        "mask_sha256": mask_spec.get("sha256", _array_sha256(mask_arr)),
-        "mask_method": "file (voxel != 0)" if mask_path else EPI_MASK_METHOD,
-        "runs": [str(Path(r)) for r in runs], "n_volumes": [i_.n_volumes for i_ in infos],
-        "n_voxels": int(i.size), "zscore": bool(zscore), "detrend": detrend,
-        "zscore_ddof": 0, "chunk_voxels": int(chunk_voxels),
-        "voxel_order": "C order of np.nonzero(mask): bold[:, v] is volume[i[v], j[v], k[v]]",
-    }
-    templates = [bold_template(info, r, tr_s, i, j, k, chunk_voxels)
+    regressors = [run_confounds(_files_of(info), info.n_volumes, tr_s, strategy, high_pass)
+                  for info in infos]
+    attrs = {"subject": subject, "tr": tr_s, "tr_source": tr_src,
+             "runs": [str(f) for f in _run_files(infos)],
+             "n_volumes": [i_.n_volumes for i_ in infos], "zscore": bool(zscore),
+             "detrend": detrend, "zscore_ddof": 0, "chunk_voxels": int(chunk_voxels),
+             "confounds": confounds or "", "high_pass": high_pass}
+    if surface is None:
+        if mask_arr is None:
+            mask_arr, method = _computed_mask(workspace, group, infos, overwrite, progress)
+        else:
+            method = "file (voxel != 0)"
+        i, j, k, flat_index = mask_voxels(mask_arr)
+        _check_disk(workspace, group, infos, int(i.size))
+        attrs |= _volume_attrs(infos[0], mask, mask_spec, mask_arr, method)
+    else:
+        _check_disk(workspace, group, infos, int(i.size))
+        attrs |= {"surface": surface.kind, "mask_method": "none (every element of the "
+                  "file's brain models)", **{f"cifti_{k_}": v for k_, v in surface.attrs.items()},
+                  "voxel_order": "order of the grayordinates (CIFTI) or of the vertices, L "
+                                 "then R (GIFTI), in the input files"}
+    attrs["n_voxels"] = int(i.size)
+    coords = _voxel_coords(i, j, k, surface)
+    templates = [bold_template(info, r, tr_s, coords, int(i.size), chunk_voxels, regressors[r],
+                               (run_attrs or [{}] * len(infos))[r])
                  for r, info in enumerate(infos)]
-    layout = group_variables(mask_arr, i, j, k, len(infos), chunk_voxels)
+    layout = group_variables(mask_arr, coords, len(infos), chunk_voxels)
     writer = _start_group(workspace, group, params, templates, attrs, layout, overwrite)
     skipped = sum(t.n_blocks for t in templates) - writer.n_pending()
+    bases = [projection_basis(c.values, detrend) if c is not None else None
+             for c in regressors]
     written = _ingest(writer, infos, params, flat_index, time_block, bool(zscore), detrend,
-                      progress)
+                      bases, surface, progress)
     n_invalid = _finish_group(workspace, group, writer, infos, int(i.size))
     workspace.remove_scratch(group)
     return {"group": group, "runs": len(infos), "volumes": [i_.n_volumes for i_ in infos],
-            "voxels": int(i.size), "invalid": n_invalid, "tr": tr_s, "tr_source": tr_source,
-            "mask": str(mask_path) if mask_path else "computed (EPI mask of the mean volume)",
+            "voxels": int(i.size), "invalid": n_invalid, "tr": tr_s, "tr_source": tr_src,
+            "mask": (f"none ({surface.kind} surface)" if surface is not None
+                     else str(mask) if mask else f"computed ({attrs['mask_method']})"),
+            "confounds": [len(c.names) if c is not None else 0 for c in regressors],
             "blocks_written": written, "blocks_skipped": skipped}
+
+
+def _run_files(infos) -> list[str]:
+    return [f for info in infos for f in _files_of(info)]
+
+
+def _files_of(info) -> tuple[str, ...]:
+    return tuple(getattr(info, "files", None) or (str(info.path),))
+
+
+def _volume_attrs(grid: RunInfo, mask, mask_spec: dict, mask_arr: np.ndarray,
+                  method: str) -> dict:
+    return {
+        "affine": grid.affine.tolist(), "volume_shape": list(grid.shape),
+        "xform_code": grid.xform_code, "space_unit": grid.space_unit,
+        "mask_file": str(mask) if mask else "",
+        "mask_sha256": mask_spec.get("sha256", _array_sha256(mask_arr)),
+        "mask_method": method,
+        "voxel_order": "C order of np.nonzero(mask): bold[:, v] is volume[i[v], j[v], k[v]]",
+    }
+
+
+def bold_inputs(runs: Sequence, *, bids: str | Path | None, subject: str,
+                task: str | None, session: str | None = None, space: str | None = None,
+                desc: str | None = None, tr: float | None = None
+                ) -> tuple[list, float | None, str | None, list[dict] | None]:
+    """Runs given as files, or found in a BIDS dataset: ``(runs, tr, tr_source,
+    run_attrs)`` for :func:`run_bold_stage`."""
+    if bids is None:
+        for option, value in (("--task", task), ("--session", session), ("--space", space),
+                              ("--desc", desc)):
+            if value:
+                raise InputError(f"{option} selects runs in a BIDS dataset; give --bids DIR")
+        return list(runs), tr, None, None
+    if runs:
+        raise InputError("give either RUN files or --bids DIR, not both")
+    if not task:
+        raise InputError(f"{bids}: --bids needs --task (the BIDS task label)")
+    from voxelflow.pipeline.stages.bids import bids_stage_inputs, find_bids_runs
+
+    found = find_bids_runs(bids, subject, task, session=session, space=space, desc=desc)
+    files, sidecar_tr, attrs = bids_stage_inputs(found, bids)
+    if tr is not None:
+        return files, tr, "--tr", attrs
+    return files, sidecar_tr, "BIDS sidecar RepetitionTime" if sidecar_tr else None, attrs
 
 
 def _check_arguments(runs: Sequence, subject: str, detrend: str, chunk_voxels: int) -> None:
@@ -252,7 +367,7 @@ def _check_arguments(runs: Sequence, subject: str, detrend: str, chunk_voxels: i
     if chunk_voxels <= 0:
         raise InputError(f"--chunk-voxels must be a positive number (got {chunk_voxels})")
     if not runs:
-        raise InputError("give at least one 4D NIfTI run")
+        raise InputError("give at least one run (4D NIfTI, CIFTI dtseries or GIFTI func)")
 
 
 def _check_memory(infos: Sequence[RunInfo], mask: np.ndarray | None, chunk_voxels: int
@@ -279,14 +394,17 @@ def _check_disk(workspace: Workspace, group: str, infos: Sequence[RunInfo], n_vo
 
 
 def _computed_mask(workspace: Workspace, group: str, infos: Sequence[RunInfo],
-                   overwrite: bool, progress: bool) -> np.ndarray:
-    """The EPI mask of the runs' mean volume, or the one a resumed group saved."""
+                   overwrite: bool, progress: bool) -> tuple[np.ndarray, str]:
+    """The automatic mask of the runs' mean volume (:func:`~voxelflow.pipeline.stages.
+    nifti.auto_mask`) and its method, or the ones a resumed group saved."""
     if (not overwrite and workspace.state(group) in ("writing", "complete")
             and workspace.has_array(group, "mask")):
-        return workspace.read_array(group, "mask").astype(bool)  # resume: reuse it
+        method = workspace.attrs(group).get("mask_method", MASK_METHODS[0])
+        return workspace.read_array(group, "mask").astype(bool), method  # resume: reuse it
     grid = infos[0]
     source = str(grid.path) + (f" and {len(infos) - 1} more run(s)" if len(infos) > 1 else "")
-    return epi_mask(mean_volume(infos, progress), grid.affine, source)
+    mask, method = auto_mask(mean_volume(infos, progress), grid.affine, source)
+    return mask, f"{method} on the mean volume of all runs"
 
 
 def _start_group(workspace: Workspace, group: str, params: dict,
@@ -304,11 +422,13 @@ def _start_group(workspace: Workspace, group: str, params: dict,
     return writer
 
 
-def _ingest(writer: StageWriter, infos: Sequence[RunInfo], params: dict,
+def _ingest(writer: StageWriter, infos: Sequence, params: dict,
             flat_index: np.ndarray, time_block: int | None, zscore: bool, detrend: str,
+            bases: Sequence[np.ndarray | None], surface: SurfaceLayout | None,
             progress: bool) -> int:
     """Both passes, run after run (so one run's scratch exists at a time); returns the
-    chunks written.  Here or on the active Dask client: the same work objects."""
+    chunks written.  Here or on the active Dask client: the same work objects.  A CIFTI
+    run has no pass 1: pass 2 reads its chunks from the file (:class:`CiftiColumns`)."""
     client = active_client()
     store = os.path.abspath(writer.workspace.path)
     require_shared_path(client, store)
@@ -321,19 +441,29 @@ def _ingest(writer: StageWriter, infos: Sequence[RunInfo], params: dict,
         keys = [(run, block) for block in writer.pending_blocks(run)]
         if not keys:
             continue
-        run_file = os.path.abspath(info.path)
-        require_shared_path(client, run_file)
-        tb = time_block or scratch_time_block(info.n_volumes, n_vox)
-        spec = ScratchSpec(store, writer.group, run, info.n_volumes, n_vox, tb,
-                           writer.templates[run].block_size, _scratch_token(params, run, tb))
-        _fill_scratch(ScratchWork(spec, run_file, flat_index), client, progress)
+        files = tuple(os.path.abspath(f) for f in _files_of(info))
+        for f in files:
+            require_shared_path(client, f)
+        if surface is not None and surface.kind == "cifti":
+            spec = CiftiColumns(files[0], info.n_volumes, flat_index)
+        else:
+            tb = time_block or scratch_time_block(info.n_volumes, n_vox)
+            spec = ScratchSpec(store, writer.group, run, info.n_volumes, n_vox, tb,
+                               writer.templates[run].block_size,
+                               _scratch_token(params, run, tb))
+            run_file = files if surface is not None else files[0]
+            _fill_scratch(ScratchWork(spec, run_file, flat_index), client, progress)
         # overlap=False: an output chunk is the stage's memory budget; two would double it.
-        written += run_blocks(ChunkWork(spec, for_workers, zscore, detrend), keys, client=client,
-                              mark_done=lambda key: writer.mark_done(*key),
+        written += run_blocks(ChunkWork(spec, for_workers, zscore, detrend, bases[run]), keys,
+                              client=client, mark_done=lambda key: writer.mark_done(*key),
                               on_block=lambda key, voxels: bar.update(1), overlap=False)
         spec.open().remove()
     bar.close()
     return written
+
+
+def _files_of_key(run_file) -> str:
+    return run_file[0] if isinstance(run_file, tuple) else run_file
 
 
 def _fill_scratch(work: ScratchWork, client, progress: bool) -> None:
@@ -341,7 +471,7 @@ def _fill_scratch(work: ScratchWork, client, progress: bool) -> None:
     scratch = work.scratch.open()  # created here, before any worker reopens it
     keys = scratch_keys(work.run_file, scratch.pending_blocks())
     bar = tqdm(total=sum(map(len, keys)) * scratch.time_block, unit="vol",
-               desc=f"read {Path(work.run_file).name}", disable=not progress or not keys,
+               desc=f"read {Path(_files_of_key(work.run_file)).name}", disable=not progress or not keys,
                dynamic_ncols=True, leave=False)
     run_blocks(work, keys, client=client, mark_done=None,
                on_block=lambda key, volumes: bar.update(volumes))

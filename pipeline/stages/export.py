@@ -30,6 +30,8 @@ __all__ = ["Geometry", "describe_export", "export_variable", "find_geometry", "o
 
 EXPORT_BUDGET = 64 * 2**20  # bytes of output volumes assembled at once by the exporter
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+CIFTI_SUFFIXES = (".dscalar.nii", ".dtseries.nii")
+GIFTI_SUFFIXES = (".func.gii", ".shape.gii")
 
 
 @dataclass
@@ -232,6 +234,9 @@ def export_variable(workspace: Workspace, node: str, name: str, out: str | Path,
         var = fit_weights(ds, workspace.attrs(stage))
     if sel:
         var = select(var, sel, f"{workspace.path}: /{node}/{name}")
+    surface = _surface_group(workspace, node)
+    if surface is not None or str(out).endswith(CIFTI_SUFFIXES + GIFTI_SUFFIXES):
+        return _export_surface(workspace, node, var, out, surface, stage, sel)
     dtype = output_dtype(var.dtype)
     extra_dim, n_rows = None, 1
     if "voxel" not in var.dims:
@@ -272,8 +277,10 @@ def _open_request(workspace: Workspace, node: str, name: str, out: Path
                   ) -> tuple[str, xr.Dataset]:
     """Check the output path, that the node's stage group is complete and holds
     ``name``; return the stage group and the node's (lazy) dataset."""
-    if not str(out).endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{out}: output must end in .nii or .nii.gz")
+    if not str(out).endswith(NIFTI_SUFFIXES + GIFTI_SUFFIXES):
+        raise InputError(f"{out}: output must end in .nii or .nii.gz (volumes), "
+                         f".dscalar.nii / .dtseries.nii (CIFTI) or .func.gii / .shape.gii "
+                         f"(GIFTI)")
     if not out.parent.exists():
         raise InputError(f"{out}: folder {out.parent} does not exist; create it first")
     if not workspace.path.exists():
@@ -328,6 +335,83 @@ def _iter_volumes(var: xr.DataArray, geometry: Geometry, dtype: np.dtype
         del vols
 
 
+def _surface_group(workspace: Workspace, node: str) -> str | None:
+    """The bold group of ``node`` when its elements are surface vertices, else None."""
+    for n, attrs in _attrs_chain(workspace, node):
+        if attrs.get("surface"):
+            return n
+    return None
+
+
+def _export_surface(workspace: Workspace, node: str, var: xr.DataArray, out: Path,
+                    bold: str | None, stage: str, sel) -> dict:
+    """``(voxel,)`` / ``(n, voxel)`` of a surface group -> CIFTI (a CIFTI input: dscalar,
+    or dtseries over time) or GIFTI (one file per hemisphere, ``..._hemi-L.func.gii``)."""
+    from voxelflow.pipeline.stages.surface import brain_model_axis, write_cifti, write_gifti
+
+    where = f"{workspace.path}: /{node}/{var.name}"
+    if bold is None:
+        raise InputError(f"{out}: /{node} holds volume voxels, not surface vertices; export "
+                         f"it to .nii or .nii.gz")
+    attrs = workspace.attrs(bold)
+    kind = attrs["surface"]
+    if "voxel" not in var.dims or var.ndim > 2:
+        raise InputError(f"{where}: has dims {var.dims}; select down to (voxel,) or "
+                         f"(n, voxel) first with --sel")
+    coords = {c: workspace.read_array(bold, c) for c in ("structure", "vertex", "i", "j",
+                                                         "k", "hemi")}
+    if coords["vertex"].size != var.sizes["voxel"]:
+        raise InputError(f"{where}: has {var.sizes['voxel']} elements but /{bold} has "
+                         f"{coords['vertex'].size}; the result was not made from that group")
+    extra = next((d for d in var.dims if d != "voxel"), None)
+    values = np.asarray(var.transpose(..., "voxel").values)
+    values = values[None] if extra is None else values
+    dtype = np.dtype(np.float32) if values.dtype.kind not in "iub" else output_dtype(
+        values.dtype)
+    values = (np.nan_to_num(values) if dtype.kind != "f" else values).astype(dtype)
+    labels = ([str(v.item() if hasattr(v, "item") else v) for v in var[extra].values]
+              if extra is not None and extra in var.coords else None)
+    files = []
+    if kind == "cifti":
+        if not str(out).endswith(CIFTI_SUFFIXES):
+            raise InputError(f"{out}: /{bold} came from CIFTI; export to .dscalar.nii (or "
+                             f".dtseries.nii for a time series)")
+        step = None
+        if str(out).endswith(".dtseries.nii"):
+            if extra != "time":
+                raise InputError(f"{out}: a dtseries needs a time dimension ({var.name} has "
+                                 f"{var.dims}); export to .dscalar.nii")
+            step = float(workspace.attrs(stage).get("tr", attrs.get("tr", 1.0)))
+        ijk = np.stack([coords["i"], coords["j"], coords["k"]], axis=1)
+        models = brain_model_axis(coords["structure"], coords["vertex"], ijk,
+                                  {k[6:]: v for k, v in attrs.items() if k.startswith("cifti_")})
+        write_cifti(out, values, models, labels, step)
+        files.append(str(out))
+    else:
+        if not str(out).endswith(GIFTI_SUFFIXES):
+            raise InputError(f"{out}: /{bold} came from GIFTI; export to .func.gii or "
+                             f".shape.gii (one file per hemisphere)")
+        for hemi in dict.fromkeys(coords["hemi"].tolist()):
+            if "hemi-" in out.name and f"hemi-{hemi}" not in out.name:
+                continue
+            path = out if f"hemi-{hemi}" in out.name else _hemi_name(out, hemi)
+            n_vert = attrs["cifti_nvertices"][f"CIFTI_STRUCTURE_CORTEX_{'LEFT' if hemi == 'L' else 'RIGHT'}"]
+            rows = np.zeros((values.shape[0], n_vert), dtype=dtype)
+            here = coords["hemi"] == hemi
+            rows[:, coords["vertex"][here]] = values[:, here]
+            write_gifti(path, rows, hemi, labels)
+            files.append(str(path))
+    return {"file": ", ".join(files), "shape": list(values.shape), "voxels": values.shape[1],
+            "dim": extra, "labels": labels, "dtype": str(dtype), "sources": [f"/{bold}"],
+            "format": "CIFTI-2" if kind == "cifti" else "GIFTI",
+            "sel": {str(k): str(v) for k, v in (sel or {}).items()}}
+
+
+def _hemi_name(out: Path, hemi: str) -> Path:
+    suffix = next(s for s in GIFTI_SUFFIXES if out.name.endswith(s))
+    return out.with_name(out.name[:-len(suffix)] + f"_hemi-{hemi}" + suffix)
+
+
 def _voxel_chunk(var: xr.DataArray) -> int | None:
     chunks = var.encoding.get("chunks") or var.encoding.get("preferred_chunks")
     if isinstance(chunks, dict):
@@ -352,6 +436,9 @@ def describe_export(summary: dict) -> str:
             extra = f"; volume n = {summary['dim']} n"
     if summary.get("sel"):
         extra += "; selected " + ", ".join(f"{k}={v}" for k, v in summary["sel"].items())
+    if summary.get("format"):
+        return (f"wrote {summary['file']}: {summary['format']} {shape} {summary['dtype']} "
+                f"(map x element), elements from {summary['sources'][0]}{extra}")
     if summary["sources"][0] == "its own grid":
         return (f"wrote {summary['file']}: {kind} NIfTI {shape} {summary['dtype']}, "
                 f"affine from {summary['sources'][1]}")

@@ -5,7 +5,8 @@
 * :class:`RunReader` reads blocks of a few volumes as stored (no float64 copies of
   whole volumes) and scales only the masked voxels;
 * :func:`load_mask` reads a mask file on the BOLD grid (``value != 0``; NaN outside),
-  :func:`epi_mask` computes one from :func:`mean_volume` when none is given, and
+  :func:`auto_mask` computes one from :func:`mean_volume` when none is given (EPI mask,
+  else background mask, else Otsu), and
   :func:`mask_voxels` gives the voxel order every stored array follows: the C order of
   ``np.nonzero(mask)``, so ``bold[:, v]`` is ``volume[i[v], j[v], k[v]]``.
 
@@ -28,8 +29,9 @@ from tqdm.auto import tqdm
 
 from voxelflow.pipeline.errors import InputError, exception_reason
 
-__all__ = ["RunInfo", "RunReader", "check_runs", "check_usable_voxels", "epi_mask", "load_mask",
-           "mask_voxels", "mean_volume", "probe_run"]
+__all__ = ["MASK_METHODS", "RunInfo", "RunReader", "auto_mask", "check_runs",
+           "check_usable_voxels", "load_mask", "mask_voxels", "mean_volume", "otsu_threshold",
+           "probe_run"]
 
 READ_BUDGET = 4 * 2**20  # bytes of volumes (as stored) read from a NIfTI at once
 TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
@@ -304,19 +306,65 @@ def mean_volume(infos: Sequence[RunInfo], progress: bool = False) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
-def epi_mask(mean: np.ndarray, affine: np.ndarray, source: str) -> np.ndarray:
-    """Brain mask from a mean EPI volume with nilearn's ``compute_epi_mask``."""
-    from nilearn.masking import compute_epi_mask
+MIN_MASK_VOXELS = 10  # fewer voxels than this is not a plausible brain mask
+MASK_METHODS = (
+    "nilearn.masking.compute_epi_mask",
+    "nilearn.masking.compute_background_mask",
+    "Otsu threshold",
+)
 
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` (1D, finite): the histogram cut (``bins`` bins) that
+    maximises the between-class variance; the same rule as ``skimage.filters.threshold_otsu``."""
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(counts).astype(np.float64)
+    w1 = np.cumsum(counts[::-1])[::-1].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m0 = np.cumsum(counts * centres) / w0
+        m1 = (np.cumsum((counts * centres)[::-1]) / w1[::-1])[::-1]
+    between = w0[:-1] * w1[1:] * (m0[:-1] - m1[1:]) ** 2
+    return float(centres[:-1][int(np.nanargmax(between))])
+
+
+def _method_mask(method: str, img: nib.Nifti1Image, mean: np.ndarray) -> np.ndarray:
+    from nilearn.masking import compute_background_mask, compute_epi_mask
+
+    if method == MASK_METHODS[2]:
+        finite = mean[np.isfinite(mean)]
+        if finite.size == 0 or finite.min() == finite.max():
+            return np.zeros(mean.shape, dtype=bool)
+        return np.isfinite(mean) & (mean > otsu_threshold(finite))
+    compute = compute_epi_mask if method == MASK_METHODS[0] else compute_background_mask
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = compute_epi_mask(nib.Nifti1Image(mean.astype(np.float32), affine))
-    mask = np.asanyarray(img.dataobj) != 0
-    if not mask.any():
-        raise InputError(f"{source}: nilearn's compute_epi_mask found no brain in the mean "
-                         f"volume of the runs (image too small or too uniform); pass --mask "
-                         f"MASK.nii.gz")
-    return mask
+        try:
+            out = compute(img)
+        except ValueError:  # nilearn refuses some degenerate images: try the next method
+            return np.zeros(mean.shape, dtype=bool)
+    return np.asanyarray(out.dataobj) != 0
+
+
+def auto_mask(mean: np.ndarray, affine: np.ndarray, source: str) -> tuple[np.ndarray, str]:
+    """Brain mask of a mean EPI volume (3D): the first of :data:`MASK_METHODS` that keeps
+    at least :data:`MIN_MASK_VOXELS` voxels and not all of them, and the method's name.
+
+    ``compute_epi_mask`` (a histogram cut tuned for whole-brain EPI) finds nothing in
+    slabs of a few slices or tiny low-resolution runs; the background mask (everything
+    that differs from the border value) and an Otsu threshold do.
+    """
+    img = nib.Nifti1Image(mean.astype(np.float32), affine)
+    counts = []
+    for method in MASK_METHODS:
+        mask = _method_mask(method, img, mean)
+        counts.append(f"{method.split('.')[-1]}: {int(mask.sum())}")
+        # a mask of every voxel separates nothing (e.g. no uniform background): go on
+        if MIN_MASK_VOXELS <= mask.sum() < mask.size:
+            return mask, method
+    raise InputError(f"{source}: no automatic method found a plausible brain (at least "
+                     f"{MIN_MASK_VOXELS} voxels) in the mean volume ({'; '.join(counts)} "
+                     f"voxels); pass --mask MASK.nii.gz")
 
 
 def mask_voxels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

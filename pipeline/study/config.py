@@ -128,6 +128,9 @@ class Experiment:
     block_length: int = 10
     null: str = "blocks"
     seed: int = 0
+    # run_bold_stage's other options: confounds, high_pass, hemis, structures, and from
+    # BIDS input tr_source / run_attrs (bold_runs then holds the runs pybids found)
+    bold_options: dict = field(default_factory=dict)
 
     def statistics(self):
         """The :class:`~voxelflow.pipeline.stats.per_block.StatisticsOptions` of the fits."""
@@ -144,8 +147,13 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
                    "device": (str, False)},
     "stimulus": {"name": (str, True), "videos": (list, True), "fps": ((int, float), False),
                  "size": (int, False), "resize": (str, False)},
-    "bold": {"subject": (str, True), "runs": (list, True), "mask": (str, False),
-             "tr": ((int, float), False), "zscore": (bool, False), "detrend": (str, False)},
+    "bold": {"subject": (str, True), "runs": (list, False), "mask": (str, False),
+             "tr": ((int, float), False), "zscore": (bool, False), "detrend": (str, False),
+             # BIDS / fMRIPrep input, confound cleaning, surfaces (docs/fmri-data.md)
+             "bids": (str, False), "task": (str, False), "session": (str, False),
+             "space": (str, False), "desc": (str, False), "confounds": (str, False),
+             "high_pass": ((int, float), False), "hemi": (list, False),
+             "structures": (list, False)},
     "models": {"name": (str, True), "model": (str, False), "layer": (str, False),
                "weights": (str, False), "pool": (str, False), "batch_size": (int, False),
                "checkpoint": (str, False), "train": (bool, False), "epochs": (int, False),
@@ -278,13 +286,15 @@ def load_experiment(path: str | Path) -> Experiment:
     if stim and tr is not None and fit_options["aggregate"] == "mean":
         check_mean_window(check.fail, fps, tr)
     detrend = check.choice(bold, "bold", "detrend", ("none", "linear"))
+    bids_tr, bold_options = _bold_options(check, bold, base)
+    tr = tr if tr is not None else bids_tr
     device = check.choice(exp, "experiment", "device", ("cpu", "cuda"))
     return Experiment(
         name=exp["name"], source=path, store=store,
         reports=(base / exp.get("reports", "reports")), stimulus_name=stim.get("name"),
         videos=videos, fps=fps, size=size, resize=resize,
         subject=bold["subject"], bold_runs=runs, mask=mask,
-        tr=tr, zscore=bool(bold.get("zscore", True)),
+        tr=tr, zscore=bool(bold.get("zscore", True)), bold_options=bold_options,
         detrend=detrend, models=models, device=device, **fit_options,
         atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
         atlas_labels=(check.existing("report", "atlas_labels", base, report["atlas_labels"])
@@ -347,13 +357,55 @@ def _input_files(check: _Checker, stim: dict, bold: dict, base: Path
     """Videos and BOLD runs (existing, paired by index) and the optional mask."""
     videos = [check.existing("stimulus", "videos", base, v)
               for v in _strings(check, "stimulus", "videos", stim["videos"])] if stim else []
-    runs = [check.existing("bold", "runs", base, v)
-            for v in _strings(check, "bold", "runs", bold["runs"])]
+    if "bids" in bold:
+        runs = _bids_runs(check, bold, base)
+    elif "runs" not in bold:
+        check.fail("bold", "runs", "give runs = [...] or bids = \"DATASET\" (with task)")
+    else:
+        runs = [check.existing("bold", "runs", base, v)
+                for v in _strings(check, "bold", "runs", bold["runs"])]
     if stim and len(videos) != len(runs):
         check.fail("bold", "runs", f"{len(runs)} BOLD run(s) but {len(videos)} video(s) in "
                    f"stimulus.videos; runs are paired by index")
     mask = check.existing("bold", "mask", base, bold["mask"]) if "mask" in bold else None
     return videos, runs, mask
+
+
+def _bids_runs(check: _Checker, bold: dict, base: Path) -> list:
+    """The runs pybids finds for ``[bold] bids``/``subject``/``task`` (and session,
+    space, desc); their TR and attrs are kept for :func:`_bold_options`."""
+    from voxelflow.pipeline.stages.bold import bold_inputs
+
+    if "runs" in bold:
+        check.fail("bold", "runs", "give either runs or bids, not both")
+    try:
+        runs, tr, source, attrs = bold_inputs(
+            [], bids=check.existing("bold", "bids", base, bold["bids"]),
+            subject=bold["subject"], task=bold.get("task"), session=bold.get("session"),
+            space=bold.get("space"), desc=bold.get("desc"),
+            tr=float(bold["tr"]) if "tr" in bold else None)
+    except InputError as exc:
+        check.fail("bold", "bids", str(exc))
+    bold["_bids"] = {"tr": tr, "tr_source": source, "run_attrs": attrs}
+    return runs
+
+
+def _bold_options(check: _Checker, bold: dict, base: Path) -> tuple[float | None, dict]:
+    """``tr`` and the other keyword arguments of ``run_bold_stage``."""
+    found = bold.pop("_bids", {})
+    tr = float(bold["tr"]) if "tr" in bold else found.get("tr")
+    options = {"confounds": bold.get("confounds"),
+               "high_pass": float(bold["high_pass"]) if "high_pass" in bold else None,
+               "hemis": bold.get("hemi"), "structures": bold.get("structures"),
+               "tr_source": found.get("tr_source"), "run_attrs": found.get("run_attrs")}
+    if options["confounds"]:
+        from voxelflow.pipeline.stages.confounds import parse_strategy
+
+        try:
+            parse_strategy(options["confounds"])
+        except InputError as exc:
+            check.fail("bold", "confounds", str(exc))
+    return tr, options
 
 
 def _require_stimulus(check: _Checker, models: list[ModelSpec], stim: dict | None) -> None:

@@ -111,13 +111,19 @@ def _frames_stage(exp: Experiment, ws: Workspace, progress: bool) -> PlannedStag
 def _bold_stage(exp: Experiment, ws: Workspace, progress: bool) -> PlannedStage:
     from voxelflow.pipeline.stages.bold import run_bold_stage
 
-    request = {"runs": [_file_id(p) for p in exp.bold_runs],
+    files = [f for r in exp.bold_runs for f in (r if isinstance(r, (list, tuple)) else [r])]
+    request = {"runs": [_file_id(Path(p)) for p in files],
                "mask": _file_id(exp.mask) if exp.mask else None, "tr": exp.tr,
                "zscore": exp.zscore, "detrend": exp.detrend}
+    options = {k: v for k, v in exp.bold_options.items() if v is not None}
+    cleaning = {k: options[k] for k in ("confounds", "high_pass", "hemis", "structures")
+                if k in options}
+    if cleaning:  # only then, so plans of older experiment files keep their requests
+        request["cleaning"] = cleaning
     stage = PlannedStage("bold", f"bold/{exp.subject}", request)
     stage.call = lambda overwrite: run_bold_stage(
         ws, exp.bold_runs, exp.subject, mask=exp.mask, tr=exp.tr, zscore=exp.zscore,
-        detrend=exp.detrend, overwrite=overwrite, progress=progress)
+        detrend=exp.detrend, overwrite=overwrite, progress=progress, **options)
     return stage
 
 
