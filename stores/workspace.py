@@ -134,6 +134,13 @@ class Workspace:
                 names.append(name)
         return sorted(names)
 
+    def child_groups(self, node: str) -> list[str]:
+        """Names of the groups directly under ``node`` (any state; [] when absent)."""
+        try:
+            return sorted(name for name, _ in self._root("r")[node].groups())
+        except (KeyError, InputError, FileNotFoundError):
+            return []
+
     def require_complete(self, group: str, hint: str) -> dict:
         """Return the group's attrs or raise naming the command (``hint``) that makes it."""
         state = self.state(group)
