@@ -180,16 +180,17 @@ def ranking(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_number(value, column: str = "") -> str:
-    """A table value for reading: alphas and ``best_alpha`` as ``1e3`` / ``0.5`` /
-    ``2.5e4`` (``%g`` with a short exponent), counts as integers, p-values to 3
-    significant digits, other floats (r, R^2, differences) to 3 decimals; NaN/NA -> ``-``."""
+    """A table value for reading: ``best_alpha`` as ``1e3`` / ``0.5`` / ``2.5e4``
+    (:func:`format_alpha`), counts as integers, p-values to 3 significant digits, other
+    floats (r -- also in the per-alpha columns --, R^2, differences) to 3 decimals;
+    NaN/NA -> ``-``."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return "-"
     if isinstance(value, str):
         return value
     if isinstance(value, (int, np.integer)) or column.startswith("n_"):
         return str(int(value))
-    if column == "best_alpha" or _is_alpha_column(column):
+    if column == "best_alpha":
         return format_alpha(float(value))
     if column.startswith("p_"):
         return f"{float(value):.3g}"
