@@ -231,6 +231,8 @@ def test_report_opens_offline_in_chromium(study, browser, tmp_path):
                                        "els => els.map(e => e.textContent)")
     assert models == sorted(models, reverse=True) and first_model in models
     page.screenshot(path=str(tmp_path / "report_1280.png"), full_page=True)
+    page.locator("#map-viewer").scroll_into_view_if_needed()  # full-page shots drop frames
+    page.screenshot(path=str(tmp_path / "report_1280_viewer.png"))
     page.set_viewport_size({"width": 800, "height": 900})
     page.screenshot(path=str(tmp_path / "report_800.png"), full_page=True)
     assert not seen["errors"], seen["errors"]

@@ -99,7 +99,7 @@ def _write_map_views(res: FitResult, out: Path, write_map: Callable | None,
     viewer page; returns ``{"title", "nifti", "shown", "threshold", "viewer", "note"}``
     (``viewer`` None with the reason in ``note`` when none could be made)."""
     stem = f"{res.model}_lags-{res.label.replace(',', '-')}"
-    title = f"{res.model}, lags {res.label} s: test r (CV alpha)"
+    title = f"{res.model[:24]}, lags {res.label}"  # brainsprite clips long titles
     display = viewers.displayed_values(res.fit)
     item = {"title": f"{res.model}, lags {res.label} s", "nifti": None, "shown": None,
             "threshold": display.threshold, "viewer": None, "note": display.note}

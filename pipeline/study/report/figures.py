@@ -27,14 +27,16 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig, png: Path) -> dict[str, Path]:
-    """Write ``fig`` as ``png`` and as the same name with ``.svg``; return both paths."""
+def save_figure(fig, png: Path, tight: bool = False) -> dict[str, Path]:
+    """Write ``fig`` as ``png`` and as the same name with ``.svg``; return both paths.
+    ``tight``: grow the canvas to what is drawn outside it (nilearn's colourbar label)."""
     import matplotlib
 
     svg = png.with_suffix(".svg")
-    fig.savefig(png, dpi=DPI)
+    bbox = "tight" if tight else None
+    fig.savefig(png, dpi=DPI, bbox_inches=bbox)
     with matplotlib.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(svg)
+        fig.savefig(svg, bbox_inches=bbox)
     return {"png": png, "svg": svg}
 
 
@@ -115,7 +117,7 @@ def _label_colourbar(display, label: str) -> None:
 
 
 def _save_display(display, path: Path) -> dict[str, Path]:
-    paths = save_figure(display.frame_axes.figure, path)
+    paths = save_figure(display.frame_axes.figure, path, tight=True)
     display.close()
     return paths
 
@@ -130,7 +132,7 @@ def plot_brain_map(nifti_path: Path, path: Path, title: str, underlay: Path | No
     display = plotting.plot_stat_map(
         str(nifti_path), title=title, colorbar=True, threshold=threshold,
         display_mode="ortho", draw_cross=False, black_bg=False, cmap="RdBu_r",
-        bg_img=str(underlay) if underlay is not None else None, dim=0)
+        symmetric_cbar=True, bg_img=str(underlay) if underlay is not None else None, dim=0)
     _label_colourbar(display, "test r (CV-selected alpha)")
     return _save_display(display, path)
 

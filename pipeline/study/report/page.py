@@ -34,9 +34,10 @@ table.t2,table.tbl{border-collapse:collapse;font-size:12px}
 .t2 th,.t2 td,.tbl th,.tbl td{padding:2px 5px;border-bottom:1px solid #e3e3e3;text-align:right}
 .t2 th{cursor:pointer;font-weight:600;vertical-align:bottom;background:#f6f6f6}
 .t2 th:hover{background:#e8eef7}.t2 td.name{text-align:left;overflow-wrap:anywhere;
- max-width:160px}.t2 td.grid{min-width:34px;font-variant-numeric:tabular-nums}
+ min-width:60px;max-width:170px}.t2 td.lags{white-space:nowrap}
+.t2 td.grid{white-space:nowrap;font-variant-numeric:tabular-nums}
 .t2 td.rowbest{outline:2px solid #222;outline-offset:-2px;font-weight:700}
-.t2 td.best::after{content:" \\2605"}.t2 small{color:#555}
+.t2 td.best::after{content:"\\2605";font-size:9px;vertical-align:super}.t2 small{color:#555}
 img{max-width:100%}figure{margin:0 0 1em 0}figcaption{font-size:13px;color:#444}
 .viewer{width:100%;height:520px;border:1px solid #ccc}
 select{font-size:14px;padding:3px;max-width:100%}
@@ -125,7 +126,7 @@ def table2_html(table: pd.DataFrame) -> str:
     rows = []
     for i, (_, row) in enumerate(table.iterrows()):
         cells = [f"<td class='name'>{html.escape(str(row['model']))}</td>",
-                 f"<td class='name' data-v='{html.escape(str(row['lags']))}'>"
+                 f"<td class='name lags' data-v='{html.escape(str(row['lags']))}'>"
                  f"{html.escape(str(row['lags']))}</td>"]
         row_best = int(np.nanargmax(grid[i])) if np.isfinite(grid[i]).any() else -1
         for j, value in enumerate(grid[i]):
