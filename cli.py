@@ -446,6 +446,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="rebuild the HTML report from stored fits (no refit)")
+    p.add_argument("source", metavar="STORE_OR_TOML",
+                   help="an experiment file, or a workspace: every experiment it has fits of")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="report folder (default: the experiment's reports/<name>; for a "
+                        "workspace with several experiments, DIR/<name> each)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from voxelflow.pipeline.study.config import load_experiment
+    from voxelflow.pipeline.study.run import make_report, report_store
+
+    out = Path(args.out) if args.out else None
+    if args.source.endswith(".toml"):
+        exp = load_experiment(args.source)
+        reports = [make_report(exp, Workspace(exp.store), out)]
+    else:
+        reports = report_store(args.source, out)
+    for report in reports:
+        model, lags = report["best"]
+        print(f"report: {report['files']['html']} (best: {model}, lags {lags})")
+        _print_warnings(report["warnings"])
+    return 0
+
+
 def add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="list the workspace's groups, shapes and completeness")
     p.add_argument("--store", default=DEFAULT_STORE,
@@ -511,7 +540,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_frames, add_features, add_train_autoencoder, add_bold, add_events, add_import_features,
-    add_export, add_fit, add_run, add_status, add_verify, add_demo,
+    add_export, add_fit, add_run, add_report, add_status, add_verify, add_demo,
 ]
 
 

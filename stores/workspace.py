@@ -187,6 +187,13 @@ class Workspace:
             return sorted(name for name, child in node.groups()
                           if child.attrs.get(STATE_ATTR, {}).get("state") == "complete")
 
+    def child_groups(self, node: str) -> list[str]:
+        """Names of the groups directly under ``node`` (any state; [] when absent)."""
+        try:
+            return sorted(name for name, _ in self._root("r")[node].groups())
+        except (KeyError, InputError, FileNotFoundError):
+            return []
+
     def require_complete(self, group: str, hint: str) -> dict:
         """Return the group's attrs or raise naming the command (``hint``) that makes it.
 

@@ -72,54 +72,120 @@ def collect_results(exp: Experiment, ws: Workspace) -> list[FitResult]:
     per-alpha variables loaded, those over test time or features left lazy."""
     from voxelflow.pipeline.stages.fit import fit_group
 
+    return [load_fit(ws, fit_group(f"{exp.name}/{spec.name}", lags), spec.name, lags)
+            for spec in exp.models for lags in exp.lag_sets]
+
+
+def load_fit(ws: Workspace, group: str, model: str, lags) -> FitResult:
+    """One stored fit group as a :class:`FitResult` (small variables loaded)."""
+    ds = ws.open_node(group)
+    small = [n for n, v in ds.variables.items() if not LAZY_DIMS & set(v.dims)]
+    ds = ds.assign({n: ds[n].load() for n in small if n in ds.data_vars})
+    ds.attrs.update(ws.attrs(group))
+    return FitResult(model, [float(l) for l in lags], ds)
+
+
+def stored_results(ws: Workspace, experiment: str) -> list[FitResult]:
+    """Every complete fit under ``fits/<experiment>/<model>/lags-...``, in name order
+    (the lag sets from each group's ``lags`` attr)."""
     results = []
-    for spec in exp.models:
-        for lags in exp.lag_sets:
-            group = fit_group(f"{exp.name}/{spec.name}", lags)
-            ds = ws.open_node(group)
-            small = [n for n, v in ds.variables.items() if not LAZY_DIMS & set(v.dims)]
-            ds = ds.assign({n: ds[n].load() for n in small if n in ds.data_vars})
-            ds.attrs.update(ws.attrs(group))
-            results.append(FitResult(spec.name, lags, ds))
+    for model in ws.child_groups(f"fits/{experiment}"):
+        for name in ws.list_groups(f"fits/{experiment}/{model}"):
+            group = f"fits/{experiment}/{model}/{name}"
+            results.append(load_fit(ws, group, model, ws.attrs(group).get("lags", [])))
     return results
 
 
-def make_report(exp: Experiment, ws: Workspace) -> dict:
-    """Write ``reports/<experiment>/`` from the stored fits (maps on the BOLD grid; the
-    ROI table when the experiment names an atlas)."""
-    from voxelflow.pipeline.stages.export import export_variable
-    from voxelflow.pipeline.stages.fit import fit_group
-    from voxelflow.pipeline.study.report import write_report
-
+def make_report(exp: Experiment, ws: Workspace, out: Path | None = None) -> dict:
+    """Write ``reports/<experiment>/`` (or ``out``) from the stored fits (maps on the
+    BOLD grid; the ROI table when the experiment names an atlas)."""
     results = collect_results(exp, ws)
-
-    def write_map(res: FitResult, path: Path) -> None:
-        export_variable(ws, fit_group(f"{exp.name}/{res.model}", res.lags), "r_test_cv", path)
-
-    categorical = {spec.name for spec in exp.models if spec.is_categorical_events}
-
-    def write_category_maps(res: FitResult, maps_dir: Path) -> dict | None:
-        from voxelflow.pipeline.study.category_maps import category_maps
-
-        if res.model not in categorical:
-            return None
-        group = fit_group(f"{exp.name}/{res.model}", res.lags)
-        return category_maps(
-            res.fit, f"{res.model}_lags-{res.label.replace(',', '-')}", maps_dir,
-            lambda sel, path: export_variable(ws, group, "weights", path, sel=sel),
-            f"{res.model}, lags {res.label}")
-
-    def write_values(values: np.ndarray, path: Path, description: str) -> None:
-        group = fit_group(f"{exp.name}/{results[0].model}", results[0].lags)
-        write_voxel_values(ws, group, values, path, description)
-
     roi, names = None, None
     if exp.atlas is not None:
         roi = atlas_label_of_voxel(exp.atlas, results[0].fit)
         names = read_atlas_names(exp.atlas_labels) if exp.atlas_labels else None
-    return write_report(results, exp.reports / exp.name, experiment=exp.name,
-                        write_map=write_map, roi_of_voxel=roi, roi_names=names,
-                        write_values=write_values, category_maps=write_category_maps)
+    return report_fits(ws, results, exp.name, out or exp.reports / exp.name,
+                       roi_of_voxel=roi, roi_names=names)
+
+
+def report_store(store: str | Path, out: Path | None = None) -> list[dict]:
+    """``voxelflow report STORE``: the report of every experiment whose fits the
+    workspace holds, from the stored fits alone, into ``out`` (one experiment) or
+    ``out/<experiment>`` (several); default ``reports/<experiment>`` next to the store."""
+    ws = Workspace(store)
+    experiments = [e for e in ws.child_groups("fits") if stored_results_exist(ws, e)]
+    if not experiments:
+        raise InputError(f"{ws.path}: no complete fits in this workspace; run "
+                         f"'voxelflow fit' or 'voxelflow run EXPERIMENT.toml' first")
+    reports = []
+    for name in experiments:
+        folder = (Path(ws.path).parent / "reports" / name if out is None
+                  else Path(out) if len(experiments) == 1 else Path(out) / name)
+        reports.append(report_fits(ws, stored_results(ws, name), name, folder))
+    return reports
+
+
+def stored_results_exist(ws: Workspace, experiment: str) -> bool:
+    return any(ws.list_groups(f"fits/{experiment}/{m}")
+               for m in ws.child_groups(f"fits/{experiment}"))
+
+
+def report_fits(ws: Workspace, results: list[FitResult], experiment: str, out: Path, *,
+                roi_of_voxel: np.ndarray | None = None,
+                roi_names: dict[int, str] | None = None) -> dict:
+    """The report of stored fits ``results`` into ``out``: r maps through
+    :func:`~voxelflow.pipeline.stages.export.export_variable`, the mean EPI of the fits'
+    bold group as underlay, category maps of categorical event models (their features
+    group says ``kind = categorical``)."""
+    from voxelflow.pipeline.stages.export import export_variable
+    from voxelflow.pipeline.study.report import map_geometry, write_report
+
+    groups = {id(res): _group_of(res, experiment) for res in results}
+
+    def write_map(res: FitResult, path: Path) -> None:
+        export_variable(ws, groups[id(res)], "r_test_cv", path)
+
+    def write_category_maps(res: FitResult, maps_dir: Path) -> dict | None:
+        from voxelflow.pipeline.study.category_maps import category_maps
+
+        features = res.fit.attrs.get("features_group")
+        if not features or ws.attrs(features).get("kind") != "categorical":
+            return None
+        return category_maps(
+            res.fit, f"{res.model}_lags-{res.label.replace(',', '-')}", maps_dir,
+            lambda sel, path: export_variable(ws, groups[id(res)], "weights", path, sel=sel),
+            f"{res.model}, lags {res.label}")
+
+    def write_values(values: np.ndarray, path: Path, description: str) -> None:
+        write_voxel_values(ws, groups[id(results[0])], values, path, description)
+
+    underlay = None
+    if results and map_geometry(results[0].fit) == "volume":
+        underlay = mean_epi(ws, results[0].fit, Path(out) / "maps" / "mean_epi.nii.gz")
+    return write_report(results, out, experiment=experiment, write_map=write_map,
+                        roi_of_voxel=roi_of_voxel, roi_names=roi_names,
+                        write_values=write_values, category_maps=write_category_maps,
+                        underlay=underlay)
+
+
+def _group_of(res: FitResult, experiment: str) -> str:
+    from voxelflow.pipeline.stages.fit import fit_group
+
+    return fit_group(f"{experiment}/{res.model}", res.lags)
+
+
+def mean_epi(ws: Workspace, fit, path: Path) -> Path | None:
+    """The mean BOLD volume of the fit's bold group (its ``mean`` over all volumes of
+    all runs, zeros outside the mask) as NIfTI at ``path``; None when the bold group has
+    none (older workspaces)."""
+    from voxelflow.pipeline.stages.export import export_variable
+
+    bold = fit.attrs.get("bold_group")
+    if not bold or not ws.has_array(bold, "mean"):
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_variable(ws, bold, "mean", path)
+    return path
 
 
 def write_voxel_values(ws: Workspace, group: str, values: np.ndarray, path: Path,

@@ -297,3 +297,36 @@ def test_run_refuses_a_workspace_the_workers_cannot_see(tiny, capsys, monkeypatc
     assert "file system the workers share" in line
     assert asked and asked[0] == (store,)
     assert Workspace(tiny / "blind.zarr").state("frames/movie") != "complete"
+
+
+# ------------------------------------------------------- voxelflow report, no refit
+def _store_files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
+            if p.is_file()}
+
+
+def test_report_command_rebuilds_the_report_from_stored_fits_alone(tiny, tmp_path):
+    store = tiny / "voxelflow.zarr"
+    before = _store_files(store)
+    expected = pd.read_csv(tiny / "reports" / "tiny" / "table.csv")
+    for source, out in [(store, tmp_path / "from_store"),
+                        (tiny / "experiment.toml", tmp_path / "from_toml")]:
+        res = run_cli("report", str(source), "--out", str(out))
+        assert res.returncode == 0, res.stderr
+        assert f"report: {out / 'index.html'}" in res.stdout
+        pd.testing.assert_frame_equal(pd.read_csv(out / "table.csv"), expected)
+        for lags in ("2", "2-4"):
+            assert (out / "viewers" / f"r18_lags-{lags}.html").stat().st_size > 10_000
+            r_map = nib.load(str(out / "maps" / f"r18_lags-{lags}_r_cv.nii.gz")).get_fdata()
+            fit = _open(store, f"fits/tiny/r18/lags-{lags}")
+            np.testing.assert_array_equal(
+                r_map[fit["i"].values, fit["j"].values, fit["k"].values],
+                fit["r_test_cv"].values.astype(np.float32))  # NaN at invalid voxels in both
+        assert (out / "maps" / "mean_epi.nii.gz").exists()
+    assert (tmp_path / "from_toml" / "roi_table.csv").exists()  # the file's atlas
+    assert _store_files(store) == before  # nothing written into the workspace
+    empty = tmp_path / "empty.zarr"
+    zarr.open_group(empty, mode="w", zarr_format=3)
+    res = run_cli("report", str(empty))
+    assert res.returncode == 2 and res.stderr.startswith("voxelflow: error: ")
+    assert "no complete fits" in res.stderr and len(res.stderr.strip().splitlines()) == 1

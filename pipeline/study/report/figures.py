@@ -1,0 +1,154 @@
+"""The report's static figures, each saved as PNG (for the page) and SVG (for papers).
+
+Every figure has a title; every colour scale a labelled colourbar.  SVG text is kept
+as text (``svg.fonttype = "none"``), so labels stay editable and searchable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from voxelflow.pipeline.study.report.tables import FitResult, _valid
+
+__all__ = ["save_figure", "cv_chosen_alpha", "plot_r_vs_alpha", "plot_histogram",
+           "plot_brain_map", "plot_label_map"]
+
+DPI = 110
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, png: Path, tight: bool = False) -> dict[str, Path]:
+    """Write ``fig`` as ``png`` and as the same name with ``.svg``; return both paths.
+    ``tight``: grow the canvas to what is drawn outside it (nilearn's colourbar label)."""
+    import matplotlib
+
+    svg = png.with_suffix(".svg")
+    bbox = "tight" if tight else None
+    fig.savefig(png, dpi=DPI, bbox_inches=bbox)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(svg, bbox_inches=bbox)
+    return {"png": png, "svg": svg}
+
+
+def cv_chosen_alpha(res: FitResult) -> float:
+    """The alpha that cross-validation chose for the most scored voxels (the mode of
+    ``best_alpha`` over them; the smallest on a tie); NaN without scored voxels."""
+    chosen = np.asarray(res.fit["best_alpha"].values, np.float64)[_valid(res.fit)]
+    if chosen.size == 0:
+        return float("nan")
+    values, counts = np.unique(chosen, return_counts=True)
+    return float(values[int(np.argmax(counts))])
+
+
+def plot_r_vs_alpha(results: Sequence[FitResult], path: Path) -> dict[str, Path]:
+    """Mean test r over scored voxels against alpha, one panel per model, one line per
+    lag set; a star marks each line's CV-chosen alpha (:func:`cv_chosen_alpha`)."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(r.model for r in results))
+    cols = min(4, len(models))
+    rows = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel()[len(models):]:
+        ax.axis("off")
+    for ax, model in zip(axes.ravel(), models):
+        for res in (r for r in results if r.model == model):
+            alphas = res.fit["alpha"].values
+            valid = _valid(res.fit)
+            mean_r = np.nanmean(res.fit["r_test"].values[:, valid], 1) if valid.any() \
+                else np.full(alphas.size, np.nan)
+            line, = ax.plot(alphas, mean_r, marker="o", ms=3, label=f"lags {res.label}")
+            chosen = cv_chosen_alpha(res)
+            if np.isfinite(chosen):
+                at = int(np.argmin(np.abs(alphas - chosen)))
+                ax.plot([alphas[at]], [mean_r[at]], marker="*", ms=13, color=line.get_color(),
+                        markeredgecolor="k", linestyle="none")
+        ax.plot([], [], marker="*", ms=10, color="w", markeredgecolor="k", linestyle="none",
+                label="CV-chosen alpha (most voxels)")
+        ax.set_xscale("log")
+        ax.set_xlabel("ridge alpha")
+        ax.set_ylabel("mean test r (scored voxels)")
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Test r versus alpha", fontsize=11)
+    fig.tight_layout()
+    paths = save_figure(fig, path)
+    plt.close(fig)
+    return paths
+
+
+def plot_histogram(res: FitResult, path: Path, threshold: float | None = None
+                   ) -> dict[str, Path]:
+    """Histogram of the scored voxels' r at CV-selected alphas; ``threshold`` (the FDR
+    level of r, when known) drawn as a dashed line."""
+    plt = _pyplot()
+    r = res.fit["r_test_cv"].values[_valid(res.fit)]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.hist(r[np.isfinite(r)], bins=50, color="#3b6ea8")
+    ax.axvline(0, color="k", lw=0.8)
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="#c0392b", lw=1, ls="--",
+                   label=f"FDR q < 0.05: r >= {threshold:.3f}")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("test r at CV-selected alpha")
+    ax.set_ylabel("voxels")
+    ax.set_title(f"{res.model}, lags {res.label}: voxel r")
+    fig.tight_layout()
+    paths = save_figure(fig, path)
+    plt.close(fig)
+    return paths
+
+
+def _label_colourbar(display, label: str) -> None:
+    """nilearn displays keep their colourbar as ``_cbar`` (no public handle)."""
+    cbar = getattr(display, "_cbar", None)
+    if cbar is not None:
+        cbar.set_label(label, fontsize=9)
+
+
+def _save_display(display, path: Path) -> dict[str, Path]:
+    paths = save_figure(display.frame_axes.figure, path, tight=True)
+    display.close()
+    return paths
+
+
+def plot_brain_map(nifti_path: Path, path: Path, title: str, underlay: Path | None = None,
+                   threshold: float | None = None) -> dict[str, Path]:
+    """Orthogonal slices of an r map over ``underlay`` (the mean EPI; none: its own
+    grid), colourbar labelled ``test r``."""
+    _pyplot()
+    from nilearn import plotting
+
+    display = plotting.plot_stat_map(
+        str(nifti_path), title=title, colorbar=True, threshold=threshold,
+        display_mode="ortho", draw_cross=False, black_bg=False, cmap="RdBu_r",
+        symmetric_cbar=True, bg_img=str(underlay) if underlay is not None else None, dim=0)
+    _label_colourbar(display, "test r (CV-selected alpha)")
+    return _save_display(display, path)
+
+
+def plot_label_map(nifti_path: Path, path: Path, title: str, underlay: Path | None = None,
+                   names: Sequence[str] = ()) -> dict[str, Path]:
+    """Orthogonal slices of an integer label map (nilearn ``plot_roi``); the colourbar
+    is labelled with ``names`` (label 1 first) when given."""
+    _pyplot()
+    from nilearn import plotting
+
+    display = plotting.plot_roi(str(nifti_path), title=title, colorbar=True,
+                                bg_img=str(underlay) if underlay is not None else None,
+                                display_mode="ortho", draw_cross=False, black_bg=False,
+                                cmap="tab10")
+    _label_colourbar(display, "model label: " + ", ".join(
+        f"{i + 1} {n}" for i, n in enumerate(names)) if names else "label")
+    return _save_display(display, path)
+
