@@ -64,8 +64,8 @@ Where the code lives (private modules, by concern):
 """
 
 from ._backend import get_array_module, to_numpy
-from ._banded import (DEFAULT_CONCENTRATION, banded_ridge, check_weightings,
-                      simplex_weightings, space_slices, split_r2)
+from ._banded import (DEFAULT_CONCENTRATION, BandedFactors, banded_chunk,
+                      banded_factors, banded_ridge, check_weightings, simplex_weightings, space_slices, split_r2)
 from ._checks import CHOLESKY_MAX_ALPHAS, check_alphas
 from ._eager import fit_ridge, ridge_cv_scores
 from ._factorize import (DEFAULT_MAX_DENSE_BYTES, FitShape, FoldFactors, RidgeFactors,
@@ -108,6 +108,9 @@ __all__ = [
     "CHOLESKY_MAX_ALPHAS",
     "TIE_BREAK_SLOPE",
     "banded_ridge",
+    "banded_factors",
+    "banded_chunk",
+    "BandedFactors",
     "simplex_weightings",
     "check_weightings",
     "space_slices",

@@ -26,6 +26,7 @@ Arrays are ``(sample, feature)`` per space and ``(sample, voxel)`` for BOLD.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -222,10 +223,31 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
     Y_train = np.asarray(Y_train) if not hasattr(Y_train, "shape") else Y_train
     compute = (np.dtype(dtype) if dtype is not None
                else _compute_dtype(*(x.dtype for x in Xs_train), Y_train.dtype))
-    slices = space_slices([x.shape[1] for x in Xs_train])
-    n_voxels = int(Y_train.shape[1])
+    keep = return_weights or (return_split and Xs_test is not None)
+    options = dict(device=device, operator_form=operator_form,
+                   max_dense_bytes=max_dense_bytes, decomposition=decomposition)
+    regime, slices, kernels = _regime_and_kernels(Xs_train, Xs_test, gammas, solver,
+                                                  compute, xp)
+    best = _RunningBest(int(Y_train.shape[1]), float(np.finfo(compute).eps))
     alpha_grid = np.asarray(alphas, dtype=np.float64)
-    best = _RunningBest(n_voxels, float(np.finfo(compute).eps))
+    for number, gamma in enumerate(gammas):
+        # weighting-outer: one weighting's factors alive at a time
+        factors, centred_test = _weighting_factors(
+            Xs_train, Xs_test, gamma, kernels, alpha_grid, folds, compute, regime, keep,
+            options, xp)
+        out = _one_weighting(factors, centred_test, Y_train, Y_test, gamma, slices,
+                             voxel_chunk, return_weights, return_split, False, xp)
+        best.update(number, out, factors.alphas)
+        del factors, centred_test
+    return _finish(best, gammas)
+
+
+def _regime_and_kernels(Xs_train: list[Any], Xs_test: list[Any] | None,
+                        gammas: np.ndarray, solver: str, compute: Any, xp: Any
+                        ) -> tuple[str, list[slice], list | None]:
+    """The regime of the joint design, each space's columns and, in the dual
+    regime with several spaces or weightings, each space's centred kernels."""
+    slices = space_slices([x.shape[1] for x in Xs_train])
     regime = _resolve_regime(solver, int(Xs_train[0].shape[0]), slices[-1].stop)
     kernels = None
     if regime == "dual" and not (len(slices) == 1 and (gammas == 1.0).all()):
@@ -233,20 +255,29 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
         kernels = [_centred_kernels(xp.asarray(x), None if Xs_test is None
                                     else xp.asarray(xt), compute, xp)
                    for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train))]
-    for number, gamma in enumerate(gammas):
-        x_train = _scaled_design(Xs_train, gamma, xp)
-        x_test = None if Xs_test is None else _scaled_design(Xs_test, gamma, xp)
-        factors = factorize_ridge(
-            x_train, x_test, alpha_grid, folds, device=device, dtype=compute,
-            solver=regime, operator_form=operator_form,
-            max_dense_bytes=max_dense_bytes, decomposition=decomposition,
-            keep_weight_factors=return_weights or (return_split and x_test is not None),
-            centred_kernels=None if kernels is None else _weighted_kernels(
-                kernels, gamma, xp))
-        out = _one_weighting(factors, x_test, Y_train, Y_test, gamma, slices,
-                             voxel_chunk, return_weights, return_split, xp)
-        best.update(number, out, factors.alphas)
-        del factors, x_train, x_test
+    return regime, slices, kernels
+
+
+def _weighting_factors(Xs_train: list[Any], Xs_test: list[Any] | None, gamma: np.ndarray,
+                       kernels: list | None, alpha_grid: np.ndarray, folds: Sequence[Any],
+                       compute: Any, regime: str, keep: bool, options: dict, xp: Any
+                       ) -> tuple[Any, Any | None]:
+    """One weighting's :class:`RidgeFactors` and, when weights are kept and there is
+    a test set, its centred scaled test design (n_test, feature) for the split."""
+    x_train = _scaled_design(Xs_train, gamma, xp)
+    x_test = None if Xs_test is None else _scaled_design(Xs_test, gamma, xp)
+    factors = factorize_ridge(
+        x_train, x_test, alpha_grid, folds, dtype=compute, solver=regime,
+        keep_weight_factors=keep, centred_kernels=None if kernels is None
+        else _weighted_kernels(kernels, gamma, xp), **options)
+    centred_test = None
+    if keep and x_test is not None:
+        centred_test = (x_test.astype(xp.float64) - factors.x_mean).astype(factors.dtype)
+    return factors, centred_test
+
+
+def _finish(best: _RunningBest, gammas: np.ndarray) -> dict[str, np.ndarray]:
+    """The best weighting's outputs plus ``best_weighting`` and ``space_alpha``."""
     result = best.arrays
     result["best_weighting"] = best.candidate
     undefined = best.candidate < 0
@@ -255,6 +286,71 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
         space_alpha = result["best_alpha"][None, :] / chosen
     result["space_alpha"] = np.where(undefined[None, :], np.nan, space_alpha)
     return result
+
+
+@dataclass(frozen=True)
+class BandedFactors:
+    """Every weighting's factors, kept for many voxel chunks (:func:`banded_chunk`).
+
+    ``factors``/``centred_tests`` one per weighting (the latter (n_test, feature)
+    or None); ``gammas`` the weightings as nested tuples (host values whatever the
+    device); ``widths`` the spaces' feature counts; ``eps`` the tie margin.
+    """
+
+    factors: tuple
+    centred_tests: tuple
+    gammas: tuple
+    widths: tuple
+    eps: float
+
+
+def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alphas: Any,
+                   weightings: Any, folds: Sequence[Any], *, device: str = "cpu",
+                   dtype: Any = np.float32, solver: str = "auto",
+                   keep_weight_factors: bool = False, operator_form: str = "auto",
+                   max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
+                   decomposition: str = "auto") -> BandedFactors:
+    """Factorise every weighting once (memory: one single fit's factors per
+    weighting) for :func:`banded_chunk`; arguments as :func:`banded_ridge`,
+    ``keep_weight_factors`` for weights and the split."""
+    xp = get_array_module(device)
+    Xs_train = _check_spaces(Xs_train, "Xs_train")
+    Xs_test = None if Xs_test is None else _check_spaces(Xs_test, "Xs_test")
+    gammas = check_weightings(weightings, len(Xs_train))
+    compute = np.dtype(dtype)
+    regime, slices, kernels = _regime_and_kernels(Xs_train, Xs_test, gammas, solver,
+                                                  compute, xp)
+    options = dict(device=device, operator_form=operator_form,
+                   max_dense_bytes=max_dense_bytes, decomposition=decomposition)
+    pairs = [_weighting_factors(Xs_train, Xs_test, gamma, kernels,
+                                np.asarray(alphas, dtype=np.float64), folds, compute,
+                                regime, keep_weight_factors, options, xp)
+             for gamma in gammas]
+    return BandedFactors(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs),
+                         tuple(tuple(float(g) for g in row) for row in gammas),
+                         tuple(s.stop - s.start for s in slices),
+                         float(np.finfo(compute).eps))
+
+
+def banded_chunk(banded: BandedFactors, Y_train: Any, Y_test: Any | None, *,
+                 voxel_chunk: int = 4096, return_weights: bool = False,
+                 return_split: bool = True, return_predictions: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """:func:`banded_ridge`'s outputs for one chunk of voxels (Y_train (n_train,
+    voxel), Y_test (n_test, voxel) or None) from :func:`banded_factors`; with
+    ``return_predictions`` also ``predictions`` (n_test, voxel) at each voxel's
+    chosen weighting and alpha, in BOLD units."""
+    xp = get_array_module(banded.factors[0].device)
+    gammas = np.asarray(banded.gammas, dtype=np.float64)
+    slices = space_slices(banded.widths)
+    best = _RunningBest(int(Y_train.shape[1]), banded.eps)
+    for number, (factors, centred_test) in enumerate(zip(banded.factors,
+                                                         banded.centred_tests)):
+        out = _one_weighting(factors, centred_test, Y_train, Y_test, gammas[number],
+                             slices, voxel_chunk, return_weights, return_split,
+                             return_predictions, xp)
+        best.update(number, out, factors.alphas)
+    return _finish(best, gammas)
 
 
 def _weighted_kernels(kernels: list[tuple[Any, Any, Any]], gamma: np.ndarray, xp: Any
@@ -268,10 +364,10 @@ def _weighted_kernels(kernels: list[tuple[Any, Any, Any]], gamma: np.ndarray, xp
     return kernel, cross, x_mean
 
 
-def _one_weighting(factors: Any, x_test: Any | None, Y_train: Any, Y_test: Any | None,
-                   gamma: np.ndarray, slices: list[slice], voxel_chunk: int,
-                   return_weights: bool, return_split: bool, xp: Any
-                   ) -> dict[str, np.ndarray]:
+def _one_weighting(factors: Any, centred_test: Any | None, Y_train: Any,
+                   Y_test: Any | None, gamma: np.ndarray, slices: list[slice],
+                   voxel_chunk: int, return_weights: bool, return_split: bool,
+                   return_predictions: bool, xp: Any) -> dict[str, np.ndarray]:
     """Every voxel's outputs for one weighting (host arrays), chunk by chunk.
 
     Weights come back in unscaled units (``sqrt(gamma_i)`` times the scaled
@@ -281,15 +377,13 @@ def _one_weighting(factors: Any, x_test: Any | None, Y_train: Any, Y_test: Any |
     scale = np.concatenate([np.full(s.stop - s.start, np.sqrt(g))
                             for s, g in zip(slices, gamma)])
     scale = xp.asarray(scale.astype(factors.dtype))[:, None]
-    centred_test = None
-    if need_weights and x_test is not None:
-        centred_test = (x_test.astype(xp.float64) - factors.x_mean).astype(factors.dtype)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, Y_train.shape[1], int(voxel_chunk)):
         stop = start + int(voxel_chunk)
         y_test = None if Y_test is None else xp.asarray(Y_test[:, start:stop])
         chunk = ridge_chunk(factors, Y_train[:, start:stop], y_test,
-                            return_weights=need_weights)
+                            return_weights=need_weights,
+                            return_predictions=return_predictions and y_test is not None)
         if need_weights:
             scaled_weights = chunk.pop("weights")
             if return_split and y_test is not None:
