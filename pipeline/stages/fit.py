@@ -223,6 +223,16 @@ def block_outputs(factors: ridge.RidgeFactors, block: np.ndarray, ok: np.ndarray
     out = ridge.ridge_chunk(factors, block[train], y_test, return_weights=save_weights,
                             return_predictions=save_predictions or stats is not None)
     out = {k: ridge.to_numpy(v) for k, v in out.items()}
+    return stored_outputs(out, ok, y_test, save_weights, save_predictions, stats,
+                          repeat_data)
+
+
+def stored_outputs(out: dict[str, np.ndarray], ok: np.ndarray, y_test: np.ndarray,
+                   save_weights: bool, save_predictions: bool,
+                   stats: TestStatistics | None, repeat_data: np.ndarray | None
+                   ) -> dict[str, np.ndarray]:
+    """A block's stored arrays (float32, NaN where not ``ok``) from the host
+    outputs ``out`` of :func:`ridge.ridge_chunk` (or the banded engine)."""
     arrays = {name: np.where(ok, out[name], np.nan).astype(np.float32)
               for name in ("r_test", "r_cv", "best_alpha", "r_test_cv", "r2_test",
                            "r2_test_cv")}
@@ -368,6 +378,11 @@ class FitWork:
             repeat_data[:, :, ~ok] = 0.0
         factors = (self.factors if self.move_to is None
                    else _factors_on_device(self.factors, self.move_to))
+        return self.outputs(factors, data, ok, repeat_data)
+
+    def outputs(self, factors: Any, data: np.ndarray, ok: np.ndarray,
+                repeat_data: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The block's stored arrays from its BOLD ``data`` (sample, voxel)."""
         arrays = block_outputs(factors, data, ok, self.train, self.test, self.save_weights,
                                self.save_predictions, self.stats, repeat_data)
         if self.save_weights:  # (lag_feature, voxel) lag-major -> (lag, feature, voxel)
@@ -410,24 +425,14 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
     stats_options = (statistics or StatisticsOptions()).checked()
     if not lags or not all(np.isfinite(l) and l >= 0 for l in lags):
         raise InputError(f"--lags must be seconds >= 0 (got {list(lags)})")
-    fgroup = f"features/{check_name(features, '--features')}"
-    bgroup = f"bold/{check_name(bold, '--bold')}"
+    bgroup, tr = open_bold(workspace, bold)
+    fgroup, design = open_design(workspace, features, bgroup, lags, tr, aggregate)
     group = fit_group(check_name(name or f"{features}__{bold}", "--name", nested=True), lags)
-    workspace.require_complete(fgroup, f"voxelflow features --frames ... --name {features}")
-    battrs = workspace.require_complete(bgroup, f"voxelflow bold RUN.nii.gz ... --subject {bold}")
-    tr = float(battrs.get("tr") or battrs.get("voxelflow", {}).get("params", {}).get("tr"))
-    design = build_design(workspace.open_runs(fgroup), workspace.open_runs(bgroup), list(lags),
-                          tr, aggregate=aggregate, features_name=features, bold_name=bold)
     train, test, groups = _fit_stats.split_samples(design, test_samples, test_runs,
                                                      test_repeats)
     folds = make_folds(cv, design.run[train])
-    bold_node = workspace.open_run(bgroup, 0)
     n_voxels = int(design.Y.shape[1])
-    valid = (np.asarray(bold_node["valid"].values, bool) if "valid" in bold_node.coords
-             else np.ones(n_voxels, bool))
-    if not valid.any():
-        raise InputError(f"{workspace.path}: /{bgroup} has no usable voxel (all {n_voxels:,} "
-                         f"are constant or non-finite); re-ingest the BOLD runs")
+    bold_node, valid = bold_validity(workspace, bgroup, n_voxels)
     _check_request(workspace, group, design, test.size, alphas_arr.size, len(folds),
                    voxel_block, save_weights, save_predictions)
     plan = TestStatistics.plan(stats_options, test.size)
@@ -469,18 +474,59 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
         work = FitWork(factors, BoldBlockReader.from_design(workspace, bgroup, design),
                        writer, train, test, valid, save_weights, save_predictions,
                        stats=plan, repeats=repeats)
-        bar = tqdm(total=n_voxels, unit="voxel", desc=f"fit {lag_set_label(lags)}",
-                   disable=not progress, dynamic_ncols=True,
-                   initial=n_voxels - sum(_slice_len(writer.block_slice(0, b))
-                                          for b in pending))
-        run_blocks(work if client is None else work.for_workers(), pending, client=client,
-                   mark_done=lambda b: writer.mark_done(0, b),
-                   on_block=lambda b, n: bar.update(n))
-        bar.close()
-    if workspace.state(group) != "complete":  # statistics over all voxel blocks
+        run_fit_blocks(work, writer, pending, client, n_voxels, lags, progress)
+    return finish_fit(workspace, group, writer, len(pending), skipped)
+
+
+def open_bold(workspace: Workspace, bold: str) -> tuple[str, float]:
+    """``("bold/<bold>", TR in s)`` of a complete BOLD group (one-line errors)."""
+    bgroup = f"bold/{check_name(bold, '--bold')}"
+    battrs = workspace.require_complete(bgroup, f"voxelflow bold RUN.nii.gz ... --subject {bold}")
+    return bgroup, float(battrs.get("tr") or battrs.get("voxelflow", {}).get("params", {})
+                         .get("tr"))
+
+
+def open_design(workspace: Workspace, features: str, bgroup: str, lags: Sequence[float],
+                tr: float, aggregate: str) -> tuple[str, LaggedDesign]:
+    """``("features/<features>", lagged design)`` of a complete features group."""
+    fgroup = f"features/{check_name(features, '--features')}"
+    workspace.require_complete(fgroup, f"voxelflow features --frames ... --name {features}")
+    return fgroup, build_design(workspace.open_runs(fgroup), workspace.open_runs(bgroup),
+                                list(lags), tr, aggregate=aggregate, features_name=features,
+                                bold_name=bgroup.split("/", 1)[1])
+
+
+def bold_validity(workspace: Workspace, bgroup: str, n_voxels: int
+                  ) -> tuple[xr.Dataset, np.ndarray]:
+    """The BOLD group's first run node and its (voxel,) bool ``valid`` flags;
+    refuses a group without a usable voxel."""
+    bold_node = workspace.open_run(bgroup, 0)
+    valid = (np.asarray(bold_node["valid"].values, bool) if "valid" in bold_node.coords
+             else np.ones(n_voxels, bool))
+    if not valid.any():
+        raise InputError(f"{workspace.path}: /{bgroup} has no usable voxel (all {n_voxels:,} "
+                         f"are constant or non-finite); re-ingest the BOLD runs")
+    return bold_node, valid
+
+
+def run_fit_blocks(work: "FitWork", writer: StageWriter, pending: list[int], client: Any,
+                   n_voxels: int, lags: Sequence[float], progress: bool) -> None:
+    """Compute and write the pending voxel blocks (here or on the cluster)."""
+    bar = tqdm(total=n_voxels, unit="voxel", desc=f"fit {lag_set_label(lags)}",
+               disable=not progress, dynamic_ncols=True,
+               initial=n_voxels - sum(_slice_len(writer.block_slice(0, b)) for b in pending))
+    run_blocks(work if client is None else work.for_workers(), pending, client=client,
+               mark_done=lambda b: writer.mark_done(0, b), on_block=lambda b, n: bar.update(n))
+    bar.close()
+
+
+def finish_fit(workspace: Workspace, group: str, writer: StageWriter, written: int,
+               skipped: int) -> FitSummary:
+    """Statistics over all voxel blocks, the group marked complete, its summary."""
+    if workspace.state(group) != "complete":
         _fit_stats.finalize(workspace.open_node(group), writer)
     writer.finish()
-    return summarize_fit(workspace, group, n_blocks_written=len(pending), n_skipped=skipped)
+    return summarize_fit(workspace, group, n_blocks_written=written, n_skipped=skipped)
 
 
 def _check_fit_options(alphas: Sequence[float], device: str, voxel_block: int) -> np.ndarray:
