@@ -328,8 +328,17 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
     from voxelflow.pipeline.study.config import STUDY_ALPHAS
 
     p = sub.add_parser("fit", help="lagged ridge from /features/NAME onto every voxel of /bold/SUBJ")
-    p.add_argument("--features", required=True, help="features group name (/features/NAME)")
+    p.add_argument("--features", required=True, nargs="+", metavar="NAME",
+                   help="features group name (/features/NAME); several: one joint banded "
+                        "ridge model, one penalty per features group")
     p.add_argument("--bold", required=True, help="BOLD group name (/bold/SUBJ)")
+    p.add_argument("--weightings", metavar="N|FILE",
+                   help="several --features: N seeded random weightings of the spaces "
+                        "(default 20, --seed) or a .tsv/.npy file, one row per candidate, "
+                        "one column per features group")
+    p.add_argument("--partition", action="store_true",
+                   help="several --features (2 or 3): also fit every sub-model and store "
+                        "the unique and shared parts of the test R^2 per voxel")
     p.add_argument("--lags", required=True, help="delays in seconds, e.g. 4 or 4,5,6,7")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in STUDY_ALPHAS),
                    help="regularisation strengths (default: the study's 12)")
@@ -375,6 +384,7 @@ def _statistics_args(p: argparse.ArgumentParser) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     from voxelflow.pipeline.stages.fit import parse_alphas, run_fit_stage
     from voxelflow.pipeline.design.lags import parse_lags
+    from voxelflow.pipeline.errors import InputError
     from voxelflow.pipeline.stats.per_block import StatisticsOptions
 
     cv = args.cv if args.cv == "runs" else _int_arg(args.cv, "--cv")
@@ -385,14 +395,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
     statistics = StatisticsOptions(permutations=args.permutations, bootstrap=args.bootstrap,
                                    block_length=args.block_length, null=args.null,
                                    seed=args.seed)
-    summary = run_fit_stage(
-        Workspace(args.store), args.features, args.bold, parse_lags(args.lags),
-        parse_alphas(args.alphas), test_samples=args.test_samples, test_runs=test_runs,
+    options = dict(
+        test_samples=args.test_samples, test_runs=test_runs,
         test_repeats=test_repeats, cv=cv, aggregate=args.aggregate, device=args.device,
         name=args.name, save_weights=args.save_weights,
         save_predictions=args.save_predictions, statistics=statistics,
         voxel_block=args.voxel_block, overwrite=args.overwrite, progress=args.progress,
     )
+    inputs = (Workspace(args.store), args.features, args.bold, parse_lags(args.lags),
+              parse_alphas(args.alphas))
+    if len(args.features) == 1:
+        if args.weightings is not None or args.partition:
+            raise InputError("--weightings and --partition need several --features "
+                             "(a joint model); give two or more features groups")
+        summary = run_fit_stage(*inputs[:1], args.features[0], *inputs[2:], **options)
+    else:
+        from voxelflow.pipeline.stages.joint_fit import DEFAULT_WEIGHTINGS, run_joint_fit_stage
+
+        summary = run_joint_fit_stage(
+            *inputs, weightings=args.weightings or DEFAULT_WEIGHTINGS, seed=args.seed,
+            partition=args.partition, **options)
     print(summary.table())
     _print_warnings(summary.warnings)
     return 0

@@ -16,6 +16,8 @@
   :mod:`~voxelflow.pipeline.stages.events` (events files -> boxcars) and
   :mod:`~voxelflow.pipeline.stages.imported` (tables, arrays, Zarr/netCDF files);
 - :mod:`~voxelflow.pipeline.stages.fit`: features + BOLD -> ``/fits/NAME/lags-...``;
+- :mod:`~voxelflow.pipeline.stages.joint_fit`: several features groups + BOLD ->
+  one banded ridge fit (``voxelflow fit --features A B ...``);
 - :mod:`~voxelflow.pipeline.stages.export`: any per-voxel result -> NIfTI, CIFTI or GIFTI.
 
 Each stage describes its per-block work once (a work object with ``compute`` and
@@ -35,6 +37,7 @@ _EXPORTS = {
     "run_bold_stage": "bold", "bold_group": "bold", "probe_run": "nifti",
     "run_fit_stage": "fit", "fit_group": "fit", "summarize_fit": "fit",
     "fit_weights": "fit",
+    "run_joint_fit_stage": "joint_fit", "joint_weights": "joint_fit",
     "write_features": "feature_arrays", "feature_labels": "feature_arrays",
     "run_events_stage": "events", "events_to_features": "events",
     "run_import_stage": "imported", "read_feature_file": "imported",
