@@ -333,7 +333,7 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
     }
     writer = workspace.start_stage(
         group, params, [template], overwrite=overwrite, per_run=False,
-        group_attrs={"bold_group": bgroup, "features_group": "+".join(names),
+        group_attrs={"bold_group": bgroup,
                      "features_groups": [f"features/{n}" for n in names],
                      "lags": [float(l) for l in lags], "n_train": int(train.size),
                      "n_test": int(test.size), "dropped_per_run": design.dropped,

@@ -131,6 +131,8 @@ class Experiment:
     # run_bold_stage's other options: confounds, high_pass, hemis, structures, and from
     # BIDS input tr_source / run_attrs (bold_runs then holds the runs pybids found)
     bold_options: dict = field(default_factory=dict)
+    # [[fit.joint]] tables (:class:`~voxelflow.pipeline.study.joint.JointSpec`)
+    joint: list = field(default_factory=list)
 
     def statistics(self):
         """The :class:`~voxelflow.pipeline.stats.per_block.StatisticsOptions` of the fits."""
@@ -168,8 +170,12 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
             "test_runs": (list, False), "test_repeats": (list, False),
             "cv": ((int, str), False), "aggregate": (str, False),
             "permutations": (int, False), "bootstrap": (int, False),
-            "block_length": (int, False), "null": (str, False), "seed": (int, False)},
+            "block_length": (int, False), "null": (str, False), "seed": (int, False),
+            "joint": (list, False)},
     "report": {"atlas": (str, False), "atlas_labels": (str, False)},
+    # [[fit.joint]]: several models fitted as one banded ridge model (study/joint.py)
+    "fit.joint": {"features": (list, True), "weightings": ((int, list), False),
+                  "partition": (bool, False)},
 }
 
 
@@ -289,13 +295,16 @@ def load_experiment(path: str | Path) -> Experiment:
     bids_tr, bold_options = _bold_options(check, bold, base)
     tr = tr if tr is not None else bids_tr
     device = check.choice(exp, "experiment", "device", ("cpu", "cuda"))
+    from voxelflow.pipeline.study.joint import parse_joint
+
+    joint = parse_joint(check, fit.get("joint", []), [m.name for m in models])
     return Experiment(
         name=exp["name"], source=path, store=store,
         reports=(base / exp.get("reports", "reports")), stimulus_name=stim.get("name"),
         videos=videos, fps=fps, size=size, resize=resize,
         subject=bold["subject"], bold_runs=runs, mask=mask,
         tr=tr, zscore=bool(bold.get("zscore", True)), bold_options=bold_options,
-        detrend=detrend, models=models, device=device, **fit_options,
+        detrend=detrend, models=models, device=device, joint=joint, **fit_options,
         atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
         atlas_labels=(check.existing("report", "atlas_labels", base, report["atlas_labels"])
                       if "atlas_labels" in report else None),

@@ -78,6 +78,10 @@ def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool =
             stages += _model_stages(exp, ws, spec, frames, bold, progress)
         else:
             stages += _regressor_stages(exp, ws, spec, bold, progress)
+    if exp.joint:
+        from voxelflow.pipeline.study.joint import joint_fit_stages
+
+        stages += joint_fit_stages(exp, ws, stages, progress)
     return decide_actions(ws, stages)
 
 

@@ -72,8 +72,9 @@ def collect_results(exp: Experiment, ws: Workspace) -> list[FitResult]:
     per-alpha variables loaded, those over test time or features left lazy."""
     from voxelflow.pipeline.stages.fit import fit_group
 
-    return [load_fit(ws, fit_group(f"{exp.name}/{spec.name}", lags), spec.name, lags)
-            for spec in exp.models for lags in exp.lag_sets]
+    names = [spec.name for spec in exp.models] + [joint.name for joint in exp.joint]
+    return [load_fit(ws, fit_group(f"{exp.name}/{name}", lags), name, lags)
+            for name in names for lags in exp.lag_sets]
 
 
 def load_fit(ws: Workspace, group: str, model: str, lags) -> FitResult:
