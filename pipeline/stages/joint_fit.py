@@ -255,18 +255,18 @@ def _weight_columns(opened: list[tuple], names: Sequence[str], lags: Sequence[fl
     return spaces, column_lags, features
 
 
-def _check_joint_memory(spaces: list[np.ndarray], n_train: int, n_test: int,
+def _check_joint_memory(widths: list[int], n_train: int, n_test: int,
                         n_alphas: int, n_folds: int, voxel_block: int,
                         n_factorisations: int, n_weightings: int, save_weights: bool,
                         save_predictions: bool) -> None:
     """Refuse (one line naming --weightings) factors of every weighting and
     sub-model that cannot be held in memory together with two voxel blocks."""
-    n, p = n_train + n_test, sum(x.shape[1] for x in spaces)
+    n, p = n_train + n_test, sum(widths)
     design, block = fit_memory(n, n_test, p, n_alphas, n_folds, voxel_block,
                                save_weights, save_predictions)
     q = min(p, n)
     per_factorisation = (n_folds + 1) * q * q * 8 + n_test * p * 4 + n * p * 8
-    check_memory(f"joint fit of {len(spaces)} spaces ({p:,} lagged features) x "
+    check_memory(f"joint fit of {len(widths)} spaces ({p:,} lagged features) x "
                  f"{n_weightings} weightings", design + block + n_factorisations
                  * per_factorisation,
                  f"use fewer --weightings (gave {n_weightings}), fewer spaces or lags, "
@@ -320,6 +320,10 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
                       save_predictions, plan, repeats=groups is not None),
         names, n_voxels, _weight_columns(opened, names, lags) if save_weights else None,
         parts)
+    _check_joint_memory([int(d.X.shape[1]) for _, d in opened], train.size, test.size,
+                        alphas_arr.size, len(folds), min(voxel_block, n_voxels),
+                        len(gammas) + sum(len(g) for g in sub_gammas), len(gammas),
+                        save_weights, save_predictions)
     params = {
         "stage": "fit", "features": [f"features/{n}" for n in names], "bold": bgroup,
         "lags": [float(l) for l in lags], "alphas": alphas_arr.tolist(),
@@ -346,10 +350,6 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
         client = active_client()
         require_shared_path(client, workspace.path)
         spaces = _space_arrays(opened)
-        _check_joint_memory(spaces, train.size, test.size, alphas_arr.size, len(folds),
-                            min(voxel_block, n_voxels),
-                            len(gammas) + sum(len(g) for g in sub_gammas), len(gammas),
-                            save_weights, save_predictions)
         factors = _factorize_joint(spaces, train, test, alphas_arr, folds, gammas,
                                    sub_columns, sub_gammas, device, names, bgroup)
         repeats = (BoldBlockReader.for_repeats(workspace, bgroup, design, groups)

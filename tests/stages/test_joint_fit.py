@@ -16,6 +16,7 @@ from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.pipeline.stages.fit import run_fit_stage
 from voxelflow.pipeline.stages.joint_fit import joint_weights
 from voxelflow.stores import Workspace
+from voxelflow.stores.workspace import StageWriter
 
 NO_STATS = ("--permutations", "0", "--bootstrap", "0")
 COMMON = ("--bold", "s", "--lags", "4,5", "--alphas", ",".join(map(str, ALPHAS)),
@@ -94,6 +95,23 @@ def test_two_space_cli_equals_banded_ridge(joint_ws, capsys):
     assert "R^2 split between spaces (mean over voxels): f " in out
 
 
+_WRITE_BLOCK_DATA = StageWriter.write_block_data
+
+
+def _writes_then_interrupts(n_blocks):
+    """A ``StageWriter.write_block_data`` that writes ``n_blocks`` blocks, then
+    raises KeyboardInterrupt (a crash between blocks); and the blocks written."""
+    original, written = _WRITE_BLOCK_DATA, []
+
+    def write(self, run, block, arrays):
+        if len(written) >= n_blocks:
+            raise KeyboardInterrupt
+        original(self, run, block, arrays)
+        written.append(block)
+
+    return write, written
+
+
 def test_weightings_file_and_resume_after_crash(joint_ws, capsys, monkeypatch):
     ws, tmp = joint_ws
     table = tmp / "w.tsv"
@@ -101,24 +119,17 @@ def test_weightings_file_and_resume_after_crash(joint_ws, capsys, monkeypatch):
     full = _cli(capsys, ws, "--features", "f", "g", "--weightings", str(table),
                 "--voxel-block", "10", "--name", "full", *NO_STATS)
     assert full[0] == 0, full[2]
-    from voxelflow.stores.workspace import StageWriter
-    original, calls = StageWriter.write_block_data, {"n": 0}
-
-    def crash_after_one(self, run, block, arrays):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        original(self, run, block, arrays)
-
-    monkeypatch.setattr(StageWriter, "write_block_data", crash_after_one)
+    write, written = _writes_then_interrupts(1)
+    monkeypatch.setattr(StageWriter, "write_block_data", write)
     code, _, err = _cli(capsys, ws, "--features", "f", "g", "--weightings", str(table),
                         "--voxel-block", "10", "--name", "crash", *NO_STATS)
-    assert code == 130 and "resume" in err and calls["n"] == 1
-    monkeypatch.setattr(StageWriter, "write_block_data", original)
+    assert code == 130 and "resume" in err and written == [0]
     assert ws.state("fits/crash/lags-4-5") != "complete"
+    write, written = _writes_then_interrupts(99)
+    monkeypatch.setattr(StageWriter, "write_block_data", write)
     code, _, err = _cli(capsys, ws, "--features", "f", "g", "--weightings", str(table),
                         "--voxel-block", "10", "--name", "crash", *NO_STATS)
-    assert code == 0, err
+    assert code == 0 and written == [1, 2], err  # only the blocks not done
     got, want = ws.open_node("fits/crash/lags-4-5"), ws.open_node("fits/full/lags-4-5")
     for var in want.data_vars:
         np.testing.assert_array_equal(got[var].values, want[var].values, err_msg=var)
@@ -174,3 +185,19 @@ def test_bad_weighting_rows_are_one_line(joint_ws, capsys, tmp_path, rows, messa
                         *NO_STATS)
     assert code == 2 and message in err and "--weightings" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_weightings_that_cannot_fit_in_memory_are_refused_up_front(joint_ws, capsys,
+                                                                   monkeypatch):
+    ws, _ = joint_ws
+    from voxelflow.pipeline.execution import resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: (2e6, "available"))
+    code, _, err = _cli(capsys, ws, "--features", "f", "g", "--weightings", "200",
+                        "--name", "big", *NO_STATS)
+    assert code == 2 and "fewer --weightings (gave 200)" in err, err
+    assert len(err.strip().splitlines()) == 1 and ws.state("fits/big/lags-4-5") != "complete"
+    monkeypatch.undo()
+    code, _, err = _cli(capsys, ws, "--features", "f", "g", "--weightings", "2",
+                        "--name", "big", *NO_STATS)
+    assert code == 0, err
