@@ -265,7 +265,11 @@ def _check_joint_memory(widths: list[int], n_train: int, n_test: int,
     design, block = fit_memory(n, n_test, p, n_alphas, n_folds, voxel_block,
                                save_weights, save_predictions)
     q = min(p, n)
-    per_factorisation = (n_folds + 1) * q * q * 8 + n_test * p * 4 + n * p * 8
+    # per weighting: the eigh/Cholesky factors (float64), the scaled design and its
+    # centred test rows, and the dense held-out operators (all folds, every alpha,
+    # float32) up to the engine's budget for them
+    dense = min(ridge.DEFAULT_MAX_DENSE_BYTES, n_alphas * n_train * q * 4)
+    per_factorisation = (n_folds + 1) * q * q * 8 + n_test * p * 4 + n * p * 8 + dense
     check_memory(f"joint fit of {len(widths)} spaces ({p:,} lagged features) x "
                  f"{n_weightings} weightings", design + block + n_factorisations
                  * per_factorisation,
