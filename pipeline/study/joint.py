@@ -6,7 +6,9 @@ as one banded ridge model per lag set of ``[fit]``
 --features a b``), into ``/fits/<experiment>/a+b/lags-...``; the report shows it as a
 row named ``a+b``. Optional keys: ``weightings`` (a count of seeded random
 weightings, default 20, or a list of rows with one value per model) and
-``partition`` (2 or 3 models: variance partitioning).
+``partition`` (2 or 3 models: variance partitioning). This module parses and checks
+the tables (:func:`parse_joint`, called by the config loader);
+:mod:`~voxelflow.pipeline.study.plan` plans their fits.
 """
 from __future__ import annotations
 
@@ -75,42 +77,3 @@ def _check_weightings(fail: Callable[[str, str], None], spec: JointSpec) -> None
             check_weightings(np.asarray(value, dtype=np.float64), len(spec.features))
         except (ValueError, TypeError) as exc:
             fail("weightings", str(exc))
-
-
-def joint_fit_stages(exp: Any, ws: Any, stages: list, progress: bool) -> list:
-    """One planned fit per joint model and lag set, after the models' stages."""
-    from voxelflow.pipeline.stages.fit import fit_group
-    from voxelflow.pipeline.stages.joint_fit import run_joint_fit_stage
-    from voxelflow.pipeline.study.plan import PlannedStage
-
-    by_group = {stage.group: stage for stage in stages}
-    bold = by_group[f"bold/{exp.subject}"]
-    planned = []
-    for spec in exp.joint:
-        feats = [by_group[f"features/{n}"] for n in spec.features]
-        for lags in exp.lag_sets:
-            request = {"features": [f.request for f in feats], "bold": bold.request,
-                       "lags": lags, "alphas": exp.alphas, "test_samples": exp.test_samples,
-                       "test_runs": exp.test_runs, "test_repeats": exp.test_repeats,
-                       "cv": exp.cv, "aggregate": exp.aggregate,
-                       "statistics": exp.statistics().as_params(),
-                       "weightings": spec.weightings, "partition": spec.partition}
-            name = f"{exp.name}/{spec.name}"
-            stage = PlannedStage("fit", fit_group(name, lags), request,
-                                 upstream=[f.group for f in feats] + [bold.group])
-            stage.call = _caller(run_joint_fit_stage, exp, ws, spec, lags, name, progress)
-            planned.append(stage)
-    return planned
-
-
-def _caller(run: Callable, exp: Any, ws: Any, spec: JointSpec, lags: list[float],
-            name: str, progress: bool) -> Callable[[bool], Any]:
-    """The stage's call (bound here, not in a loop's closure)."""
-    weightings = (np.asarray(spec.weightings, np.float64)
-                  if isinstance(spec.weightings, list) else spec.weightings)
-    return lambda overwrite: run(
-        ws, spec.features, exp.subject, lags, exp.alphas, weightings=weightings,
-        seed=exp.seed, partition=spec.partition, test_samples=exp.test_samples,
-        test_runs=exp.test_runs, test_repeats=exp.test_repeats, cv=exp.cv,
-        aggregate=exp.aggregate, statistics=exp.statistics(), device=exp.device,
-        name=name, overwrite=overwrite, progress=progress)

@@ -78,10 +78,8 @@ def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool =
             stages += _model_stages(exp, ws, spec, frames, bold, progress)
         else:
             stages += _regressor_stages(exp, ws, spec, bold, progress)
-    if exp.joint:
-        from voxelflow.pipeline.study.joint import joint_fit_stages
-
-        stages += joint_fit_stages(exp, ws, stages, progress)
+    if exp.joint:  # [[fit.joint]]: after the stages of their models
+        stages += _joint_fit_stages(exp, ws, stages, progress)
     return decide_actions(ws, stages)
 
 
@@ -217,6 +215,48 @@ def _fit_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, lags: list[float
         aggregate=exp.aggregate, statistics=exp.statistics(), device=exp.device,
         name=name, save_weights=save_weights, overwrite=overwrite, progress=progress)
     return stage
+
+
+def _joint_fit_stages(exp: Experiment, ws: Workspace, stages: list[PlannedStage],
+                      progress: bool) -> list[PlannedStage]:
+    """One planned fit per joint model and lag set, after the models' stages."""
+    from voxelflow.pipeline.stages.fit import fit_group
+    from voxelflow.pipeline.stages.joint_fit import run_joint_fit_stage
+
+    by_group = {stage.group: stage for stage in stages}
+    bold = by_group[f"bold/{exp.subject}"]
+    planned = []
+    for spec in exp.joint:
+        feats = [by_group[f"features/{n}"] for n in spec.features]
+        for lags in exp.lag_sets:
+            request = {"features": [f.request for f in feats], "bold": bold.request,
+                       "lags": lags, "alphas": exp.alphas, "test_samples": exp.test_samples,
+                       "test_runs": exp.test_runs, "test_repeats": exp.test_repeats,
+                       "cv": exp.cv, "aggregate": exp.aggregate,
+                       "statistics": exp.statistics().as_params(),
+                       "weightings": spec.weightings, "partition": spec.partition}
+            name = f"{exp.name}/{spec.name}"
+            stage = PlannedStage("fit", fit_group(name, lags), request,
+                                 upstream=[f.group for f in feats] + [bold.group])
+            stage.call = _joint_caller(run_joint_fit_stage, exp, ws, spec, lags, name,
+                                       progress)
+            planned.append(stage)
+    return planned
+
+
+def _joint_caller(run: Callable, exp: Experiment, ws: Workspace, spec: Any,
+                 lags: list[float], name: str, progress: bool) -> Callable[[bool], Any]:
+    """The stage's call (bound here, not in a loop's closure)."""
+    import numpy as np
+
+    weightings = (np.asarray(spec.weightings, np.float64)
+                  if isinstance(spec.weightings, list) else spec.weightings)
+    return lambda overwrite: run(
+        ws, spec.features, exp.subject, lags, exp.alphas, weightings=weightings,
+        seed=exp.seed, partition=spec.partition, test_samples=exp.test_samples,
+        test_runs=exp.test_runs, test_repeats=exp.test_repeats, cv=exp.cv,
+        aggregate=exp.aggregate, statistics=exp.statistics(), device=exp.device,
+        name=name, overwrite=overwrite, progress=progress)
 
 
 def _train_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, frames_request: dict,
