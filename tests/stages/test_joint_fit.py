@@ -72,10 +72,18 @@ def _direct(ws, names, weightings, **kw):
                         weightings, contiguous_folds(n, 4), **kw)
 
 
+def _direct_test_bold(ws):
+    """The last 30 lagged BOLD samples (the test set), float64."""
+    bold = [ws.open_run("bold/s", r) for r in range(2)]
+    design = build_design(ws.open_runs("features/f"), bold, [4, 5], 1.0)
+    return np.asarray(design.Y.compute(), np.float64)[-30:]
+
+
 def test_two_space_cli_equals_banded_ridge(joint_ws, capsys):
     ws, _ = joint_ws
     code, out, err = _cli(capsys, ws, "--features", "f", "g", "--weightings", "6",
-                          "--save-weights", *NO_STATS)
+                          "--save-weights", "--save-predictions", "--permutations", "50",
+                          "--bootstrap", "20")
     assert code == 0, err
     fit = ws.open_node("fits/f+g__s/lags-4-5")
     ref = _direct(ws, ["f", "g"], simplex_weightings(2, 6, seed=0), return_weights=True)
@@ -87,6 +95,12 @@ def test_two_space_cli_equals_banded_ridge(joint_ws, capsys):
     np.testing.assert_array_equal(fit["best_weighting"].values, ref["best_weighting"])
     np.testing.assert_array_equal(fit["best_alpha"].values, ref["best_alpha"])
     assert list(fit["space"].values) == ["f", "g"]
+    # the stored predictions are the joint model's at each voxel's choice (their r is
+    # r_test_cv), and the permutation statistics are computed from them
+    pred, y = fit["predictions"].values.astype(np.float64), _direct_test_bold(ws)
+    r = [np.corrcoef(pred[:, v], y[:, v])[0, 1] for v in range(y.shape[1])]
+    np.testing.assert_allclose(r, fit["r_test_cv"].values, atol=1e-5)
+    assert np.isfinite(fit["p_perm"].values).all() and "bootstrap_mean_r" in fit
     # one space's weights by lag and feature: the columns of f at lag 5
     w = joint_weights(fit, "f")
     assert w.shape == (2, 6, 27)
