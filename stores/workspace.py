@@ -52,6 +52,7 @@ DEFAULT_STORE = "voxelflow.zarr"
 STATE_ATTR = "voxelflow"
 RUN_PREFIX = "run-"
 FORMAT_VERSION = 1
+STAGING_SUFFIX = "~staged"  # a group's replacement while it is written (replace_group)
 
 
 def run_node_name(run: int) -> str:
@@ -208,6 +209,29 @@ class Workspace:
         local = self.path / group
         if local.exists():
             shutil.rmtree(local)
+        self.consolidate()
+
+    @staticmethod
+    def staging_group(group: str) -> str:
+        """Where a replacement of ``group`` is written until it is complete."""
+        return f"{group}{STAGING_SUFFIX}"
+
+    def replace_group(self, staged: str, group: str) -> None:
+        """Put the complete group ``staged`` in the place of ``group`` (local stores).
+
+        The old group is moved aside first and removed only after the new one is in
+        place, so a kill leaves either group complete (a leftover ``staged`` or aside
+        copy is removed by the next call)."""
+        if self.state(staged) != "complete":
+            raise AssertionError(f"/{staged} is not complete; nothing replaced")
+        target, source = self.path / group, self.path / staged
+        aside = self.path / f"{group}{STAGING_SUFFIX}.old"
+        if aside.exists():
+            shutil.rmtree(aside)
+        if target.exists():
+            target.rename(aside)
+        source.rename(target)
+        shutil.rmtree(aside, ignore_errors=True)
         self.consolidate()
 
     def consolidate(self) -> None:
