@@ -103,6 +103,7 @@ class Experiment:
     device: str
     atlas: Path | None = None
     atlas_labels: Path | None = None
+    frames: str = "needed"  # "needed": only the frames the fits read; "all": every sample
     extra: dict = field(default_factory=dict)
     # Repeated test presentations (BOLD runs showing the same clip) and the test-set
     # statistics (docs/statistics.md); defaults as on ``voxelflow fit``.
@@ -127,7 +128,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "experiment": {"name": (str, True), "store": (str, False), "reports": (str, False),
                    "device": (str, False)},
     "stimulus": {"name": (str, True), "videos": (list, True), "fps": ((int, float), False),
-                 "size": (int, False), "resize": (str, False)},
+                 "size": (int, False), "resize": (str, False), "frames": (str, False)},
     "bold": {"subject": (str, True), "runs": (list, True), "mask": (str, False),
              "tr": ((int, float), False), "zscore": (bool, False), "detrend": (str, False)},
     "models": {"name": (str, True), "model": (str, False), "layer": (str, False),
@@ -243,6 +244,7 @@ def load_experiment(path: str | Path) -> Experiment:
         check.fail("fit", "test_repeats", f"runs {beyond} do not exist: bold.runs lists "
                    f"{len(runs)} run(s), numbered from 0")
     resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
+    frames = check.choice(stim, "stimulus", "frames", ("needed", "all"))
     fps = _fps(check, stim)
     detrend = check.choice(bold, "bold", "detrend", ("none", "linear"))
     device = check.choice(exp, "experiment", "device", ("cpu", "cuda"))
@@ -250,7 +252,7 @@ def load_experiment(path: str | Path) -> Experiment:
         name=exp["name"], source=path, store=store,
         reports=(base / exp.get("reports", "reports")), stimulus_name=stim.get("name"),
         videos=videos, fps=fps, size=int(stim.get("size", 224)), resize=resize,
-        subject=bold["subject"], bold_runs=runs, mask=mask,
+        frames=frames, subject=bold["subject"], bold_runs=runs, mask=mask,
         tr=float(bold["tr"]) if "tr" in bold else None, zscore=bool(bold.get("zscore", True)),
         detrend=detrend, models=models, device=device, **fit_options,
         atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
