@@ -49,6 +49,7 @@ name = "movie"
 videos = ["{movie.name}"]
 fps = {fps:g}
 size = 224
+frames = "all"  # the BOLD is simulated from the features of every frame
 
 [bold]
 subject = "simulated"
