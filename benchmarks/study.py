@@ -76,7 +76,11 @@ def train_rate(n: int) -> float:
 
     from voxelflow.pipeline.models.autoencoder import _skeleton_autoencoder
 
-    net = _skeleton_autoencoder().train()
+    net = _skeleton_autoencoder().to_empty(device="cpu")  # built on the meta device
+    for module in net.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    net.train()
     opt = torch.optim.Adam(net.parameters(), 1e-4)
     x = torch.rand(n, 3, 224, 224)
     t0 = time.perf_counter()
