@@ -108,3 +108,39 @@ def test_fit_outputs_identical_then_refuse_then_extend(ws, full_store):
     assert np.array_equal(new["features"].values[pos], before)
     assert feats["frames_computed"] == sum(feats["frames"]) - feats["reused_frames"]
     run_fit_stage(ws, "f_need", "s1", [2.5], [1.0], name="c", **kw)  # now it works
+
+
+def test_needed_indices_against_hand_arithmetic():
+    """Independent of the design code: the frame at t - L on a k / fps grid is
+    floor((t - L) * fps); a BOLD sample is kept when t - max(L) >= 0 and t - min(L)
+    is before the stimulus ends."""
+    fps, tr, n_frames = 20.0, 1.0, 400
+    grid = np.arange(n_frames) / fps
+    bold = np.arange(20) * tr
+    lag_sets = [[4.0], [4.0, 4.5, 5.0, 5.5]]
+    want = set()
+    for lags in lag_sets:
+        for t in bold:
+            if t - max(lags) >= 0 and t - min(lags) < n_frames / fps:
+                want |= {int(np.floor((t - lag) * fps + 1e-9)) for lag in lags}
+    got = needed_frame_indices(grid, bold, lag_sets, tr)
+    assert got.tolist() == sorted(want)
+    mean = needed_frame_indices(grid, bold, [[4.0]], tr, "mean")
+    assert mean.tolist() == list(range(0, int((19 - 4) * fps)))
+
+
+def test_bad_requests_are_one_line_errors(tmp_path, capsys):
+    from voxelflow import cli
+
+    video = tmp_path / "v.mp4"
+    write_moving_video(video, 2, rate=24, size=(32, 32))
+    times = tmp_path / "times.txt"
+    times.write_text("0.5\nsoon\n")
+    store = str(tmp_path / "ws.zarr")
+    for args, message in (
+            (["--lags", "4"], "--lags and --extend need --times-from-bold"),
+            (["--times", str(times)], f"--times {times}:2: expected 'time' or 'run,time'"),
+            (["--times-from-bold", "nobody", "--lags", "4"], "no group /bold/nobody")):
+        code = cli.main(["frames", str(video), "--name", "x", "--store", store, *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and "\n" not in err, err
