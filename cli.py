@@ -7,6 +7,7 @@ Errors in the user's input (``VoxelflowError``) are printed as one line,
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 from typing import Callable, Sequence
 
