@@ -87,6 +87,7 @@ def cmd_frames(args: argparse.Namespace) -> int:
     summary = run_frames_stage(
         Workspace(args.store), args.videos, args.name, fps=args.fps, size=args.size,
         resize=args.resize, needed=needed, overwrite=args.overwrite, progress=args.progress,
+        log=lambda note: print(f"voxelflow: note: {note}", file=sys.stderr, flush=True),
     )
     counts = ", ".join(str(n) for n in summary["frames"])
     print(f"wrote /{summary['group']} in {args.store}: {summary['runs']} run(s), "
@@ -267,7 +268,8 @@ def cmd_bold(args: argparse.Namespace) -> int:
     summary = run_bold_stage(
         Workspace(args.store), args.runs, args.subject, mask=args.mask, tr=args.tr,
         zscore=args.zscore, detrend=args.detrend,
-        chunk_voxels=args.chunk_voxels or CHUNK_VOXELS, overwrite=args.overwrite,
+        chunk_voxels=CHUNK_VOXELS if args.chunk_voxels is None else args.chunk_voxels,
+        overwrite=args.overwrite,
         progress=args.progress,
     )
     vols = summary["volumes"]
@@ -361,7 +363,6 @@ def _statistics_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from voxelflow.pipeline.errors import InputError
     from voxelflow.pipeline.stages.fit import parse_alphas, run_fit_stage
     from voxelflow.pipeline.design.lags import parse_lags
     from voxelflow.pipeline.stats.per_block import StatisticsOptions
@@ -371,8 +372,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
                  if args.test_runs else None)
     test_repeats = ([[_int_arg(r, "--test-repeats") for r in group.split(",") if r.strip()]
                      for group in args.test_repeats] if args.test_repeats else None)
-    if args.voxel_block < 1:
-        raise InputError(f"--voxel-block must be >= 1 (got {args.voxel_block})")
     statistics = StatisticsOptions(permutations=args.permutations, bootstrap=args.bootstrap,
                                    block_length=args.block_length, null=args.null,
                                    seed=args.seed)
@@ -420,10 +419,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from voxelflow.pipeline.study.report import ranking, table_markdown
 
     exp = load_experiment(args.experiment)
-    out = run_experiment(exp, dry_run=args.dry_run, progress=args.progress)
-    print(f"plan for {exp.source} (store {exp.store}):")
-    for stage in out["plan"]:
-        print("  " + stage.describe())
+    # The plan is printed (and flushed) before the first stage runs.
+    out = run_experiment(exp, dry_run=args.dry_run, progress=args.progress,
+                         log=lambda line: print(line, flush=True))
     if args.dry_run:
         return 0
     table = out["report"]["table"]

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import zarr
 
+from voxelflow.stores.scratch import SCRATCH_DIR
 from voxelflow.stores.workspace import DONE_VAR, STATE_ATTR, Workspace
+
+
+def stored_bytes(ws: Workspace, group: str) -> int:
+    """Bytes the files of ``group`` (and of its transpose scratch) take now (0: absent);
+    what a resumed stage has already written."""
+    total = 0
+    for folder in (ws.path / group, ws.path / SCRATCH_DIR / group):
+        if folder.is_dir():
+            total += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return total
 
 
 def _arrays(group: zarr.Group) -> list[str]:

@@ -5,15 +5,19 @@ from voxelflow.pipeline.design.lags import (
     AGGREGATES,
     LaggedDesign,
     build_design,
+    check_run_lengths,
     check_runs_match,
+    durations_match,
     first_test_frame,
     frame_indices_for,
     parse_lags,
     run_design_indices,
+    run_length_problem,
     split_train_test,
 )
 
 __all__ = [
-    "AGGREGATES", "LaggedDesign", "build_design", "check_runs_match", "first_test_frame",
-    "frame_indices_for", "parse_lags", "run_design_indices", "split_train_test",
+    "AGGREGATES", "LaggedDesign", "build_design", "check_run_lengths", "check_runs_match",
+    "durations_match", "first_test_frame", "frame_indices_for", "parse_lags",
+    "run_design_indices", "run_length_problem", "split_train_test",
 ]

@@ -124,6 +124,12 @@ def _mean_frames(features: da.Array, ranges: np.ndarray) -> da.Array:
     return (total / counts.astype(np.float64)[:, None]).astype(np.float32)
 
 
+def durations_match(stimulus_s: float, bold_s: float, tr: float) -> bool:
+    """Whether a stimulus run of ``stimulus_s`` seconds pairs with a BOLD run of
+    ``bold_s`` seconds: they differ by at most two TRs or 5 % of the BOLD run."""
+    return abs(stimulus_s - bold_s) <= max(2 * tr, 0.05 * bold_s)
+
+
 def check_runs_match(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
                      tr: float, features_name: str, bold_name: str) -> None:
     """Runs pair by index: same count, and each stimulus run about as long as its BOLD run."""
@@ -135,12 +141,37 @@ def check_runs_match(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset]
     for r, (f, b) in enumerate(zip(feature_runs, bold_runs)):
         f_end = _stimulus_end(design_grid(f["time"].attrs, f["time"].values))
         b_end = float(b["time"].values[-1]) + tr
-        if abs(f_end - b_end) > max(2 * tr, 0.05 * b_end):
+        if not durations_match(f_end, b_end, tr):
             raise InputError(
                 f"run {r}: stimulus lasts {f_end:.1f} s but BOLD lasts {b_end:.1f} s "
                 f"(/features/{features_name} vs /bold/{bold_name}); check that the runs "
                 f"are given in the same order and trimmed alike"
             )
+
+
+def run_length_problem(n_volumes: int, tr: float, lags: list[float],
+                       aggregate: str = "last") -> str | None:
+    """Why a run of ``n_volumes`` at ``tr`` s is too short for ``lags`` (None: long
+    enough).  A run must last at least the longest lag plus one TR (plus another TR with
+    ``aggregate="mean"``, whose window reaches one TR further back), or no sample of it
+    has a stimulus history and the run would be dropped silently."""
+    history = max(lags) + (tr if aggregate == "mean" else 0.0)
+    if (n_volumes - 1) * tr >= history - TIME_TOLERANCE_S:
+        return None
+    need = history + tr
+    return (f"lasts {n_volumes * tr:g} s ({n_volumes} volumes x TR {tr:g} s), shorter than "
+            f"the {need:g} s that lags up to {max(lags):g} s need (the longest lag plus one "
+            f"TR{' plus the mean window' if aggregate == 'mean' else ''})")
+
+
+def check_run_lengths(bold_runs: list[xr.Dataset], lags: list[float], tr: float,
+                      aggregate: str, bold_name: str) -> None:
+    """Refuse a BOLD run too short for ``lags`` (:func:`run_length_problem`)."""
+    for r, b in enumerate(bold_runs):
+        problem = run_length_problem(int(b.sizes["time"]), tr, lags, aggregate)
+        if problem:
+            raise InputError(f"/bold/{bold_name} run {r} {problem}; use shorter lags or "
+                             f"leave the run out")
 
 
 def build_design(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
@@ -156,6 +187,7 @@ def build_design(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
     if aggregate not in AGGREGATES:
         raise InputError(f"--aggregate must be one of {', '.join(AGGREGATES)} (got {aggregate!r})")
     check_runs_match(feature_runs, bold_runs, tr, features_name, bold_name)
+    check_run_lengths(bold_runs, lags, tr, aggregate, bold_name)
     xs, ys, runs, times, dropped = [], [], [], [], []
     n_features = int(feature_runs[0].sizes["feature"])
     for r, (f, b) in enumerate(zip(feature_runs, bold_runs)):

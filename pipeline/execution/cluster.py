@@ -58,12 +58,8 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
     The client is the default client while the block runs and is closed after it
     (the LocalCluster too).
     """
-    if scheduler and workers:
-        raise InputError("give either --scheduler ADDRESS or --workers N, not both")
-    if memory_limit and not workers:
-        raise InputError("--memory-limit applies to the local cluster of --workers N; "
-                         "set it on your `dask worker` processes instead")
-    if not scheduler and not workers:
+    check_cluster_options(scheduler, workers, memory_limit)
+    if not scheduler and workers is None:
         yield None
         return
     from distributed import Client, LocalCluster
@@ -79,8 +75,6 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
         finally:
             client.close()
         return
-    if int(workers) < 1:
-        raise InputError(f"--workers must be a positive integer (got {workers})")
     # dashboard ":0" takes any free port (None still binds 8787 and warns when it is taken)
     cluster = LocalCluster(n_workers=int(workers), threads_per_worker=threads_per_worker,
                            processes=True, memory_limit=memory_limit or "auto",
@@ -91,6 +85,35 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
     finally:
         client.close()
         cluster.close()
+
+
+def check_cluster_options(scheduler: str | None, workers: int | None,
+                          memory_limit: str | None) -> None:
+    """One-line :class:`InputError` for options that cannot open a cluster: both
+    ``--scheduler`` and ``--workers``, ``--workers`` < 1, a ``--memory-limit`` without
+    ``--workers`` or that is neither ``auto`` nor a positive size (Dask's
+    ``parse_bytes``: ``4GiB``, ``500MB``)."""
+    if scheduler and workers is not None:
+        raise InputError("give either --scheduler ADDRESS or --workers N, not both")
+    if workers is not None and int(workers) < 1:
+        raise InputError(f"--workers must be a positive number of worker processes (got "
+                         f"{workers}); leave it out to run in this process")
+    if memory_limit is None:
+        return
+    if workers is None:
+        raise InputError("--memory-limit applies to the local cluster of --workers N; "
+                         "set it on your `dask worker` processes instead")
+    if memory_limit.strip().lower() == "auto":  # distributed's default: a share of the RAM
+        return
+    from dask.utils import parse_bytes
+
+    try:
+        limit = parse_bytes(memory_limit)
+    except (ValueError, TypeError):
+        limit = None
+    if limit is None or limit <= 0:
+        raise InputError(f"--memory-limit {memory_limit!r}: not a size; give bytes with a "
+                         f"unit, e.g. 4GiB or 500MB")
 
 
 def client_threads(client) -> int:

@@ -1,6 +1,7 @@
 """The stages: each reads workspace groups (or input files) and writes one group.
 
-- :mod:`~voxelflow.pipeline.stages.frames`: video files -> ``/frames/NAME``;
+- :mod:`~voxelflow.pipeline.stages.frames`: video files -> ``/frames/NAME`` (probing
+  the files in :mod:`~voxelflow.pipeline.stages.video`);
 - :mod:`~voxelflow.pipeline.stages.features`: frames -> ``/features/NAME`` (any model
   of :mod:`voxelflow.pipeline.models`);
 - :mod:`~voxelflow.pipeline.stages.train`: trains the ResNet-50 autoencoder on the
@@ -25,7 +26,7 @@ from __future__ import annotations
 from voxelflow.pipeline.lazy import lazy_exports
 
 _EXPORTS = {
-    "run_frames_stage": "frames", "probe_video": "frames", "frames_group": "frames",
+    "run_frames_stage": "frames", "probe_video": "video", "frames_group": "frames",
     "run_features_stage": "features", "features_group": "features",
     "train_autoencoder": "train",
     "run_bold_stage": "bold", "bold_group": "bold", "probe_run": "nifti",

@@ -54,7 +54,9 @@ from tqdm.auto import tqdm
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.execution.blocks import run_blocks
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
+from voxelflow.pipeline.execution.resources import check_disk, check_memory
 from voxelflow.pipeline.stages._bold_passes import (
+    SCRATCH_BUDGET,
     ChunkWork,
     ScratchSpec,
     ScratchWork,
@@ -64,20 +66,27 @@ from voxelflow.pipeline.stages._bold_passes import (
     standardize,
 )
 from voxelflow.pipeline.stages.nifti import (
+    READ_BUDGET,
     RunInfo,
     check_runs,
+    check_usable_voxels,
     epi_mask,
     load_mask,
     mask_voxels,
     mean_volume,
     probe_run,
 )
+from voxelflow.stores.names import check_name
+from voxelflow.stores.inventory import stored_bytes
 from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 __all__ = ["CHUNK_VOXELS", "DETRENDS", "bold_group", "bold_template", "group_variables",
            "run_bold_stage", "run_validity", "standardize"]
 
 CHUNK_VOXELS = 4096  # voxels per Zarr chunk (all time points) == voxels per resumable block
+# Pass 2 holds an output chunk read from the scratch, the chunk Zarr writes, and the
+# buffer pool's spare; pass 1 its read block and two masked time blocks (fixed sizes).
+BOLD_CHUNKS_IN_MEMORY = 3
 DETRENDS = ("none", "linear")
 EPI_MASK_METHOD = "nilearn.masking.compute_epi_mask on the mean volume of all runs"
 
@@ -192,6 +201,9 @@ def run_bold_stage(workspace: Workspace, runs: Sequence[str | Path], subject: st
     group = bold_group(subject)
     mask_path = Path(mask) if mask is not None else None
     mask_arr = load_mask(mask_path, grid) if mask_path is not None else None
+    _check_memory(infos, mask_arr, chunk_voxels)
+    check_usable_voxels(infos, None if mask_arr is None else mask_voxels(mask_arr)[3],
+                        str(mask_path))
     mask_spec = ({"file": os.path.abspath(mask_path), "sha256": _sha256(mask_path)}
                  if mask_path is not None else {"computed": EPI_MASK_METHOD})
     params = {
@@ -205,6 +217,7 @@ def run_bold_stage(workspace: Workspace, runs: Sequence[str | Path], subject: st
     if mask_arr is None:
         mask_arr = _computed_mask(workspace, group, infos, overwrite, progress)
     i, j, k, flat_index = mask_voxels(mask_arr)
+    _check_disk(workspace, group, infos, int(i.size))
     attrs = {
         "subject": subject, "tr": tr_s, "tr_source": tr_source,
         "affine": grid.affine.tolist(), "volume_shape": list(grid.shape),
@@ -233,14 +246,36 @@ def run_bold_stage(workspace: Workspace, runs: Sequence[str | Path], subject: st
 
 
 def _check_arguments(runs: Sequence, subject: str, detrend: str, chunk_voxels: int) -> None:
-    if not subject or "/" in subject or subject.startswith(".") or subject.strip() != subject:
-        raise InputError(f"--subject must be a plain name without '/' (got {subject!r})")
+    check_name(subject, "--subject")
     if detrend not in DETRENDS:
         raise InputError(f"--detrend must be one of {', '.join(DETRENDS)} (got {detrend!r})")
     if chunk_voxels <= 0:
         raise InputError(f"--chunk-voxels must be a positive number (got {chunk_voxels})")
     if not runs:
         raise InputError("give at least one 4D NIfTI run")
+
+
+def _check_memory(infos: Sequence[RunInfo], mask: np.ndarray | None, chunk_voxels: int
+                  ) -> None:
+    """Refuse an output chunk (all time points x ``chunk_voxels``) that cannot fit in
+    memory; the voxels are the mask's, or the whole grid before an EPI mask exists."""
+    n_vox = int(mask.sum()) if mask is not None else int(np.prod(infos[0].shape))
+    n_time = max(info.n_volumes for info in infos)
+    chunk = n_time * min(int(chunk_voxels), max(n_vox, 1)) * 4
+    check_memory(f"bold --chunk-voxels {chunk_voxels} ({n_time} volumes)",
+                 BOLD_CHUNKS_IN_MEMORY * chunk + READ_BUDGET + 2 * SCRATCH_BUDGET,
+                 f"lower --chunk-voxels (default {CHUNK_VOXELS})")
+
+
+def _check_disk(workspace: Workspace, group: str, infos: Sequence[RunInfo], n_vox: int
+                ) -> None:
+    """Refuse BOLD that cannot fit on disk: every run (float32, uncompressed) plus the
+    largest run's transpose scratch."""
+    volumes = [info.n_volumes for info in infos]
+    need = (sum(volumes) + max(volumes)) * n_vox * 4
+    check_disk(f"bold /{group} ({sum(volumes)} volumes x {n_vox:,} voxels)", need,
+               workspace.path, "give a smaller --mask",
+               already_written=stored_bytes(workspace, group))
 
 
 def _computed_mask(workspace: Workspace, group: str, infos: Sequence[RunInfo],
@@ -334,5 +369,12 @@ def _finish_group(workspace: Workspace, group: str, writer: StageWriter,
     for run in range(len(infos)):
         workspace.write_array(writer.run_path(run), "valid", valid)
     n_invalid = int(n_vox - valid.sum())
+    if n_invalid == n_vox:
+        # Nothing could ever be scored: drop the group rather than leave it looking usable.
+        workspace.delete(group)
+        workspace.remove_scratch(group)
+        raise InputError(
+            f"{infos[0].path}: no usable voxel: all {n_vox:,} voxels are constant or "
+            f"non-finite in at least one run; check the runs (and the mask)")
     writer.finish({"n_invalid": n_invalid})
     return n_invalid

@@ -42,6 +42,7 @@ import xarray as xr
 
 from voxelflow.pipeline.errors import InputError, exception_reason
 from voxelflow.pipeline.stages.feature_arrays import file_sha256, write_features
+from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import Workspace
 
 __all__ = ["EventsOptions", "RunEvents", "boxcars", "check_events_options",
@@ -314,7 +315,7 @@ def run_seconds(workspace: Workspace, n_files: int, bold: str | None,
         raise InputError("give the runs' length: --bold SUBJECT (the matching BOLD runs) "
                          "or --duration SECONDS[,SECONDS...]")
     if bold is not None:
-        group = f"bold/{bold}"
+        group = f"bold/{check_name(bold, '--bold')}"
         attrs = workspace.require_complete(
             group, f"voxelflow bold RUN.nii.gz ... --subject {bold}")
         n_runs = workspace.n_runs(group)

@@ -22,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 from voxelflow.pipeline.errors import InputError
+from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import Workspace
 
 __all__ = ["Geometry", "describe_export", "export_variable", "find_geometry", "output_dtype",
@@ -222,7 +223,7 @@ def export_variable(workspace: Workspace, node: str, name: str, out: str | Path,
     Returns a summary for :func:`describe_export`.
     """
     out = Path(out)
-    node = node.strip("/")
+    node = check_name(node.strip("/"), "GROUP", nested=True)
     stage, ds = _open_request(workspace, node, name, out)
     var = ds[name]
     if name == "weights" and "lag_feature" in var.dims:

@@ -32,6 +32,7 @@ import xarray as xr
 
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.execution.blocks import run_blocks
+from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 __all__ = ["FEATURE_DTYPE", "check_feature_runs", "choose_block_size", "feature_labels",
@@ -275,8 +276,7 @@ def write_features(store: str | Path | Workspace, name: str, runs: Sequence[xr.D
     n_features, blocks written/skipped, source dtypes).
     """
     workspace = store if isinstance(store, Workspace) else Workspace(store)
-    if not isinstance(name, str) or not name or "/" in name:
-        raise InputError(f"features name must be a non-empty name without '/' (got {name!r})")
+    check_name(name, "--name")
     where = list(where) if where is not None else [f"run {r}" for r in range(len(runs))]
     canon, names = check_feature_runs(runs, where)
     dtypes = [str(r.dtype) for r in canon]

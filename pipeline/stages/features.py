@@ -46,13 +46,16 @@ from tqdm.auto import tqdm
 from voxelflow.pipeline.errors import InputError, WorkspaceConflict
 from voxelflow.pipeline.execution.blocks import prefetch, run_blocks
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
-from voxelflow.pipeline.stages.feature_arrays import (choose_block_size, feature_labels,
+from voxelflow.pipeline.execution.resources import check_request
+from voxelflow.pipeline.stages.feature_arrays import (BLOCK_MAX, choose_block_size, feature_labels,
                                                       feature_template)
 from voxelflow.pipeline.models.backbone import Backbone, load_backbone
 from voxelflow.pipeline.models.extractor import (POOL_MODES, ExtractorSpec, FeatureExtractor,
                                                  check_device, worker_extractor)
 from voxelflow.pipeline.models.registry import EFFICIENTNET_LITE0, check_layers, check_model
 from voxelflow.pipeline.models.weights import weights_key
+from voxelflow.stores.inventory import stored_bytes
+from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import (RunTemplate, StageWriter, Workspace,
                                         describe_param_change)
 
@@ -62,6 +65,9 @@ __all__ = ["FeatureBlock", "FeaturesWork", "choose_block_size", "features_group"
 DEFAULT_BATCH = {"cpu": 16, "cuda": 64}
 QUEUE_BATCHES = 4  # frame batches read ahead
 READ_FRAMES = 128  # frames per read from the frames store (one frames shard)
+# The block being computed, the one being written and Zarr's chunk buffer (a chunk is a
+# whole block, allocated in full even when a run is shorter).
+FEATURES_BLOCKS_IN_MEMORY = 3
 
 
 # ------------------------------------------------------------------------ layout
@@ -233,7 +239,7 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
     # ---- validate everything before writing anything
     device, batch_size, layers, name = _check_args(model, layers, device, batch_size, name,
                                                    pool, precision, block_size)
-    frames_group = f"frames/{frames_name}"
+    frames_group = f"frames/{check_name(frames_name, '--frames')}"
     frames_attrs = workspace.require_complete(
         frames_group, f"voxelflow frames VIDEO --name {frames_name}")
     frames_runs = workspace.open_runs(frames_group)
@@ -248,8 +254,9 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
     shapes = extractor.probe(height, width, model)
     n_features = [int(math.prod(s)) for s in shapes]
     block = int(block_size) if block_size is not None else choose_block_size(n_features)
-
     groups = [features_group(n) for n in output_names(name, layers)]
+    _check_request(workspace, groups, block, n_features,
+                   sum(int(ds.sizes["time"]) for ds in frames_runs))
     base = {
         "stage": "features",
         "frames": {"group": frames_group, "params": workspace.params(frames_group)},
@@ -312,10 +319,24 @@ def _check_args(model: str, layers: Sequence[str] | None, device: str,
             f"--block-size must be a positive number of time points (got {block_size})")
     check_model(model)
     layers = check_layers(model, layers)
-    name = name or model
-    if not name or "/" in name:
-        raise InputError(f"--name must be a non-empty name without '/' (got {name!r})")
+    name = check_name(name or model, "--name")
+    for out in output_names(name, layers):
+        check_name(out, "--name" if len(layers) == 1 else "--name/--layer")
     return device, int(batch_size), layers, name
+
+
+def _check_request(workspace: Workspace, groups: Sequence[str], block: int,
+                   n_features: Sequence[int], n_frames: int) -> None:
+    """Refuse a block that cannot fit in memory or features that cannot fit on disk
+    (float32, counted uncompressed)."""
+    per_frame = 4 * sum(n_features)
+    check_request(
+        f"features --block-size {block} ({sum(n_features):,} features per frame)",
+        block_bytes=FEATURES_BLOCKS_IN_MEMORY * block * per_frame,
+        block_option=f"lower --block-size (default: {BLOCK_MAX}, halved for big layers)",
+        output_bytes=n_frames * per_frame, store=workspace.path,
+        disk_option="choose a smaller --layer or --pool avg",
+        already_written=sum(stored_bytes(workspace, g) for g in groups))
 
 
 def _group_attrs(base: dict, backbone: Backbone, layers: Sequence[str], i: int,

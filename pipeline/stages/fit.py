@@ -51,9 +51,12 @@ from tqdm.auto import tqdm
 from voxelflow.pipeline import ridge
 from voxelflow.pipeline.execution.blocks import run_blocks
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
+from voxelflow.pipeline.execution.resources import check_request
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.design.lags import LaggedDesign, build_design
 from voxelflow.pipeline.ridge.scoring import contiguous_folds, run_folds
+from voxelflow.stores.inventory import stored_bytes
+from voxelflow.stores.names import check_name
 from voxelflow.pipeline.stages.feature_arrays import feature_labels
 from voxelflow.pipeline.stages import _fit_stats
 from voxelflow.pipeline.stats.diagnostics import nan_voxel_count, scored_in, scored_voxels
@@ -61,6 +64,8 @@ from voxelflow.pipeline.stats.per_block import StatisticsOptions, TestStatistics
 from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 VOXEL_BLOCK = 4096
+# A voxel block being computed and the previous one being written.
+FIT_BLOCKS_IN_MEMORY = 2
 
 
 def lag_set_label(lags: Sequence[float]) -> str:
@@ -401,9 +406,13 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
     of each group of ``test_repeats`` (runs showing the same clip, whose mean BOLD is
     the measured test data); ``statistics`` says which test-set statistics to add.
     """
-    alphas_arr = _check_fit_options(alphas, device)
+    alphas_arr = _check_fit_options(alphas, device, voxel_block)
     stats_options = (statistics or StatisticsOptions()).checked()
-    fgroup, bgroup = f"features/{features}", f"bold/{bold}"
+    if not lags or not all(np.isfinite(l) and l >= 0 for l in lags):
+        raise InputError(f"--lags must be seconds >= 0 (got {list(lags)})")
+    fgroup = f"features/{check_name(features, '--features')}"
+    bgroup = f"bold/{check_name(bold, '--bold')}"
+    group = fit_group(check_name(name or f"{features}__{bold}", "--name", nested=True), lags)
     workspace.require_complete(fgroup, f"voxelflow features --frames ... --name {features}")
     battrs = workspace.require_complete(bgroup, f"voxelflow bold RUN.nii.gz ... --subject {bold}")
     tr = float(battrs.get("tr") or battrs.get("voxelflow", {}).get("params", {}).get("tr"))
@@ -416,9 +425,12 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
     n_voxels = int(design.Y.shape[1])
     valid = (np.asarray(bold_node["valid"].values, bool) if "valid" in bold_node.coords
              else np.ones(n_voxels, bool))
+    if not valid.any():
+        raise InputError(f"{workspace.path}: /{bgroup} has no usable voxel (all {n_voxels:,} "
+                         f"are constant or non-finite); re-ingest the BOLD runs")
+    _check_request(workspace, group, design, test.size, alphas_arr.size, len(folds),
+                   voxel_block, save_weights, save_predictions)
     plan = TestStatistics.plan(stats_options, test.size)
-
-    group = fit_group(name or f"{features}__{bold}", lags)
     params = {
         "stage": "fit", "features": fgroup, "bold": bgroup, "lags": [float(l) for l in lags],
         "alphas": alphas_arr.tolist(), "test_samples": test_samples,
@@ -471,8 +483,11 @@ def run_fit_stage(workspace: Workspace, features: str, bold: str, lags: Sequence
     return summarize_fit(workspace, group, n_blocks_written=len(pending), n_skipped=skipped)
 
 
-def _check_fit_options(alphas: Sequence[float], device: str) -> np.ndarray:
-    """float64 (n_alphas,) alphas; one-line errors for bad alphas or a missing GPU."""
+def _check_fit_options(alphas: Sequence[float], device: str, voxel_block: int) -> np.ndarray:
+    """float64 (n_alphas,) alphas; one-line errors for bad alphas, a bad
+    ``voxel_block`` or a missing GPU."""
+    if int(voxel_block) < 1:
+        raise InputError(f"--voxel-block must be >= 1 (got {voxel_block})")
     try:
         alphas_arr = ridge.check_alphas(list(alphas))
     except ValueError:
@@ -484,6 +499,46 @@ def _check_fit_options(alphas: Sequence[float], device: str) -> np.ndarray:
             raise InputError(f"--device cuda: {exc}; install the gpu extra "
                              f"(pip install 'voxelflow[gpu]') or use --device cpu") from None
     return alphas_arr
+
+
+def fit_memory(n_samples: int, n_test: int, n_lag_features: int, n_alphas: int,
+               n_folds: int, voxel_block: int, save_weights: bool, save_predictions: bool
+               ) -> tuple[int, int]:
+    """``(design bytes, block bytes)``: an estimate of the fit's working set.
+
+    The design: ``X`` (sample, lag_feature) float32 and a float64 copy, plus one
+    factorisation per fold and the full fit (``q x q`` float64, ``q = min(lag_features,
+    samples)``).  A voxel block (``FIT_BLOCKS_IN_MEMORY`` of them): its BOLD (sample,
+    voxel) float32 read and centred (3 copies), the projections (2 ``q`` float64 per
+    voxel), the scores (4 per alpha) and the optional weights and predictions.
+    """
+    q = min(n_lag_features, n_samples)
+    design = n_samples * n_lag_features * 12 + (n_folds + 1) * q * q * 8
+    per_voxel = (12 * n_samples + 16 * q + 32 * n_alphas
+                 + (4 * n_lag_features if save_weights else 0)
+                 + (8 * n_test if save_predictions else 0))
+    return design, FIT_BLOCKS_IN_MEMORY * voxel_block * per_voxel
+
+
+def _check_request(workspace: Workspace, group: str, design: LaggedDesign, n_test: int,
+                   n_alphas: int, n_folds: int, voxel_block: int, save_weights: bool,
+                   save_predictions: bool) -> None:
+    """Refuse a fit whose design and voxel block cannot fit in memory, or whose
+    outputs (float32 per voxel, uncompressed) cannot fit on disk."""
+    n_voxels, p = int(design.Y.shape[1]), int(design.X.shape[1])
+    block = min(int(voxel_block), max(n_voxels, 1))
+    design_bytes, block_bytes = fit_memory(design.n_samples, n_test, p, n_alphas, n_folds,
+                                           block, save_weights, save_predictions)
+    option = (f"lower --voxel-block (default {VOXEL_BLOCK})" if block_bytes >= design_bytes
+              else "use fewer lags or a smaller feature layer (--pool avg)")
+    per_voxel = 2 * n_alphas + 2 + (p if save_weights else 0) + (
+        n_test if save_predictions else 0)
+    check_request(
+        f"fit of {design.n_samples:,} samples x {p:,} lagged features, --voxel-block {block}",
+        block_bytes=design_bytes + block_bytes, block_option=option,
+        output_bytes=4 * n_voxels * per_voxel, store=workspace.path,
+        disk_option="leave out --save-weights / --save-predictions",
+        already_written=stored_bytes(workspace, group))
 
 
 def _factorize_design(design: LaggedDesign, train: np.ndarray, test: np.ndarray,

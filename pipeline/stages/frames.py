@@ -7,7 +7,13 @@ right.  Samples are at ``t_k = k / fps`` for every ``t_k`` before the end of the
 frame (its pts plus its duration).
 
 Memory: one block (128 frames x size x size x 3 bytes, 19 MB at 224 px) plus the
-decoder's state; the video itself is never held in memory.
+decoder's state; the video itself is never held in memory.  Bounded requests
+(:mod:`voxelflow.pipeline.execution.resources`): before any decoding the stage checks
+that :data:`FRAMES_BLOCKS_IN_MEMORY` blocks fit in memory (``--size``) and that the
+frames fit on disk (``--fps``, ``--size``), and ``--fps`` may exceed a video's own
+frame rate only up to :func:`fps_cap` (frames are then repeated, and the stage says so).
+Probing the files (and refusing still images, one-frame and truncated files) is
+:mod:`voxelflow.pipeline.stages.video`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 import dask.array as da
@@ -30,7 +36,13 @@ from zarr.codecs import ZstdCodec
 from voxelflow.pipeline.execution.blocks import run_blocks
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
 from voxelflow.pipeline.design.needed import grid_attrs
+from voxelflow.pipeline.execution.resources import (FRAMES_COMPRESSION, check_disk,
+                                                    check_memory)
 from voxelflow.pipeline.errors import InputError
+from voxelflow.pipeline.stages.video import (VideoInfo, corrupt_video, open_container,
+                                             video_stream, probe_video)
+from voxelflow.stores.inventory import stored_bytes
+from voxelflow.stores.names import check_name
 from voxelflow.pipeline.stages.needed_frames import NeededFrames, reuse_plan, select_frames
 from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
@@ -38,148 +50,10 @@ FRAME_CHUNK = 16  # frames per Zarr chunk
 FRAME_SHARD = 128  # frames per shard == frames per resumable block
 RESIZE_MODES = ("squash", "crop")
 PTS_TOLERANCE_S = 1e-7  # pts <= t comparisons allow for float rounding of k / fps
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What a demux pass learned about one video file.
-
-    ``pts`` (n_frames,) int: presentation timestamps in ``time_base`` units, sorted.
-    ``pts_s`` (n_frames,) float64: the same in seconds from the first frame.
-    ``end_s``: when the last frame stops being shown (s, from the first frame).
-    """
-
-    path: Path
-    pts: np.ndarray
-    pts_s: np.ndarray
-    end_s: float
-    time_base: float
-    width: int
-    height: int
-    nominal_rate: float | None
-
-    @property
-    def n_frames(self) -> int:
-        return int(self.pts.size)
-
-
-def _open_container(path: Path) -> av.container.InputContainer:
-    if not path.exists():
-        raise InputError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a video file")
-    try:
-        return av.open(str(path), mode="r")
-    except av.error.FFmpegError as exc:
-        raise InputError(
-            f"{path}: not a readable video file ({_ffmpeg_reason(exc)}); "
-            f"check that it is a complete video (truncated files cannot be read)"
-        ) from None
-
-
-def _ffmpeg_reason(exc: Exception) -> str:
-    text = getattr(exc, "strerror", None) or str(exc)
-    return str(text).split(":")[0].strip() or type(exc).__name__
-
-
-def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
-    if not container.streams.video:
-        kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
-        raise InputError(f"{path}: has no video stream (found: {kinds}); give a video file")
-    return container.streams.video[0]
-
-
-def probe_video(path: str | Path) -> VideoInfo:
-    """Read every video packet's pts (no decoding) and check the file is whole.
-
-    Raises :class:`InputError` for a missing/unreadable file, no video stream, no
-    frames, or a file that ends before its header says it should (truncated).
-    """
-    path = Path(path)
-    with _open_container(path) as container:
-        stream = _video_stream(container, path)
-        time_base = stream.time_base
-        pts: list[int] = []
-        durations: list[int] = []
-        try:
-            for packet in container.demux(stream):
-                if packet.size == 0:
-                    continue
-                if packet.pts is None:
-                    pts = []
-                    break
-                pts.append(int(packet.pts))
-                durations.append(int(packet.duration or 0))
-        except av.error.FFmpegError as exc:
-            raise InputError(
-                f"{path}: video is corrupt or truncated ({_ffmpeg_reason(exc)} after "
-                f"{len(pts)} frames); re-encode or re-download it"
-            ) from None
-        width, height = stream.codec_context.width, stream.codec_context.height
-        declared_frames = int(stream.frames or 0)
-        nominal = float(stream.average_rate) if stream.average_rate else None
-        container_duration = container.duration  # microseconds or None
-    if not pts:
-        pts, durations = _decode_pts(path)
-    if not pts:
-        raise InputError(f"{path}: video stream holds no frames; give a non-empty video")
-    order = np.argsort(pts, kind="stable")
-    pts_arr = np.asarray(pts, dtype=np.int64)[order]
-    dur_arr = np.asarray(durations, dtype=np.int64)[order]
-    tb = float(time_base)
-    pts_s = (pts_arr - pts_arr[0]) * tb
-    last_duration = _last_frame_duration(pts_s, dur_arr[-1] * tb, nominal)
-    end_s = float(pts_s[-1] + last_duration)
-    _check_not_truncated(path, pts_arr.size, declared_frames, pts_arr[0] * tb + end_s,
-                         container_duration, last_duration)
-    return VideoInfo(path, pts_arr, pts_s, end_s, tb, int(width), int(height), nominal)
-
-
-def _decode_pts(path: Path) -> tuple[list[int], list[int]]:
-    """Fallback when packets carry no pts: decode once and read the frames' pts."""
-    pts: list[int] = []
-    durations: list[int] = []
-    with _open_container(path) as container:
-        stream = _video_stream(container, path)
-        try:
-            for index, frame in enumerate(container.decode(stream)):
-                value = frame.pts if frame.pts is not None else index
-                pts.append(int(value))
-                durations.append(int(frame.duration or 0))
-        except av.error.FFmpegError as exc:
-            raise InputError(
-                f"{path}: video is corrupt or truncated ({_ffmpeg_reason(exc)}); "
-                f"re-encode or re-download it"
-            ) from None
-    return pts, durations
-
-
-def _last_frame_duration(pts_s: np.ndarray, packet_duration_s: float,
-                         nominal_rate: float | None) -> float:
-    """How long the last frame is shown (s): its packet duration, else the usual gap."""
-    if packet_duration_s > 0:
-        return packet_duration_s
-    if pts_s.size > 1:
-        return float(np.median(np.diff(pts_s)))
-    return 1.0 / nominal_rate if nominal_rate else 0.0
-
-
-def _check_not_truncated(path: Path, n_frames: int, declared_frames: int, last_end_s: float,
-                         container_duration_us: int | None, frame_s: float) -> None:
-    """Raise when the header promises more frames or time than the file holds."""
-    if declared_frames > 0 and n_frames < declared_frames:
-        raise InputError(
-            f"{path}: video is truncated ({n_frames} of {declared_frames} frames present); "
-            f"re-encode or re-download it"
-        )
-    if container_duration_us:
-        declared_s = container_duration_us / 1e6
-        slack = max(0.5, 3 * frame_s)
-        if last_end_s + slack < declared_s:
-            raise InputError(
-                f"{path}: video is truncated (frames end at {last_end_s:.2f} s, header says "
-                f"{declared_s:.2f} s); re-encode or re-download it"
-            )
+MAX_FPS = 240.0  # --fps may exceed a video's rate up to max(MAX_FPS, MAX_FPS_FACTOR x rate)
+MAX_FPS_FACTOR = 4.0
+# The block being decoded, the block being written and its shard's encoded copy.
+FRAMES_BLOCKS_IN_MEMORY = 3
 
 
 def sample_times(end_s: float, fps: float) -> np.ndarray:
@@ -228,8 +102,8 @@ def iter_sampled_frames(info: VideoInfo, source_index: np.ndarray, start_sample:
         return
     first_needed = int(source_index[start_sample])
     pts_to_index = {int(p): i for i, p in enumerate(info.pts)}
-    with _open_container(info.path) as container:
-        stream = _video_stream(container, info.path)
+    with open_container(info.path) as container:
+        stream = video_stream(container, info.path)
         stream.thread_type = "AUTO"
         frames = _decode_from(container, stream, info, first_needed)
         k = start_sample
@@ -257,10 +131,7 @@ def iter_sampled_frames(info: VideoInfo, source_index: np.ndarray, start_sample:
                 if k >= source_index.size:
                     return
         except av.error.FFmpegError as exc:
-            raise InputError(
-                f"{info.path}: video is corrupt or truncated ({_ffmpeg_reason(exc)} near "
-                f"sample {k}); re-encode or re-download it"
-            ) from None
+            raise corrupt_video(info.path, exc, f" near sample {k}") from None
         if k < source_index.size:
             raise InputError(
                 f"{info.path}: video is corrupt or truncated (decoding stopped before frame "
@@ -307,6 +178,67 @@ def validate_frame_args(fps: float, size: int, resize: str) -> None:
         raise InputError(f"--resize must be one of {', '.join(RESIZE_MODES)} (got {resize!r})")
 
 
+def n_samples(duration_s: float, fps: float) -> int:
+    """About how many samples :func:`sample_times` gives (arithmetic: no array)."""
+    return max(int(math.ceil(duration_s * fps - 1e-9)), 0)
+
+
+def fps_cap(source_rate: float | None) -> float:
+    """The highest ``--fps`` allowed for a video of ``source_rate`` fps: ``MAX_FPS``
+    (240) or ``MAX_FPS_FACTOR`` (4) times the video's rate, whichever is higher."""
+    return max(MAX_FPS, MAX_FPS_FACTOR * (source_rate or 0.0))
+
+
+def fps_problem(fps: float, source_rate: float | None, duration_s: float) -> str | None:
+    """Why ``fps`` is refused for a video of ``source_rate`` fps lasting ``duration_s``
+    (None: allowed), as ``"is above the cap ..."``: the caller names the value."""
+    cap = fps_cap(source_rate)
+    if fps <= cap:
+        return None
+    rate = f"{MAX_FPS_FACTOR:g}x the video's {source_rate:.4g} fps" if source_rate else ""
+    return (f"is above the cap of {cap:g} fps (the higher of {MAX_FPS:g} fps "
+            f"and {rate or 'the video rate'}): it would write {n_samples(duration_s, fps):,} "
+            f"frames for {duration_s:.1f} s of video; lower it")
+
+
+def source_rate(info: VideoInfo) -> float:
+    """A video's frame rate (fps): its frames over its duration, or the nominal rate."""
+    mean = info.n_frames / info.end_s if info.end_s > 0 else 0.0
+    return max(mean, info.nominal_rate or 0.0)
+
+
+def frames_block_bytes(size: int) -> int:
+    """Working set of the frames stage at ``size`` px: FRAMES_BLOCKS_IN_MEMORY blocks."""
+    return FRAMES_BLOCKS_IN_MEMORY * FRAME_SHARD * int(size) ** 2 * 3
+
+
+def frames_disk_bytes(n_frames: int, size: int) -> float:
+    """Estimated bytes on disk of ``n_frames`` frames at ``size`` px (zstd, see
+    :data:`~voxelflow.pipeline.execution.resources.FRAMES_COMPRESSION`)."""
+    return n_frames * int(size) ** 2 * 3 / FRAMES_COMPRESSION
+
+
+def _check_sampling(infos: list[VideoInfo], fps: float, size: int, workspace: Workspace,
+                    group: str, log) -> None:
+    """Refuse an ``--fps`` over :func:`fps_cap` or frames that cannot fit on disk;
+    say how many frames an ``--fps`` above a video's own rate writes."""
+    total = 0
+    for info in infos:
+        rate = source_rate(info)
+        problem = fps_problem(fps, rate, info.end_s)
+        if problem:
+            raise InputError(f"{info.path}: --fps {fps:g} {problem}")
+        n = n_samples(info.end_s, fps)
+        total += n
+        if log is not None and fps > rate * (1 + 1e-6):
+            log(f"{info.path}: --fps {fps:g} is above the video's {rate:.4g} fps: each "
+                f"frame is repeated about {fps / rate:.2g} times, {n:,} frames for "
+                f"{info.end_s:.1f} s")
+    check_disk(f"frames --fps {fps:g} --size {size}", frames_disk_bytes(total, size),
+               workspace.path, "lower --fps or --size",
+               already_written=stored_bytes(workspace, group))
+
+
 def frames_template(info: VideoInfo, times: np.ndarray, run: int, size: int,
                     time_attrs: dict | None = None) -> RunTemplate:
     """Template of one run: ``frames (time, y, x, rgb) uint8`` with time/run coords;
@@ -348,21 +280,25 @@ def frames_group(name: str) -> str:
 def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, *,
                      fps: float = 20.0, size: int = 224, resize: str = "squash",
                      needed: NeededFrames | None = None, overwrite: bool = False,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Decode ``videos`` (one run each) into ``/frames/<name>``; resume if interrupted.
 
+    Every input is checked before anything is decoded or written (name, sampling,
+    memory of a block, disk space; ``log`` gets a note when ``fps`` repeats frames).
     ``needed``: decode only the samples the planned fits read (a sparse ``time``
-    coordinate, see :mod:`~voxelflow.pipeline.design.needed`); other samples are
-    decoded past but never converted, resized or stored.  When the group already holds
-    some of the selected times with otherwise equal parameters (an extension), those
-    are copied and only the missing ones decoded; the new group is written aside and
-    replaces the old one when complete.
+    coordinate, :mod:`~voxelflow.pipeline.design.needed`); other samples are decoded
+    past but never converted, resized or stored.  A group holding some of the selected
+    times with otherwise equal parameters (an extension) has those copied and only
+    the missing ones decoded, written aside and swapped in when complete.
     Returns a summary dict: group, runs, frames per run, blocks written, skipped.
     """
+    check_name(name, "--name")
     validate_frame_args(fps, size, resize)
     if not videos:
         raise InputError("give at least one video file")
+    check_memory(f"frames --size {size}", frames_block_bytes(size), "lower --size")
     infos = [probe_video(v) for v in videos]
+    _check_sampling(infos, fps, size, workspace, frames_group(name), log)
     grids = [sample_times(i.end_s, fps) for i in infos]
     for info, t in zip(infos, grids):
         if t.size == 0:

@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 
 from voxelflow.pipeline.errors import InputError, exception_reason
 
-__all__ = ["RunInfo", "RunReader", "check_runs", "epi_mask", "load_mask", "mask_voxels",
-           "mean_volume", "probe_run"]
+__all__ = ["RunInfo", "RunReader", "check_runs", "check_usable_voxels", "epi_mask", "load_mask",
+           "mask_voxels", "mean_volume", "probe_run"]
 
 READ_BUDGET = 4 * 2**20  # bytes of volumes (as stored) read from a NIfTI at once
 TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 GRID_ATOL = 1e-3  # affine entries (mm) that differ by less are the same grid
+MIN_VOLUMES = 2  # fewer is no time series (z-scoring would make every voxel constant)
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,10 @@ def probe_run(path: str | Path) -> RunInfo:
             f"{path}: is a {len(shape)}D image (shape {'x'.join(map(str, shape))}), not a 4D time "
             f"series; give one 4D file per run (merge single volumes first, e.g. "
             f"nilearn.image.concat_imgs or fslmerge -t)")
-    if shape[3] < 1:
-        raise InputError(f"{path}: holds no volumes (shape {'x'.join(map(str, shape))}); "
-                         f"give a 4D run with at least one volume")
+    if shape[3] < MIN_VOLUMES:
+        raise InputError(f"{path}: holds {shape[3]} volume(s) (shape "
+                         f"{'x'.join(map(str, shape))}); a run is a time series of at least "
+                         f"{MIN_VOLUMES} volumes: give the whole run")
     header = img.header
     space_unit, time_unit = header.get_xyzt_units()
     tr_raw = float(header["pixdim"][4])
@@ -263,6 +265,30 @@ class RunReader:
             del vols
         # scaling is affine, so it applies to the sum: sum(x * s + c) = s * sum(x) + n * c
         return total * self.slope + count * self.inter, count
+
+
+def check_usable_voxels(infos: Sequence[RunInfo], flat_index: np.ndarray | None,
+                        mask_source: str) -> None:
+    """Refuse data with no usable voxel, reading one volume per run.
+
+    A voxel is usable only if every sample of every run is finite, so when the first
+    volume of the runs has no voxel finite in all of them (inside the mask:
+    ``flat_index``, Fortran-order flat indices; None: the whole grid), nothing can be
+    scored: a NaN-filled run, for example.  Cheap: one volume per run.
+    """
+    usable: np.ndarray | None = None
+    for info in infos:
+        reader = RunReader(info.path)
+        first = reader.read(0, 1).reshape(-1, order="F")
+        values = first if flat_index is None else first[flat_index]
+        finite = np.isfinite(reader.scale(values)) if values.dtype.kind in "fc" else (
+            np.ones(values.shape, bool))
+        usable = finite if usable is None else usable & finite
+    if usable is not None and not usable.any():
+        where = f"inside {mask_source}" if flat_index is not None else "of the grid"
+        raise InputError(
+            f"{infos[0].path}: no usable voxel: no voxel {where} is finite in the first "
+            f"volume of every run (NaN or infinite data); check the runs")
 
 
 def mean_volume(infos: Sequence[RunInfo], progress: bool = False) -> np.ndarray:

@@ -45,6 +45,7 @@ from voxelflow.pipeline.models.extractor import check_device
 from voxelflow.pipeline.models.weights import parse_weights, sha256_file, weights_key
 from voxelflow.pipeline.stages._stream import (Piece, ShuffleStream, make_pieces,
                                                read_training_frames, training_ranges)
+from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import Workspace, describe_param_change
 
 __all__ = ["ShuffleStream", "learning_rate", "make_adamw", "make_pieces", "mean_frame_mse",
@@ -208,7 +209,7 @@ def _plan(workspace: Workspace, frames_name: str, *, train_until, train_runs, ep
           weight_decay: float, weights: str, freeze_encoder: bool, seed: int,
           shuffle_buffer: int) -> _Plan:
     """Open the frames, select the training frames, count the steps, write the config."""
-    group = f"frames/{frames_name}"
+    group = f"frames/{check_name(frames_name, '--frames')}"
     frames_attrs = workspace.require_complete(group, f"voxelflow frames VIDEO --name {frames_name}")
     runs = workspace.open_runs(group)
     height, width = int(runs[0].sizes["y"]), int(runs[0].sizes["x"])

@@ -1,12 +1,17 @@
 """Experiment files: one TOML file -> a validated :class:`Experiment`.
 
-Every problem is reported as ``FILE:LINE: key: what is wrong`` before any heavy work
-starts (missing videos or NIfTI files, unknown keys, wrong types, bad lags/alphas).
-Relative paths are relative to the experiment file's folder.
+Every problem is reported as ``FILE:LINE: section.key: what is wrong`` before any heavy
+work starts.  :func:`load_experiment` checks what the file alone says (unknown keys,
+wrong types, names that would become paths outside the workspace, numbers out of
+range, missing files, ``test_runs`` that are not runs); the checks that need cheap
+probes of the input files (video durations, NIfTI lengths and TR) run when the plan is
+built (:mod:`voxelflow.pipeline.study.inputs`), with the same ``FILE:LINE`` form
+(:meth:`Experiment.fail`).  Relative paths are relative to the experiment file's folder.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from voxelflow.pipeline.errors import InputError
+from voxelflow.stores.names import NAME_RULE, name_problem
 from voxelflow.pipeline.study.sources import check_source_keys, check_sources
 
 STUDY_ALPHAS = [0.5, 1, 5, 10, 1e2, 1e3, 1e4, 2.5e4, 5e4, 1e5, 1e6, 1e7]
@@ -105,6 +111,16 @@ class Experiment:
     atlas_labels: Path | None = None
     frames: str = "needed"  # "needed": only the frames the fits read; "all": every sample
     extra: dict = field(default_factory=dict)
+    checker: "_Checker | None" = field(default=None, repr=False, compare=False)
+
+    def fail(self, section: str, key: str | None, message: str, index: int = 0) -> None:
+        """Raise :class:`InputError` ``FILE:LINE: section.key: message`` (the line of
+        ``key`` in the ``index``-th ``[section]`` of the file)."""
+        if self.checker is None:
+            where = f"{section}.{key}" if key else f"[{section}]"
+            raise InputError(f"{self.source}: {where}: {message}")
+        self.checker.fail(section, key, message, index)
+
     # Repeated test presentations (BOLD runs showing the same clip) and the test-set
     # statistics (docs/statistics.md); defaults as on ``voxelflow fit``.
     test_repeats: list[list[int]] | None = None
@@ -209,6 +225,19 @@ class _Checker:
                       f"{value!r}")
         return value
 
+    def name(self, value: str, section: str, key: str, index: int = 0) -> None:
+        """A name that becomes a workspace group, report folder or checkpoint name."""
+        problem = name_problem(value)
+        if problem:
+            self.fail(section, key, f"{value!r} {problem}; a name is {NAME_RULE}", index)
+
+    def number(self, value: Any, section: str, key: str, *, positive: bool = True,
+               index: int = 0) -> None:
+        """A finite number (> 0 with ``positive``, else >= 0)."""
+        if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+            self.fail(section, key, f"must be a finite number {'>' if positive else '>='} 0, "
+                      f"got {value!r}", index)
+
     def existing(self, section: str, key: str, base: Path, value: str, index: int = 0) -> Path:
         path = (base / value).expanduser()
         if not path.exists():
@@ -233,31 +262,36 @@ def load_experiment(path: str | Path) -> Experiment:
     fit = check.table(data["fit"], "fit")
     report = check.table(data.get("report", {}), "report")
     store = base / exp.get("store", "voxelflow.zarr")
+    check.name(exp["name"], "experiment", "name")
     models = _models(check, data.get("models"), base, exp_name=exp["name"], store=store)
     _require_stimulus(check, models, stim)
     stim = stim or {}
     videos, runs, mask = _input_files(check, stim, bold, base)
+    if stim:
+        check.name(stim["name"], "stimulus", "name")
+    check.name(bold["subject"], "bold", "subject")
     check_sources(check, models, data["models"], base, len(runs))
-    fit_options = _fit_options(check, fit)  # checked in this order: the first error is reported
-    beyond = [r for g in fit_options["test_repeats"] or [] for r in g if r >= len(runs)]
-    if beyond:
-        check.fail("fit", "test_repeats", f"runs {beyond} do not exist: bold.runs lists "
-                   f"{len(runs)} run(s), numbered from 0")
+    # checked in this order: the first error is reported
+    fit_options = _fit_options(check, fit, n_runs=len(runs))
     resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
     frames = check.choice(stim, "stimulus", "frames", ("needed", "all"))
-    fps = _fps(check, stim)
+    fps, size = _fps(check, stim), _size(check, stim)
+    tr = _tr(check, bold)
+    if stim and tr is not None and fit_options["aggregate"] == "mean":
+        check_mean_window(check.fail, fps, tr)
     detrend = check.choice(bold, "bold", "detrend", ("none", "linear"))
     device = check.choice(exp, "experiment", "device", ("cpu", "cuda"))
     return Experiment(
         name=exp["name"], source=path, store=store,
         reports=(base / exp.get("reports", "reports")), stimulus_name=stim.get("name"),
-        videos=videos, fps=fps, size=int(stim.get("size", 224)), resize=resize,
+        videos=videos, fps=fps, size=size, resize=resize,
         frames=frames, subject=bold["subject"], bold_runs=runs, mask=mask,
-        tr=float(bold["tr"]) if "tr" in bold else None, zscore=bool(bold.get("zscore", True)),
+        tr=tr, zscore=bool(bold.get("zscore", True)),
         detrend=detrend, models=models, device=device, **fit_options,
         atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
         atlas_labels=(check.existing("report", "atlas_labels", base, report["atlas_labels"])
                       if "atlas_labels" in report else None),
+        checker=check,
     )
 
 
@@ -289,12 +323,18 @@ def _models(check: _Checker, models_raw: Any, base: Path, *, exp_name: str,
     from voxelflow.pipeline.models.registry import check_model
 
     for i, spec in enumerate(models):
+        check.name(spec.name, "models", "name", i)
         if check_source_keys(check, spec, models_raw[i], i) != "cnn":
             continue
         try:
             check_model(spec.model)
         except InputError as exc:
             check.fail("models", "model", str(exc), i)
+        if spec.batch_size < 1:
+            check.fail("models", "batch_size", f"must be a positive number of frames, got "
+                       f"{spec.batch_size}", i)
+        if spec.pool not in (None, "avg"):
+            check.fail("models", "pool", f"must be \"avg\" or absent, got {spec.pool!r}", i)
         _check_autoencoder_keys(check, spec, models_raw[i], i, base, exp_name=exp_name,
                                 store=store)
     names = [m.name for m in models]
@@ -329,26 +369,51 @@ def _require_stimulus(check: _Checker, models: list[ModelSpec], stim: dict | Non
 
 def _fps(check: _Checker, stim: dict) -> float:
     fps = float(stim.get("fps", 20))
-    if fps <= 0:
-        check.fail("stimulus", "fps", f"must be positive, got {fps}")
+    check.number(fps, "stimulus", "fps")
     return fps
 
 
-def _fit_options(check: _Checker, fit: dict) -> dict:
+def _size(check: _Checker, stim: dict) -> int:
+    size = int(stim.get("size", 224))
+    if size < 1:
+        check.fail("stimulus", "size", f"must be a positive number of pixels, got {size}")
+    return size
+
+
+def _tr(check: _Checker, bold: dict) -> float | None:
+    if "tr" not in bold:
+        return None
+    tr = float(bold["tr"])
+    check.number(tr, "bold", "tr")
+    return tr
+
+
+def check_mean_window(fail, fps: float, tr: float) -> None:
+    """``aggregate = "mean"`` averages the frames of one TR: at ``fps * tr < 1`` some
+    windows hold no frame.  ``fail(section, key, message)`` reports it."""
+    if fps * tr < 1:
+        fail("fit", "aggregate", f"\"mean\" averages the frames of one TR ({tr:g} s), but "
+             f"at {fps:g} fps some TRs hold no frame; use \"last\" or a higher "
+             f"stimulus.fps")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _fit_options(check: _Checker, fit: dict, n_runs: int) -> dict:
     """``lag_sets``, ``alphas``, ``test_samples``, ``test_runs``, ``cv`` and ``aggregate``
-    of the ``[fit]`` table, checked."""
+    of the ``[fit]`` table, checked (``n_runs``: the experiment's BOLD runs)."""
     lag_sets = []
     for lags in fit["lag_sets"]:
-        if not isinstance(lags, list) or not lags or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in lags):
+        if not isinstance(lags, list) or not lags or not all(_is_number(x) for x in lags):
             check.fail("fit", "lag_sets", f"each lag set is a list of seconds, got {lags!r}")
-        if any(x < 0 for x in lags):
-            check.fail("fit", "lag_sets", f"lags must be >= 0 s, got {lags!r}")
+        if not all(math.isfinite(x) and x >= 0 for x in lags):
+            check.fail("fit", "lag_sets", f"lags must be finite seconds >= 0, got {lags!r}")
         lag_sets.append([float(x) for x in lags])
     alphas = fit.get("alphas", STUDY_ALPHAS)
-    if not alphas or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a > 0
-                             for a in alphas):
-        check.fail("fit", "alphas", f"alphas must be positive numbers, got {alphas!r}")
+    if not alphas or not all(_is_number(a) and math.isfinite(a) and a > 0 for a in alphas):
+        check.fail("fit", "alphas", f"alphas must be finite numbers > 0, got {alphas!r}")
     test_samples = fit.get("test_samples")
     test_runs = fit.get("test_runs")
     test_repeats = _test_repeats(check, fit.get("test_repeats"))
@@ -359,9 +424,19 @@ def _fit_options(check: _Checker, fit: dict) -> dict:
     cv = fit.get("cv", 5)
     if isinstance(cv, str) and cv != "runs" or isinstance(cv, int) and cv < 2:
         check.fail("fit", "cv", f"cv is a number of folds >= 2 or \"runs\", got {cv!r}")
+    if test_runs is not None:
+        test_runs = _test_runs(check, test_runs, n_runs)
+    beyond = [r for g in test_repeats or [] for r in g if r >= n_runs]
+    if beyond:
+        check.fail("fit", "test_repeats", f"runs {beyond} do not exist: bold.runs lists "
+                   f"{n_runs} run(s), numbered from 0")
+    training_runs = n_runs - len(test_runs or []) - sum(len(g) for g in test_repeats or [])
+    if cv == "runs" and training_runs < 2:
+        check.fail("fit", "cv", f"\"runs\" needs at least two training runs, and there "
+                   f"{'is' if training_runs == 1 else 'are'} {training_runs}; give a number "
+                   f"of folds")
     return {"lag_sets": lag_sets, "alphas": [float(a) for a in alphas],
-            "test_samples": test_samples,
-            "test_runs": [int(r) for r in test_runs] if test_runs is not None else None,
+            "test_samples": test_samples, "test_runs": test_runs,
             "test_repeats": test_repeats,
             "cv": cv, "aggregate": check.choice(fit, "fit", "aggregate", ("last", "mean")),
             **_statistics_options(check, fit)}
@@ -395,6 +470,23 @@ def _statistics_options(check: _Checker, fit: dict) -> dict:
             check.fail("fit", key, f"must be >= {least}, got {out[key]}")
     out["null"] = check.choice(fit, "fit", "null", ("blocks", "shifts"))
     return out
+
+
+def _test_runs(check: _Checker, test_runs: list, n_runs: int) -> list[int]:
+    """Whole runs held out: 0-based indices of ``bold.runs``, unique, leaving one to train."""
+    if not test_runs or not all(isinstance(r, int) and not isinstance(r, bool)
+                                for r in test_runs):
+        check.fail("fit", "test_runs", f"expected a non-empty list of run indices (0-based), "
+                   f"got {test_runs!r}")
+    unknown = [r for r in test_runs if not 0 <= r < n_runs]
+    if unknown:
+        check.fail("fit", "test_runs", f"{unknown} not among the runs 0..{n_runs - 1} of "
+                   f"bold.runs (0-based)")
+    if len(set(test_runs)) != len(test_runs):
+        check.fail("fit", "test_runs", f"a run is listed twice: {test_runs!r}")
+    if len(test_runs) >= n_runs:
+        check.fail("fit", "test_runs", "holds out every run: leave at least one to train on")
+    return [int(r) for r in test_runs]
 
 
 AUTOENCODER_KEYS = ("checkpoint", "train", "epochs", "train_steps", "train_batch_size", "lr",

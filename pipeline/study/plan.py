@@ -56,9 +56,18 @@ class PlannedStage:
         return text + (f"  ({self.note})" if self.note else "")
 
 
-def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool = True
-               ) -> list[PlannedStage]:
-    """Every stage of the experiment in order, each with its action (nothing is run)."""
+def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool = True,
+               check: bool = True) -> list[PlannedStage]:
+    """Every stage of the experiment in order, each with its action (nothing is run).
+
+    With ``check`` (the default) the inputs are checked first
+    (:func:`~voxelflow.pipeline.study.inputs.check_inputs`: cheap probes of the files'
+    headers), so a plan is only made for a study that can run.
+    """
+    from voxelflow.pipeline.study.inputs import check_inputs
+
+    if check:
+        check_inputs(exp)
     ws = ws or Workspace(exp.store)
     needs_frames = any(spec.needs_frames for spec in exp.models)
     bold = _bold_stage(exp, ws, progress)

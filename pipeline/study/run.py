@@ -22,9 +22,13 @@ from voxelflow.stores.workspace import Workspace
 
 def run_experiment(exp: Experiment, *, dry_run: bool = False, progress: bool = True,
                    log: Callable[[str], None] = print) -> dict:
-    """Plan, run what is needed, write the report; return plan, ran stages and report."""
+    """Check the inputs and plan, show the plan (``log``) before anything runs, run what
+    is needed, write the report; return plan, ran stages and report."""
     ws = Workspace(exp.store)
     stages = build_plan(exp, ws, progress=progress)
+    log(f"plan for {exp.source} (store {exp.store}):")
+    for stage in stages:
+        log("  " + stage.describe())
     if dry_run:
         return {"plan": stages, "ran": [], "report": None}
     ran = execute_plan(ws, stages, log)

@@ -92,6 +92,14 @@ def test_mismatched_runs_are_refused():
 def test_lag_longer_than_run_is_refused():
     with pytest.raises(InputError, match="use shorter lags"):
         build_design([feature_run(0, 30)], [bold_run(0, 15, 2.0)], [40], tr=2.0)
+    # One run long enough, the other not: refused (it was dropped without a word).
+    # A run of 10 volumes at TR 2 s keeps a sample for lags up to 18 s (t = 18 s).
+    build_design([feature_run(0, 20), feature_run(1, 20)],
+                 [bold_run(0, 10, 2.0), bold_run(1, 10, 2.0)], [18], tr=2.0)
+    with pytest.raises(InputError, match=r"run 1 lasts 6 s \(3 volumes x TR 2 s\), shorter "
+                                         r"than the 20 s that lags up to 18 s need"):
+        build_design([feature_run(0, 60), feature_run(1, 6)],
+                     [bold_run(0, 30, 2.0), bold_run(1, 3, 2.0)], [18], tr=2.0)
 
 
 def test_parse_lags_and_split():
