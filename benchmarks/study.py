@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxelflow.pipeline.design.needed import needed_frame_indices
+from voxelflow.pipeline.design.lags import needed_frame_indices
 from voxelflow.pipeline.stages.frames import run_frames_stage, sample_times
 from voxelflow.stores import Workspace
 

@@ -103,6 +103,24 @@ def run_design_indices(frame_times: np.ndarray, bold_times: np.ndarray, lags: li
     return keep, per_lag
 
 
+def needed_frame_indices(frame_grid: np.ndarray, bold_times: np.ndarray,
+                         lag_sets: Sequence[Sequence[float]], tr: float,
+                         aggregate: str = "last") -> np.ndarray:
+    """Sorted unique indices into ``frame_grid`` (n_frames,) of every frame that the
+    design of any lag set reads for this run's ``bold_times`` (n_volumes,) (s): the
+    frames :func:`run_design_indices` picks, all of each window for ``"mean"``."""
+    picked = [np.empty(0, dtype=np.int64)]
+    for lags in lag_sets:
+        _, per_lag = run_design_indices(frame_grid, bold_times, list(lags), tr, aggregate)
+        for idx in per_lag:
+            if idx.ndim == 1:
+                picked.append(idx.astype(np.int64))
+            else:
+                picked += [np.arange(a, b, dtype=np.int64) for a, b in idx]
+    out = np.unique(np.concatenate(picked))
+    return out[(out >= 0) & (out < frame_grid.size)]
+
+
 def _mean_frames(features: da.Array, ranges: np.ndarray) -> da.Array:
     """Mean of features over [start, stop) frame ranges (n_rows, 2) -> (n_rows, feature).
 

@@ -2,7 +2,7 @@
 
 A lagged design at a TR of 1 s reads the frame at ``t - L`` of each BOLD sample
 (:func:`~voxelflow.pipeline.design.lags.run_design_indices`), a few frames per second
-out of the sampled 20.  :func:`needed_frame_indices` runs that same function on the
+out of the sampled 20.  :func:`~voxelflow.pipeline.design.lags.needed_frame_indices` runs that same function on the
 full frame grid ``k / fps`` of a run, for every lag set, and returns the union of the
 frames it picks (with ``aggregate="mean"`` every frame of each window), so the frames
 and features stages can decode and extract those only.
@@ -47,26 +47,6 @@ def design_grid(time_attrs: Mapping, times: np.ndarray) -> np.ndarray:
     if time_attrs.get(SPARSE):
         return grid_times(int(time_attrs[GRID_FRAMES]), float(time_attrs[GRID_FPS]))
     return np.asarray(times, dtype=np.float64)
-
-
-def needed_frame_indices(frame_grid: np.ndarray, bold_times: np.ndarray,
-                         lag_sets: Sequence[Sequence[float]], tr: float,
-                         aggregate: str = "last") -> np.ndarray:
-    """Sorted unique indices into ``frame_grid`` (n_frames,) of every frame that the
-    design of any lag set reads for this run's ``bold_times`` (n_volumes,) (s): the
-    frames :func:`run_design_indices` picks, all of each window for ``"mean"``."""
-    from voxelflow.pipeline.design.lags import run_design_indices
-
-    picked = [np.empty(0, dtype=np.int64)]
-    for lags in lag_sets:
-        _, per_lag = run_design_indices(frame_grid, bold_times, list(lags), tr, aggregate)
-        for idx in per_lag:
-            if idx.ndim == 1:
-                picked.append(idx.astype(np.int64))
-            else:
-                picked += [np.arange(a, b, dtype=np.int64) for a, b in idx]
-    out = np.unique(np.concatenate(picked))
-    return out[(out >= 0) & (out < frame_grid.size)]
 
 
 def stored_positions(stored: np.ndarray, grid: np.ndarray, indices: np.ndarray,

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from voxelflow.pipeline.design.lags import frame_indices_for
-from voxelflow.pipeline.design.needed import needed_frame_indices
+from voxelflow.pipeline.design.lags import needed_frame_indices
 from voxelflow.pipeline.errors import InputError, WorkspaceConflict
 from voxelflow.stores.workspace import Workspace
 

@@ -12,7 +12,8 @@ import pytest
 
 from bold_inputs import write_nifti
 from voxelflow.pipeline.design.lags import build_design
-from voxelflow.pipeline.design.needed import MissingTimes, needed_frame_indices
+from voxelflow.pipeline.design.lags import needed_frame_indices
+from voxelflow.pipeline.design.needed import MissingTimes
 from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.pipeline.stages.features import run_features_stage
 from voxelflow.pipeline.stages.fit import run_fit_stage
