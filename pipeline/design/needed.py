@@ -2,9 +2,9 @@
 
 A lagged design at a TR of 1 s reads the frame at ``t - L`` of each BOLD sample
 (:func:`~voxelflow.pipeline.design.lags.run_design_indices`), a few frames per second
-out of the sampled 20.  :func:`~voxelflow.pipeline.design.lags.needed_frame_indices` runs that same function on the
-full frame grid ``k / fps`` of a run, for every lag set, and returns the union of the
-frames it picks (with ``aggregate="mean"`` every frame of each window), so the frames
+out of the sampled 20.  :func:`~voxelflow.pipeline.design.lags.needed_frame_indices`
+runs that same function on the full frame grid ``k / fps`` of a run, for every lag
+set, and returns the union of the frames it picks (with ``aggregate="mean"`` every frame of each window), so the frames
 and features stages can decode and extract those only.
 
 A group holding such a subset keeps the full grid in the attrs of its ``time``
