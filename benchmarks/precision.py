@@ -21,6 +21,15 @@ from voxelflow.pipeline.models.extractor import FeatureExtractor
 from voxelflow.pipeline.models.registry import check_layers
 
 
+def _bf16_flags() -> str:
+    """The CPU's bf16 instructions (avx512_bf16, amx_bf16) from /proc/cpuinfo."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return "unknown"
+    return ", ".join(sorted({f for f in flags if "bf16" in f}))
+
+
 def measure(model: str, frames: torch.Tensor) -> None:
     backbone = load_backbone(model, "random:0")
     layers = check_layers(model, None)
@@ -48,7 +57,8 @@ def main() -> None:
     ap.add_argument("--models", default="resnet50,vgg16")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"bf16 fast path (AMX/AVX512-BF16): {torch.backends.mkldnn.is_available()}")
+          f"oneDNN: {torch.backends.mkldnn.is_available()}, CPU bf16 instructions: "
+          f"{_bf16_flags() or 'none (bf16 is emulated)'}")
     frames = torch.randint(0, 256, (args.frames, 224, 224, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     for model in args.models.split(","):
