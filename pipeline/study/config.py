@@ -109,6 +109,7 @@ class Experiment:
     device: str
     atlas: Path | None = None
     atlas_labels: Path | None = None
+    frames: str = "needed"  # "needed": only the frames the fits read; "all": every sample
     extra: dict = field(default_factory=dict)
     checker: "_Checker | None" = field(default=None, repr=False, compare=False)
 
@@ -146,7 +147,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "experiment": {"name": (str, True), "store": (str, False), "reports": (str, False),
                    "device": (str, False)},
     "stimulus": {"name": (str, True), "videos": (list, True), "fps": ((int, float), False),
-                 "size": (int, False), "resize": (str, False)},
+                 "size": (int, False), "resize": (str, False), "frames": (str, False)},
     "bold": {"subject": (str, True), "runs": (list, False), "mask": (str, False),
              "tr": ((int, float), False), "zscore": (bool, False), "detrend": (str, False),
              # BIDS / fMRIPrep input, confound cleaning, surfaces (docs/fmri-data.md)
@@ -281,6 +282,7 @@ def load_experiment(path: str | Path) -> Experiment:
     # checked in this order: the first error is reported
     fit_options = _fit_options(check, fit, n_runs=len(runs))
     resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
+    frames = check.choice(stim, "stimulus", "frames", ("needed", "all"))
     fps, size = _fps(check, stim), _size(check, stim)
     tr = _tr(check, bold)
     if stim and tr is not None and fit_options["aggregate"] == "mean":
@@ -293,7 +295,7 @@ def load_experiment(path: str | Path) -> Experiment:
         name=exp["name"], source=path, store=store,
         reports=(base / exp.get("reports", "reports")), stimulus_name=stim.get("name"),
         videos=videos, fps=fps, size=size, resize=resize,
-        subject=bold["subject"], bold_runs=runs, mask=mask,
+        frames=frames, subject=bold["subject"], bold_runs=runs, mask=mask,
         tr=tr, zscore=bool(bold.get("zscore", True)), bold_options=bold_options,
         detrend=detrend, models=models, device=device, **fit_options,
         atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
