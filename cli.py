@@ -11,6 +11,8 @@ from pathlib import Path
 import sys
 from typing import Callable, Sequence
 
+from voxelflow.cli_args import add_store_options
+from voxelflow.cli_args import positive_float as _positive_float
 from voxelflow.cli_regressors import add_events, add_import_features
 from voxelflow.pipeline.execution.cluster import dask_client
 from voxelflow.pipeline.errors import InputError, VoxelflowError
@@ -19,18 +21,8 @@ from voxelflow.stores.workspace import DEFAULT_STORE, Workspace
 EXIT_INPUT_ERROR = 2
 
 
-def _positive_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
 def _store_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=DEFAULT_STORE,
-                        help=f"workspace Zarr group (default ./{DEFAULT_STORE})")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a group made with other parameters")
+    add_store_options(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the progress bar")
     _cluster_args(parser)
