@@ -7,29 +7,22 @@ Errors in the user's input (``VoxelflowError``) are printed as one line,
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 from typing import Callable, Sequence
 
+from voxelflow.cli_args import add_store_options
+from voxelflow.cli_args import positive_float as _positive_float
 from voxelflow.cli_regressors import add_events, add_import_features
 from voxelflow.pipeline.execution.cluster import dask_client
-from voxelflow.pipeline.errors import VoxelflowError
+from voxelflow.pipeline.errors import InputError, VoxelflowError
 from voxelflow.stores.workspace import DEFAULT_STORE, Workspace
 
 EXIT_INPUT_ERROR = 2
 
 
-def _positive_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
 def _store_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=DEFAULT_STORE,
-                        help=f"workspace Zarr group (default ./{DEFAULT_STORE})")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a group made with other parameters")
+    add_store_options(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the progress bar")
     _cluster_args(parser)
@@ -54,16 +47,38 @@ def add_frames(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=224, help="output frames are SIZE x SIZE (224)")
     p.add_argument("--resize", choices=["squash", "crop"], default="squash",
                    help="squash the whole picture, or crop the centre square (default squash)")
+    need = p.add_mutually_exclusive_group()
+    need.add_argument("--times-from-bold", metavar="SUBJ",
+                      help="keep only the frames the lagged designs of --lags read for the "
+                           "runs of /bold/SUBJ (a sparse time coordinate)")
+    need.add_argument("--times", metavar="FILE", type=Path,
+                      help="keep only the frames at these times (lines 'time' or 'run,time', s)")
+    p.add_argument("--lags", action="append", metavar="L1,L2,...",
+                   help="a lag set (s) of the planned fits; repeat for several sets")
+    p.add_argument("--aggregate", choices=["last", "mean"], default="last",
+                   help="as voxelflow fit: the frame at t-L, or every frame of the TR window")
+    p.add_argument("--extend", action="store_true",
+                   help="keep the times the group already holds and add the new ones "
+                        "(only the missing frames are decoded)")
     _store_arg(p)
     p.set_defaults(func=cmd_frames)
 
 
 def cmd_frames(args: argparse.Namespace) -> int:
+    from voxelflow.pipeline.design.lags import parse_lags
     from voxelflow.pipeline.stages.frames import run_frames_stage
+    from voxelflow.pipeline.stages.needed_frames import NeededFrames
 
+    needed = None
+    if args.times_from_bold or args.times:
+        needed = NeededFrames(bold=args.times_from_bold, aggregate=args.aggregate,
+                              lag_sets=tuple(tuple(parse_lags(t)) for t in args.lags or []),
+                              times_file=args.times, extend=args.extend)
+    elif args.lags or args.extend:
+        raise InputError("--lags and --extend need --times-from-bold SUBJ (or --times FILE)")
     summary = run_frames_stage(
         Workspace(args.store), args.videos, args.name, fps=args.fps, size=args.size,
-        resize=args.resize, overwrite=args.overwrite, progress=args.progress,
+        resize=args.resize, needed=needed, overwrite=args.overwrite, progress=args.progress,
         log=lambda note: print(f"voxelflow: note: {note}", file=sys.stderr, flush=True),
     )
     counts = ", ".join(str(n) for n in summary["frames"])

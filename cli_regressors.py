@@ -8,22 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from voxelflow.stores.workspace import DEFAULT_STORE, Workspace
-
-
-def _positive_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def _store_only(parser: argparse.ArgumentParser) -> None:
-    """--store and --overwrite (stages that run here, with no progress bar)."""
-    parser.add_argument("--store", default=DEFAULT_STORE,
-                        help=f"workspace Zarr group (default ./{DEFAULT_STORE})")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a group made with other parameters")
+from voxelflow.cli_args import add_store_options as _store_only
+from voxelflow.cli_args import positive_float as _positive_float
+from voxelflow.stores.workspace import Workspace
 
 
 def _comma_list(text: str | None) -> list[str] | None:

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import quote, unquote
 
 from voxelflow.stores.faults import fault_point
@@ -157,15 +157,21 @@ def staged_groups(store: Path) -> list[str]:
                   if not n.endswith((JOURNAL_SUFFIX, OLD_SUFFIX)) and (folder / n).is_dir())
 
 
-def _write_json_durably(path: Path, record: dict) -> None:
+def write_durably(path: Path, write: Callable[[Any], None], suffix: str = ".tmp") -> None:
+    """Write a file whole or not at all: ``write(binary file)`` fills ``path + suffix``,
+    which is fsynced and renamed onto ``path`` (then the folder is synced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(record, fh)
+    tmp = path.with_name(path.name + suffix)
+    with open(tmp, "wb") as fh:
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _sync_dir(path.parent)
+
+
+def _write_json_durably(path: Path, record: dict) -> None:
+    write_durably(path, lambda fh: fh.write(json.dumps(record).encode()))
 
 
 def _sync_dir(folder: Path) -> None:

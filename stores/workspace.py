@@ -61,6 +61,7 @@ from voxelflow.stores.scratch import SCRATCH_DIR, TransposeScratch
 from voxelflow.stores.stage import RunTemplate, StageWriter
 
 DEFAULT_STORE = "voxelflow.zarr"
+STAGING_SUFFIX = "~staged"  # a group's replacement while it is written (replace_group)
 
 
 class Workspace:
@@ -356,6 +357,29 @@ class Workspace:
             if local.exists():
                 shutil.rmtree(local)
             self.consolidate()
+
+    @staticmethod
+    def staging_group(group: str) -> str:
+        """Where a replacement of ``group`` is written until it is complete."""
+        return f"{group}{STAGING_SUFFIX}"
+
+    def replace_group(self, staged: str, group: str) -> None:
+        """Put the complete group ``staged`` in the place of ``group`` (local stores).
+
+        The old group is moved aside first and removed only after the new one is in
+        place, so a kill leaves either group complete (a leftover ``staged`` or aside
+        copy is removed by the next call)."""
+        if self.state(staged) != "complete":
+            raise AssertionError(f"/{staged} is not complete; nothing replaced")
+        target, source = self.path / group, self.path / staged
+        aside = self.path / f"{group}{STAGING_SUFFIX}.old"
+        if aside.exists():
+            shutil.rmtree(aside)
+        if target.exists():
+            target.rename(aside)
+        source.rename(target)
+        shutil.rmtree(aside, ignore_errors=True)
+        self.consolidate()
 
     def consolidate(self) -> None:
         """Refresh the root's consolidated metadata so ``xr.open_datatree`` is fast and

@@ -10,6 +10,7 @@ from voxelflow.pipeline.design.lags import (
     durations_match,
     first_test_frame,
     frame_indices_for,
+    needed_frame_indices,
     parse_lags,
     run_design_indices,
     run_length_problem,
@@ -18,6 +19,6 @@ from voxelflow.pipeline.design.lags import (
 
 __all__ = [
     "AGGREGATES", "LaggedDesign", "build_design", "check_run_lengths", "check_runs_match",
-    "durations_match", "first_test_frame", "frame_indices_for", "parse_lags",
+    "durations_match", "first_test_frame", "frame_indices_for", "needed_frame_indices", "parse_lags",
     "run_design_indices", "run_length_problem", "split_train_test",
 ]

@@ -17,6 +17,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from voxelflow.pipeline.design.needed import (MissingTimes, design_grid, extend_hint,
+                                              stored_positions)
 from voxelflow.pipeline.errors import InputError
 
 TIME_TOLERANCE_S = 1e-6  # frame-time comparisons allow float rounding of k / fps
@@ -101,19 +103,43 @@ def run_design_indices(frame_times: np.ndarray, bold_times: np.ndarray, lags: li
     return keep, per_lag
 
 
+def needed_frame_indices(frame_grid: np.ndarray, bold_times: np.ndarray,
+                         lag_sets: Sequence[Sequence[float]], tr: float,
+                         aggregate: str = "last") -> np.ndarray:
+    """Sorted unique indices into ``frame_grid`` (n_frames,) of every frame that the
+    design of any lag set reads for this run's ``bold_times`` (n_volumes,) (s): the
+    frames :func:`run_design_indices` picks, all of each window for ``"mean"``."""
+    picked = [np.empty(0, dtype=np.int64)]
+    for lags in lag_sets:
+        _, per_lag = run_design_indices(frame_grid, bold_times, list(lags), tr, aggregate)
+        for idx in per_lag:
+            if idx.ndim == 1:
+                picked.append(idx.astype(np.int64))
+            else:
+                picked += [np.arange(a, b, dtype=np.int64) for a, b in idx]
+    out = np.unique(np.concatenate(picked))
+    return out[(out >= 0) & (out < frame_grid.size)]
+
+
 def _mean_frames(features: da.Array, ranges: np.ndarray) -> da.Array:
     """Mean of features over [start, stop) frame ranges (n_rows, 2) -> (n_rows, feature).
 
-    Differences of a float64 cumulative sum: O(frames) work, no dense weight matrix.
+    The frames of each window are added one after the other in float64 (the j-th frame
+    of every window at once), so a row depends on its window's frames only: features
+    of a sparse subset holding those frames give the same bits as features of every
+    frame.  Work: rows x window length x features.
     """
-    if np.any(ranges[:, 1] <= ranges[:, 0]):
+    counts = ranges[:, 1] - ranges[:, 0]
+    if np.any(counts <= 0):
         raise InputError("a lag window holds no frames: the stimulus is sampled more "
                          "slowly than the TR; use --aggregate last")
-    csum = da.cumsum(features.astype(np.float64), axis=0)
-    zero = da.zeros((1, features.shape[1]), dtype=np.float64, chunks=(1, features.chunks[1]))
-    csum = da.concatenate([zero, csum], axis=0)
-    counts = (ranges[:, 1] - ranges[:, 0]).astype(np.float64)[:, None]
-    return ((csum[ranges[:, 1]] - csum[ranges[:, 0]]) / counts).astype(np.float32)
+    total = None
+    for j in range(int(counts.max())):
+        part = features[np.minimum(ranges[:, 0] + j, ranges[:, 1] - 1)].astype(np.float64)
+        if np.any(counts <= j):
+            part = da.where((counts > j)[:, None], part, 0.0)
+        total = part if total is None else total + part
+    return (total / counts.astype(np.float64)[:, None]).astype(np.float32)
 
 
 def durations_match(stimulus_s: float, bold_s: float, tr: float) -> bool:
@@ -131,7 +157,7 @@ def check_runs_match(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset]
             f"has {len(bold_runs)}; runs are paired by index, give one video per BOLD run"
         )
     for r, (f, b) in enumerate(zip(feature_runs, bold_runs)):
-        f_end = _stimulus_end(f["time"].values)
+        f_end = _stimulus_end(design_grid(f["time"].attrs, f["time"].values))
         b_end = float(b["time"].values[-1]) + tr
         if not durations_match(f_end, b_end, tr):
             raise InputError(
@@ -183,9 +209,12 @@ def build_design(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
     xs, ys, runs, times, dropped = [], [], [], [], []
     n_features = int(feature_runs[0].sizes["feature"])
     for r, (f, b) in enumerate(zip(feature_runs, bold_runs)):
-        frame_times = f["time"].values.astype(np.float64)
+        frame_times = design_grid(f["time"].attrs, f["time"].values)
         bold_times = b["time"].values.astype(np.float64)
         keep, per_lag = run_design_indices(frame_times, bold_times, lags, tr, aggregate)
+        if f["time"].attrs.get("sparse") and keep.size:
+            per_lag = _to_stored(per_lag, f["time"], frame_times, r, lags,
+                                 features_name, bold_name)
         dropped.append(int(bold_times.size - keep.size))
         if keep.size == 0:
             continue
@@ -212,6 +241,29 @@ def build_design(feature_runs: list[xr.Dataset], bold_runs: list[xr.Dataset],
     Y = da.concatenate(ys, axis=0)
     return LaggedDesign(X, Y, np.concatenate(runs), np.concatenate(times), list(lags),
                         n_features, dropped, shared_feature_names(feature_runs, features_name))
+
+
+def _to_stored(per_lag: list[np.ndarray], time: xr.DataArray, grid: np.ndarray, run: int,
+               lags: list[float], features_name: str, bold_name: str) -> list[np.ndarray]:
+    """Grid frame indices (or [start, stop) ranges) -> positions in a sparse run's
+    stored ``time``; refuses, saying how to extend the group, when frames are missing."""
+    stored = np.asarray(time.values, dtype=np.float64)
+    what = f"/features/{features_name} run {run} (sparse: only the frames of its request)"
+    out = []
+    try:
+        for idx in per_lag:
+            if idx.ndim == 1:
+                out.append(stored_positions(stored, grid, idx, what))
+                continue
+            every = np.concatenate([np.arange(a, b) for a, b in idx])
+            stored_positions(stored, grid, every, what)  # every frame of every window
+            start = stored_positions(stored, grid, idx[:, 0], what)
+            out.append(np.stack([start, start + idx[:, 1] - idx[:, 0]], axis=1))
+    except MissingTimes as exc:
+        frames = str(time.attrs.get("frames_name", "FRAMES"))
+        raise MissingTimes(f"{exc} for lags {lags}; "
+                           + extend_hint(frames, features_name, bold_name, [lags])) from None
+    return out
 
 
 def shared_feature_names(feature_runs: list[xr.Dataset], features_name: str = "?"

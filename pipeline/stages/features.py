@@ -128,6 +128,8 @@ class FeaturesWork:
     n_features: tuple[int, ...]
     batch_size: int
     extractor: FeatureExtractor | None = field(default=None, repr=False, compare=False)
+    reuse: tuple[np.ndarray, ...] | None = None  # per run: old position per time, -1: compute
+    reuse_groups: tuple[str, ...] = ()  # the groups ``reuse`` points into, one per layer
     on_frames: Callable[[int], Any] | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -142,6 +144,8 @@ class FeaturesWork:
         """
         extractor = self.extractor if self.extractor is not None else worker_extractor(self.spec)
         region = self.writers[0].block_slice(key.run, key.block)
+        if self.reuse is not None:
+            return self._compute_reusing(extractor, key.run, region)
         outs = [np.empty((region.stop - region.start, f), dtype=np.float32)
                 for f in self.n_features]
         pin = extractor.device.type == "cuda"
@@ -155,6 +159,37 @@ class FeaturesWork:
             forward_s += time.perf_counter() - t0
             if self.on_frames is not None:
                 self.on_frames(int(frames.shape[0]))
+        return outs, forward_s
+
+    def _compute_reusing(self, extractor: FeatureExtractor, run: int, region: slice
+                         ) -> tuple[list[np.ndarray], float]:
+        """An extension's block: features of the times the old groups hold copied, the
+        others computed from their frames (batches of ``batch_size`` missing frames)."""
+        import torch
+
+        workspace = self.writers[0].workspace
+        pos = self.reuse[run][region]
+        held, missing = np.flatnonzero(pos >= 0), np.flatnonzero(pos < 0)
+        outs = [np.empty((pos.size, f), dtype=np.float32) for f in self.n_features]
+        if held.size:
+            first, last = int(pos[held].min()), int(pos[held].max()) + 1
+            for out, group in zip(outs, self.reuse_groups):
+                old = workspace.read_array(Workspace.run_path(group, run), "features",
+                                           slice(first, last))
+                out[held] = old[pos[held] - first]
+        forward_s = 0.0
+        if missing.size:
+            frames = workspace.read_array(Workspace.run_path(self.frames_group, run), "frames",
+                                          slice(region.start, region.stop))[missing]
+            for start in range(0, missing.size, self.batch_size):
+                rows = missing[start:start + self.batch_size]
+                t0 = time.perf_counter()
+                feats = extractor(torch.from_numpy(frames[start:start + rows.size]))
+                for out, f in zip(outs, feats):
+                    out[rows] = f.cpu().numpy()
+                forward_s += time.perf_counter() - t0
+                if self.on_frames is not None:
+                    self.on_frames(int(rows.size))
         return outs, forward_s
 
     def _batches(self, run: int, region: slice, pin: bool) -> Iterator[tuple[int, Any]]:
@@ -231,10 +266,13 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
         "preprocessing": backbone.preprocessing,
     }
     params = [{**base, "layer": layer} for layer in layers]
-    _check_no_conflict(workspace, groups, params, overwrite)
+    reuse = _reuse_plan(workspace, groups, params, frames_runs)
+    if reuse is None:
+        _check_no_conflict(workspace, groups, params, overwrite)
+    targets = groups if reuse is None else [workspace.staging_group(g) for g in groups]
 
     writers = []
-    for i, (group, layer) in enumerate(zip(groups, layers)):
+    for i, (group, layer) in enumerate(zip(targets, layers)):
         templates = [
             features_template(ds, run, n_features[i], block, f"{model} {layer} output",
                               feature_shape=shapes[i])
@@ -242,17 +280,23 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
         ]
         attrs = _group_attrs(base, backbone, layers, i, shapes[i], frames_attrs,
                              (height, width))
-        writers.append(workspace.start_stage(group, params[i], templates, overwrite=overwrite,
+        writers.append(workspace.start_stage(group, params[i], templates,
+                                             overwrite=overwrite or reuse is not None,
                                              group_attrs=attrs))
 
     spec = ExtractorSpec(model, base["weights"], tuple(layers), device, pool, precision,
                          backbone.weights_sha256)
     work = FeaturesWork(tuple(writers), frames_group, spec, tuple(n_features), batch_size,
-                        extractor=extractor)
+                        extractor=extractor, reuse=reuse, reuse_groups=tuple(groups))
     summary = _run(workspace, work, frames_runs, progress,
                    desc="/" + (groups[0] if len(groups) == 1 else f"features/{name}.*"))
     for w in writers:
         w.finish()
+    if reuse is not None:
+        for staged, group in zip(targets, groups):
+            workspace.replace_group(staged, group)
+        summary["reused_frames"] = int(sum((p >= 0).sum() for p in reuse))
+        summary["frames_computed"] -= summary["reused_frames"]
     return {"groups": groups, "runs": len(frames_runs),
             "frames": [int(ds.sizes["time"]) for ds in frames_runs],
             "n_features": n_features, "layers": layers, "block_size": block,
@@ -330,6 +374,34 @@ def _check_no_conflict(workspace: Workspace, groups: Sequence[str], params: Sequ
                 f"({describe_param_change(old, _json_roundtrip(p))}); rerun with --overwrite "
                 f"to replace it, or choose another --name"
             )
+
+
+def _reuse_plan(workspace: Workspace, groups: Sequence[str], params: Sequence[dict],
+                frames_runs: list[xr.Dataset]) -> tuple[np.ndarray, ...] | None:
+    """An extension: every group is complete and differs from ``params`` only in the
+    frames' time selection (``frames.params.times``), and its times are all among the
+    new frames' times.  Returns per run the old position of each new time (-1: compute
+    it), else ``None``."""
+    def strip(p: dict) -> dict:
+        frames = dict(p["frames"], params={k: v for k, v in (p["frames"]["params"] or {}
+                                                              ).items() if k != "times"})
+        return {**p, "frames": frames}
+
+    for group, p in zip(groups, params):
+        old, new = workspace.params(group), _json_roundtrip(p)
+        if workspace.state(group) != "complete" or old is None or old == new or \
+                strip(old) != strip(new):
+            return None
+    from voxelflow.pipeline.stages.needed_frames import reuse_positions
+
+    positions = []
+    for run, ds in enumerate(frames_runs):
+        old_times = workspace.open_run(groups[0], run)["time"].values
+        pos = reuse_positions(old_times, np.asarray(ds["time"].values, dtype=np.float64))
+        if int((pos >= 0).sum()) != old_times.size:
+            return None  # the new frames drop some of the old times: not an extension
+        positions.append(pos)
+    return tuple(positions)
 
 
 def _pending_blocks(writers: Sequence[StageWriter]) -> list[FeatureBlock]:

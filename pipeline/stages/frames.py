@@ -35,6 +35,7 @@ from zarr.codecs import ZstdCodec
 
 from voxelflow.pipeline.execution.blocks import run_blocks
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
+from voxelflow.pipeline.design.needed import grid_attrs
 from voxelflow.pipeline.execution.resources import (FRAMES_COMPRESSION, check_disk,
                                                     check_memory)
 from voxelflow.pipeline.errors import InputError
@@ -42,6 +43,7 @@ from voxelflow.pipeline.stages.video import (VideoInfo, corrupt_video, open_cont
                                              video_stream, probe_video)
 from voxelflow.stores.inventory import stored_bytes
 from voxelflow.stores.names import check_name
+from voxelflow.pipeline.stages.needed_frames import NeededFrames, reuse_plan, select_frames
 from voxelflow.stores.workspace import RunTemplate, StageWriter, Workspace
 
 FRAME_CHUNK = 16  # frames per Zarr chunk
@@ -237,15 +239,18 @@ def _check_sampling(infos: list[VideoInfo], fps: float, size: int, workspace: Wo
                already_written=stored_bytes(workspace, group))
 
 
-def frames_template(info: VideoInfo, times: np.ndarray, run: int, size: int) -> RunTemplate:
-    """Template of one run: ``frames (time, y, x, rgb) uint8`` with time/run coords."""
+def frames_template(info: VideoInfo, times: np.ndarray, run: int, size: int,
+                    time_attrs: dict | None = None) -> RunTemplate:
+    """Template of one run: ``frames (time, y, x, rgb) uint8`` with time/run coords;
+    ``time_attrs`` adds to the ``time`` attrs (the full grid of a sparse selection)."""
     n = times.size
     data = da.empty((n, size, size, 3), dtype=np.uint8,
                     chunks=(min(FRAME_SHARD, max(n, 1)), size, size, 3))
     ds = xr.Dataset(
         {"frames": (("time", "y", "x", "rgb"), data, {"long_name": "video frame, RGB"})},
         coords={
-            "time": ("time", times, {"units": "s", "long_name": "time from run onset"}),
+            "time": ("time", times, {"units": "s", "long_name": "time from run onset",
+                                     **(time_attrs or {})}),
             "run": ("time", np.full(n, run, dtype=np.int32), {"long_name": "run index"}),
         },
         attrs={
@@ -274,12 +279,17 @@ def frames_group(name: str) -> str:
 
 def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, *,
                      fps: float = 20.0, size: int = 224, resize: str = "squash",
-                     overwrite: bool = False, progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> dict:
+                     needed: NeededFrames | None = None, overwrite: bool = False,
+                     progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Decode ``videos`` (one run each) into ``/frames/<name>``; resume if interrupted.
 
     Every input is checked before anything is decoded or written (name, sampling,
     memory of a block, disk space; ``log`` gets a note when ``fps`` repeats frames).
+    ``needed``: decode only the samples the planned fits read (a sparse ``time``
+    coordinate, :mod:`~voxelflow.pipeline.design.needed`); other samples are decoded
+    past but never converted, resized or stored.  A group holding some of the selected
+    times with otherwise equal parameters (an extension) has those copied and only
+    the missing ones decoded, written aside and swapped in when complete.
     Returns a summary dict: group, runs, frames per run, blocks written, skipped.
     """
     check_name(name, "--name")
@@ -289,8 +299,8 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
     check_memory(f"frames --size {size}", frames_block_bytes(size), "lower --size")
     infos = [probe_video(v) for v in videos]
     _check_sampling(infos, fps, size, workspace, frames_group(name), log)
-    times = [sample_times(i.end_s, fps) for i in infos]
-    for info, t in zip(infos, times):
+    grids = [sample_times(i.end_s, fps) for i in infos]
+    for info, t in zip(infos, grids):
         if t.size == 0:
             raise InputError(f"{info.path}: shorter than one sample at --fps {fps}")
     params = {
@@ -298,24 +308,47 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
         "videos": [{"file": os.path.abspath(i.path), "bytes": i.path.stat().st_size} for i in infos],
         "fps": float(fps), "size": int(size), "resize": resize,
     }
-    templates = [frames_template(i, t, r, size) for r, (i, t) in enumerate(zip(infos, times))]
     group = frames_group(name)
+    times, time_attrs = list(grids), [None] * len(grids)
+    if needed is not None:
+        selection, params["times"] = select_frames(workspace, group, needed, grids, params)
+        if selection is not None:
+            times = [g[i] for g, i in zip(grids, selection)]
+            time_attrs = [grid_attrs(g.size, fps, name) for g in grids]
+    reuse = reuse_plan(workspace, group, params, times, overwrite)
+    target = group if reuse is None else workspace.staging_group(group)
+    templates = [frames_template(i, t, r, size, a)
+                 for r, (i, t, a) in enumerate(zip(infos, times, time_attrs))]
     writer = workspace.start_stage(
-        group, params, templates, overwrite=overwrite,
+        target, params, templates, overwrite=overwrite or reuse is not None,
         group_attrs={"fps": float(fps), "size": int(size), "resize": resize,
-                     "videos": [str(i.path) for i in infos]},
+                     "videos": [str(i.path) for i in infos],
+                     "frames": "needed" if "times" in params else "all"},
     )
-    total = sum(t.size for t in times)
-    pending = writer.n_pending()
-    skipped_blocks = sum(t.n_blocks for t in templates) - pending
-    bar = tqdm(total=total, unit="frame", desc=f"frames/{name}", disable=not progress,
-               dynamic_ncols=True)
-    bar.update(sum(times[r].size for r in range(len(times))) -
-               sum(writer.block_slice(r, b).stop - writer.block_slice(r, b).start
-                   for r, b in writer.pending_keys()))
     work = FramesWork(writer, tuple(_absolute(i) for i in infos),
                       tuple(frame_index_at(i.pts_s, t) for i, t in zip(infos, times)),
-                      size, resize)
+                      size, resize, reuse, group if reuse is not None else None)
+    written, skipped_blocks = _run_frames(workspace, work, times, f"frames/{name}", progress)
+    writer.finish()
+    if reuse is not None:
+        workspace.replace_group(target, group)
+    return {"group": group, "runs": len(infos), "frames": [int(t.size) for t in times],
+            "grid_frames": [int(g.size) for g in grids],
+            "reused_frames": 0 if reuse is None else int(sum((p >= 0).sum() for p in reuse)),
+            "blocks_written": written, "blocks_skipped": skipped_blocks}
+
+
+def _run_frames(workspace: Workspace, work: "FramesWork", times: list[np.ndarray],
+                desc: str, progress: bool) -> tuple[int, int]:
+    """Decode and write every pending block; ``(blocks written, blocks already done)``."""
+    writer = work.writer
+    pending = writer.n_pending()
+    skipped_blocks = sum(t.n_blocks for t in writer.templates) - pending
+    bar = tqdm(total=sum(t.size for t in times), unit="frame", desc=desc,
+               disable=not progress, dynamic_ncols=True)
+    bar.update(sum(t.size for t in times) -
+               sum(writer.block_slice(r, b).stop - writer.block_slice(r, b).start
+                   for r, b in writer.pending_keys()))
     client = active_client()
     if client is not None:
         require_shared_path(client, workspace.path)
@@ -326,9 +359,7 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
                          mark_done=lambda key: writer.mark_done(*key),
                          on_block=lambda key, n: bar.update(n))
     bar.close()
-    writer.finish()
-    return {"group": group, "runs": len(infos), "frames": [int(t.size) for t in times],
-            "blocks_written": written, "blocks_skipped": skipped_blocks}
+    return written, skipped_blocks
 
 
 def _absolute(info: VideoInfo) -> VideoInfo:
@@ -353,6 +384,8 @@ class FramesWork:
     source_index: tuple[np.ndarray, ...]
     size: int
     resize: str
+    reuse: list[np.ndarray] | None = None  # per run: old position per sample, -1: decode
+    reuse_group: str | None = None  # the group ``reuse`` positions point into
     _streams: threading.local = field(default_factory=threading.local, repr=False,
                                       compare=False)
 
@@ -368,6 +401,8 @@ class FramesWork:
         """``(n, size, size, 3)`` uint8 frames of block ``key = (run, block)``."""
         run, block = key
         region = self.writer.block_slice(run, block)
+        if self.reuse is not None:
+            return self._compute_reusing(run, region)
         cached = getattr(self._streams, "current", None)
         if cached is None or cached[0] != run or cached[1] != region.start:
             if cached is not None:
@@ -378,6 +413,24 @@ class FramesWork:
             stream = cached[2]
         out = take_frames(stream, region.stop - region.start, self.size)
         self._streams.current = (run, region.stop, stream)
+        return out
+
+    def _compute_reusing(self, run: int, region: slice) -> np.ndarray:
+        """The block's frames: those ``reuse_group`` holds copied, the others decoded."""
+        pos = self.reuse[run][region]
+        out = np.empty((pos.size, self.size, self.size, 3), dtype=np.uint8)
+        held = np.flatnonzero(pos >= 0)
+        if held.size:
+            node = Workspace.run_path(self.reuse_group, run)
+            first, last = int(pos[held].min()), int(pos[held].max()) + 1
+            frames = self.writer.workspace.read_array(node, "frames", slice(first, last))
+            out[held] = frames[pos[held] - first]
+        missing = np.flatnonzero(pos < 0)
+        if missing.size:
+            source = self.source_index[run][region][missing]
+            out[missing] = take_frames(iter_sampled_frames(self.infos[run], source, 0,
+                                                           self.size, self.resize),
+                                       missing.size, self.size)
         return out
 
     def write(self, key: tuple[int, int], frames: np.ndarray) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from voxelflow.pipeline.models.weights import parse_weights, sha256_file, weight
 from voxelflow.pipeline.stages._stream import (Piece, ShuffleStream, make_pieces,
                                                read_training_frames, training_ranges)
 from voxelflow.stores.files import SteppedFile
+from voxelflow.stores.replace import write_durably
 from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import Workspace, describe_param_change
 
@@ -436,12 +436,8 @@ def _normaliser(mean: Sequence[float], std: Sequence[float], device):
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """The checkpoint whole or not at all (``<path>.partial``, fsync, rename)."""
+    write_durably(path, lambda f: torch.save(obj, f), suffix=".partial")
 
 
 def _json(obj: Any) -> Any:

@@ -12,14 +12,13 @@ built (:mod:`voxelflow.pipeline.study.inputs`), with the same ``FILE:LINE`` form
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from voxelflow.pipeline.errors import InputError
-from voxelflow.stores.names import NAME_RULE, name_problem
+from voxelflow.pipeline.study.toml_checks import _Checker
 from voxelflow.pipeline.study.sources import check_source_keys, check_sources
 
 STUDY_ALPHAS = [0.5, 1, 5, 10, 1e2, 1e3, 1e4, 2.5e4, 5e4, 1e5, 1e6, 1e7]
@@ -109,6 +108,7 @@ class Experiment:
     device: str
     atlas: Path | None = None
     atlas_labels: Path | None = None
+    frames: str = "needed"  # "needed": only the frames the fits read; "all": every sample
     extra: dict = field(default_factory=dict)
     checker: "_Checker | None" = field(default=None, repr=False, compare=False)
 
@@ -148,7 +148,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "experiment": {"name": (str, True), "store": (str, False), "reports": (str, False),
                    "device": (str, False)},
     "stimulus": {"name": (str, True), "videos": (list, True), "fps": ((int, float), False),
-                 "size": (int, False), "resize": (str, False)},
+                 "size": (int, False), "resize": (str, False), "frames": (str, False)},
     "bold": {"subject": (str, True), "runs": (list, False), "mask": (str, False),
              "tr": ((int, float), False), "zscore": (bool, False), "detrend": (str, False),
              # BIDS / fMRIPrep input, confound cleaning, surfaces (docs/fmri-data.md)
@@ -179,91 +179,6 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
 }
 
 
-class _Locator:
-    """Finds the line of ``key`` inside ``[section]`` / ``[[section]]`` in the raw text."""
-
-    def __init__(self, text: str) -> None:
-        self.lines = text.splitlines()
-
-    def line_of(self, section: str | None, key: str | None = None, index: int = 0) -> int:
-        current, seen = None, -1
-        for n, raw in enumerate(self.lines, start=1):
-            line = raw.strip()
-            m = re.match(r"^\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?", line)
-            if m:
-                current = m.group(1)
-                if current == section:
-                    seen += 1
-                    if key is None and seen == index:
-                        return n
-                continue
-            if key and current == section and seen == index and re.match(
-                    rf"^{re.escape(key)}\s*=", line):
-                return n
-        return 1
-
-
-class _Checker:
-    def __init__(self, path: Path, text: str) -> None:
-        self.path, self.loc = path, _Locator(text)
-
-    def fail(self, section: str, key: str | None, message: str, index: int = 0) -> None:
-        line = self.loc.line_of(section, key, index)
-        where = f"{section}.{key}" if key else f"[{section}]"
-        raise InputError(f"{self.path}:{line}: {where}: {message}")
-
-    def table(self, data: dict, section: str, index: int = 0) -> dict:
-        schema = SCHEMA[section]
-        for key, value in data.items():
-            if key not in schema:
-                close = ", ".join(sorted(schema))
-                self.fail(section, key, f"unknown key (known: {close})", index)
-            types, _ = schema[key]
-            if isinstance(value, bool) and types is not bool and bool not in (
-                    types if isinstance(types, tuple) else (types,)):
-                self.fail(section, key, f"expected {_type_name(types)}, got a boolean", index)
-            if not isinstance(value, types):
-                self.fail(section, key, f"expected {_type_name(types)}, got "
-                          f"{type(value).__name__} {value!r}", index)
-        for key, (_, required) in schema.items():
-            if required and key not in data:
-                self.fail(section, None, f"missing required key '{key}'", index)
-        return data
-
-    def choice(self, data: dict, section: str, key: str, choices: tuple[str, str]) -> str:
-        """``data[key]`` (default: the first choice), which must be one of ``choices``."""
-        value = data.get(key, choices[0])
-        if value not in choices:
-            self.fail(section, key, f"must be \"{choices[0]}\" or \"{choices[1]}\", got "
-                      f"{value!r}")
-        return value
-
-    def name(self, value: str, section: str, key: str, index: int = 0) -> None:
-        """A name that becomes a workspace group, report folder or checkpoint name."""
-        problem = name_problem(value)
-        if problem:
-            self.fail(section, key, f"{value!r} {problem}; a name is {NAME_RULE}", index)
-
-    def number(self, value: Any, section: str, key: str, *, positive: bool = True,
-               index: int = 0) -> None:
-        """A finite number (> 0 with ``positive``, else >= 0)."""
-        if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-            self.fail(section, key, f"must be a finite number {'>' if positive else '>='} 0, "
-                      f"got {value!r}", index)
-
-    def existing(self, section: str, key: str, base: Path, value: str, index: int = 0) -> Path:
-        path = (base / value).expanduser()
-        if not path.exists():
-            self.fail(section, key, f"file not found: {path}", index)
-        return path
-
-
-def _type_name(types: Any) -> str:
-    if isinstance(types, tuple):
-        return " or ".join(t.__name__ for t in types)
-    return types.__name__
-
-
 def load_experiment(path: str | Path) -> Experiment:
     """Parse and validate an experiment file; raise :class:`InputError` naming key and line."""
     path = Path(path)
@@ -287,6 +202,7 @@ def load_experiment(path: str | Path) -> Experiment:
     # checked in this order: the first error is reported
     fit_options = _fit_options(check, fit, n_runs=len(runs))
     resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
+    frames = check.choice(stim, "stimulus", "frames", ("needed", "all"))
     fps, size = _fps(check, stim), _size(check, stim)
     tr = _tr(check, bold)
     if stim and tr is not None and fit_options["aggregate"] == "mean":
@@ -302,7 +218,7 @@ def load_experiment(path: str | Path) -> Experiment:
         name=exp["name"], source=path, store=store,
         reports=(base / exp.get("reports", "reports")), stimulus_name=stim.get("name"),
         videos=videos, fps=fps, size=size, resize=resize,
-        subject=bold["subject"], bold_runs=runs, mask=mask,
+        frames=frames, subject=bold["subject"], bold_runs=runs, mask=mask,
         tr=tr, zscore=bool(bold.get("zscore", True)), bold_options=bold_options,
         detrend=detrend, models=models, device=device, joint=joint, **fit_options,
         atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
@@ -321,7 +237,7 @@ def _read_toml(path: Path) -> tuple[dict, _Checker]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: not valid TOML ({exc})") from None
-    check = _Checker(path, text)
+    check = _Checker(path, text, SCHEMA)
     for section in data:
         if section not in SCHEMA:
             check.fail(section, None, f"unknown section (known: {', '.join(SCHEMA)})")

@@ -49,6 +49,7 @@ name = "movie"
 videos = ["{movie.name}"]
 fps = {fps:g}
 size = 224
+frames = "all"  # the BOLD is simulated from the features of every frame
 
 [bold]
 subject = "simulated"
@@ -158,7 +159,8 @@ def _experiment_before_bold(toml: Path, workdir: Path, movie: Path, bold: Path, 
         models=[ModelSpec(PLANTED_MODEL, "efficientnet_lite0", weights="imagenet"),
                 ModelSpec("resnet50_random", "resnet50", weights="random:0")],
         lag_sets=DEMO_LAG_SETS, alphas=[float(a) for a in DEMO_ALPHAS],
-        test_samples=test_samples, test_runs=None, cv=5, aggregate="last", device="cpu")
+        test_samples=test_samples, test_runs=None, cv=5, aggregate="last", device="cpu",
+        frames="all")
 
 
 def print_summary(out: dict, log=print) -> None:

@@ -70,9 +70,12 @@ def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool =
         check_inputs(exp)
     ws = ws or Workspace(exp.store)
     needs_frames = any(spec.needs_frames for spec in exp.models)
-    frames = _frames_stage(exp, ws, progress) if needs_frames else None
     bold = _bold_stage(exp, ws, progress)
-    stages = [frames, bold] if frames is not None else [bold]
+    frames = _frames_stage(exp, ws, bold, progress) if needs_frames else None
+    if frames is None:
+        stages = [bold]
+    else:  # needed frames are chosen from the BOLD runs' times: BOLD first
+        stages = [frames, bold] if "needed_for" not in frames.request else [bold, frames]
     for spec in exp.models:
         if spec.needs_frames:
             stages += _model_stages(exp, ws, spec, frames, bold, progress)
@@ -98,15 +101,27 @@ def decide_actions(ws: Workspace, stages: list[PlannedStage]) -> list[PlannedSta
 
 
 # ----------------------------------------------------------------- one stage each
-def _frames_stage(exp: Experiment, ws: Workspace, progress: bool) -> PlannedStage:
+def _frames_stage(exp: Experiment, ws: Workspace, bold: PlannedStage,
+                  progress: bool) -> PlannedStage:
+    """Every sample (``frames = "all"``), or only those the fits' lag sets read
+    (``"needed"``, the default; every sample while an autoencoder is trained on them)."""
     from voxelflow.pipeline.stages.frames import run_frames_stage
+    from voxelflow.pipeline.stages.needed_frames import NeededFrames
 
     request = {"videos": [_file_id(v) for v in exp.videos], "fps": exp.fps,
                "size": exp.size, "resize": exp.resize}
-    stage = PlannedStage("frames", f"frames/{exp.stimulus_name}", request)
+    needed, upstream = None, []
+    training = any(spec.is_autoencoder and spec.train for spec in exp.models)
+    if exp.frames == "needed" and not training:
+        needed = NeededFrames(bold=exp.subject, lag_sets=tuple(map(tuple, exp.lag_sets)),
+                              aggregate=exp.aggregate)
+        request["needed_for"] = {"bold": bold.request, "lag_sets": exp.lag_sets,
+                                 "aggregate": exp.aggregate}
+        upstream = [bold.group]
+    stage = PlannedStage("frames", f"frames/{exp.stimulus_name}", request, upstream=upstream)
     stage.call = lambda overwrite: run_frames_stage(
         ws, exp.videos, exp.stimulus_name, fps=exp.fps, size=exp.size, resize=exp.resize,
-        overwrite=overwrite, progress=progress)
+        needed=needed, overwrite=overwrite, progress=progress)
     return stage
 
 

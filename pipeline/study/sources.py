@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from voxelflow.pipeline.errors import InputError
 
 if TYPE_CHECKING:
-    from voxelflow.pipeline.study.config import ModelSpec, _Checker
+    from voxelflow.pipeline.study.config import ModelSpec
+    from voxelflow.pipeline.study.toml_checks import _Checker
 
 SOURCES = ("cnn", "events", "import")
 SOURCE_KEYS = {

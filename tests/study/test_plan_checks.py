@@ -27,6 +27,7 @@ name = "movie"
 videos = ["movie.mp4"]
 fps = 2
 size = 32
+frames = "all"  # the plan order and kill points below are those of every frame
 
 [bold]
 subject = "s"

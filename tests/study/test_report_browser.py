@@ -142,6 +142,13 @@ def test_geometry_chooses_the_viewer(study):
     assert surface["viewer"] is not None and surface["nifti"] is None
     page = surface["viewer"].read_text()
     assert "plotly" in page.lower() and "https://cdn" not in page.split("<script")[0]
+    # the static figure of a surface fit: inflated and flat views of both hemispheres
+    files = study["surface"]["files"]
+    assert files["brain_map"].is_file()
+    svg = files["brain_map"].with_suffix(".svg").read_text()
+    for view in ("left, inflated", "left, flat", "right, inflated", "right, flat"):
+        assert view in svg, view
+    assert "test r (CV-selected alpha)" in svg
     assert map_geometry(_fit(np.random.default_rng(0), 3, 0.5, {})) == "volume"
 
 

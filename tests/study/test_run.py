@@ -40,7 +40,7 @@ ROI_NAMES = {1: "left", 2: "right front", 3: "right back"}
 # The sections as inline tables: the same file for tomllib as [section] headers.
 EXPERIMENT = f"""
 experiment = {{ name = "tiny", store = "voxelflow.zarr", reports = "reports" }}
-stimulus = {{ name = "movie", videos = ["movie.mp4"], fps = {FPS:g}, size = 32 }}
+stimulus = {{ name = "movie", videos = ["movie.mp4"], fps = {FPS:g}, size = 32, frames = "all" }}
 bold = {{ subject = "s", runs = ["bold.nii.gz"], mask = "mask.nii.gz" }}
 models = [{{ name = "r18", model = "resnet18", weights = "random:0" }}]
 fit = {{ lag_sets = [[2], [2, 4]], alphas = [10, 1000, 100000], test_samples = {TEST_SAMPLES}, cv = 2, aggregate = "mean" }}

@@ -69,6 +69,12 @@ def write_report(results: Sequence[FitResult], out_dir: str | Path, *, experimen
             best_map["shown"], out / "best_model_map.png",
             f"{best.model}, lags {best.label}: test r (CV alpha)", underlay,
             best_map["threshold"])["png"]
+    elif viewers.map_geometry(best.fit) == "surface" and viewers.surface_mesh_name(best.fit):
+        shown = viewers.displayed_values(best.fit)
+        files["brain_map"] = figures.plot_surface_map(
+            best.fit, shown.values, viewers.surface_mesh_name(best.fit),
+            out / "best_model_map.png", f"{best.model}, lags {best.label}: test r (CV alpha)",
+            shown.threshold)["png"]
     winners = _write_winners(results, table, out, write_values, files, underlay)
     roi = None
     if roi_of_voxel is not None:

@@ -14,7 +14,7 @@ import numpy as np
 from voxelflow.pipeline.study.report.tables import FitResult, _valid
 
 __all__ = ["save_figure", "cv_chosen_alpha", "plot_r_vs_alpha", "plot_histogram",
-           "plot_brain_map", "plot_label_map"]
+           "plot_brain_map", "plot_label_map", "plot_surface_map"]
 
 DPI = 110
 
@@ -152,3 +152,40 @@ def plot_label_map(nifti_path: Path, path: Path, title: str, underlay: Path | No
         f"{i + 1} {n}" for i, n in enumerate(names)) if names else "label")
     return _save_display(display, path)
 
+
+
+def plot_surface_map(fit, values: np.ndarray, mesh_name: str, path: Path, title: str,
+                     threshold: float | None = None) -> dict[str, Path]:
+    """A surface fit's ``(voxel,)`` r map on nilearn's ``mesh_name`` (fsaverage5 ships
+    with nilearn): inflated (lateral) and flat views of each hemisphere present, over
+    sulcal depth, one colourbar labelled ``test r``."""
+    plt = _pyplot()
+    from matplotlib import cm, colors
+    from nilearn import datasets, plotting
+    from nilearn.surface import SurfaceImage
+
+    from voxelflow.pipeline.study.report.viewers import hemisphere_values
+
+    meshes = datasets.load_fsaverage(mesh_name)
+    data, present = hemisphere_values(fit, values, meshes["inflated"])
+    vmax = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    fig, axes = plt.subplots(len(present), 2, figsize=(8, 3.4 * len(present)),
+                             subplot_kw={"projection": "3d"}, squeeze=False)
+    for row, part in enumerate(present):
+        for col, (kind, view) in enumerate((("inflated", "lateral"), ("flat", "dorsal"))):
+            mesh = meshes[kind]
+            sulcal = datasets.load_fsaverage_data(mesh_name, mesh_type=kind,
+                                                  data_type="sulcal")
+            plotting.plot_surf_stat_map(
+                surf_mesh=mesh, stat_map=SurfaceImage(mesh=mesh, data=data), hemi=part,
+                view=view, bg_map=sulcal, threshold=threshold, vmin=-vmax, vmax=vmax,
+                cmap="RdBu_r", colorbar=False, axes=axes[row, col], figure=fig,
+                title=f"{part}, {kind}")
+    fig.suptitle(title)
+    bar = fig.colorbar(cm.ScalarMappable(colors.Normalize(-vmax, vmax), "RdBu_r"),
+                       ax=axes.ravel().tolist(), shrink=0.6)
+    bar.set_label("test r (CV-selected alpha)")
+    paths = save_figure(fig, path)
+    plt.close(fig)
+    return paths

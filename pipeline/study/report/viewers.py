@@ -114,6 +114,21 @@ def surface_mesh_name(fit: xr.Dataset) -> str | None:
     return next((m for m, size in OFFLINE_SURFACE_MESHES.items() if n <= size), None)
 
 
+def hemisphere_values(fit: xr.Dataset, values: np.ndarray, mesh) -> tuple[dict, list[str]]:
+    """``({"left": (n_vertices,), "right": ...}, hemispheres present)``: the fit's
+    ``(voxel,)`` ``values`` placed on ``mesh``'s vertices by the ``hemi`` and ``vertex``
+    coordinates (0 on vertices the fit does not hold)."""
+    hemis = np.array([_hemisphere(h) for h in fit["hemi"].values])
+    vertices = np.asarray(fit["vertex"].values, np.int64)
+    data = {}
+    for part in ("left", "right"):
+        placed = np.zeros(mesh.parts[part].n_vertices, np.float32)
+        on = hemis == part
+        placed[vertices[on]] = values[on]
+        data[part] = placed
+    return data, sorted(set(hemis))
+
+
 def surface_viewer_html(fit: xr.Dataset, display: MapDisplay, title: str,
                         mesh_name: str) -> str:
     """A ``view_surf`` page of the displayed values on the inflated ``mesh_name``
@@ -125,15 +140,7 @@ def surface_viewer_html(fit: xr.Dataset, display: MapDisplay, title: str,
     sulcal = datasets.load_fsaverage_data(mesh_name, mesh_type="inflated",
                                           data_type="sulcal")
     mesh = meshes["inflated"]
-    hemis = np.array([_hemisphere(h) for h in fit["hemi"].values])
-    vertices = np.asarray(fit["vertex"].values, np.int64)
-    data = {}
-    for part in ("left", "right"):
-        values = np.zeros(mesh.parts[part].n_vertices, np.float32)
-        on = hemis == part
-        values[vertices[on]] = display.values[on]
-        data[part] = values
-    present = sorted(set(hemis))
+    data, present = hemisphere_values(fit, display.values, mesh)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         view = plotting.view_surf(
