@@ -24,7 +24,7 @@ from voxelflow.stores import Workspace
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
-KILL_FRAMES = 120  # frames (= blocks) of the SIGKILL test
+KILL_FRAMES = 40  # frames (= blocks) of the SIGKILL test, each written and flagged alone
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def small_frames(tmp_path_factory) -> Path:
-    """120 generated frames of 32 px in one run (no real data needed): with blocks of one
+    """40 generated frames of 32 px in one run (no real data needed): with blocks of one
     frame, the stage takes long enough between its first and last block to be killed."""
     d = tmp_path_factory.mktemp("small_frames")
     write_moving_video(d / "clip.mp4", KILL_FRAMES / 20, rate=20, size=(32, 32), seed=1)
@@ -154,7 +154,7 @@ def small_frames(tmp_path_factory) -> Path:
 
 
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted(small_frames, tmp_path):
-    # 120 frames in blocks of 1 -> 120 blocks; a small model keeps this fast (blocking and
+    # 40 frames in blocks of 1 -> 40 blocks; a small model keeps this fast (blocking and
     # resume do not depend on the model).  The reference and the rerun run in this
     # process (the same code as the CLI calls), the killed run in a real one, killed
     # once at least one block and not every block is flagged done.
