@@ -226,6 +226,10 @@ def _surface_figure(fit, values: np.ndarray, mesh_name: str, draw):
             draw(surf_mesh=mesh, data=SurfaceImage(mesh=mesh, data=data), hemi=part,
                  view=view, bg_map=sulcal, axes=axes[row, col], figure=fig,
                  title=f"{part}, {kind}")
+            for mesh_patches in axes[row, col].collections:
+                # the mesh as an image inside the SVG: its ~20,000 triangles as paths
+                # took most of the figure's time (~50 s) and megabytes; text stays text
+                mesh_patches.set_rasterized(True)
     return fig, axes
 
 
