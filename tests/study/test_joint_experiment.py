@@ -174,6 +174,11 @@ def test_report_maps_which_space_and_splits_per_roi(joint_run):
         assert text in bars, text
     assert "1 a" in (folder / "a+b_lags-2-3_which_space.svg").read_text()
     assert "docs/statistics.md" in page and "r2_score_split" in page
+    section = page[page.index("id='joint-models'"):]  # its table: one full row per ROI
+    assert section.count("<td>front</td>") == section.count("<td>back</td>") == 1
+    assert "<td>-</td>" not in section
+    for mean in table["mean"]:
+        assert f"<td>{mean:.3g}</td>" in section, mean
     assert "href='space_split.csv'" in page and "href='maps/a+b_lags-2-3_which_space" in page
     assert [i["model"] for i in report["joint"]] == ["a+b"]
 

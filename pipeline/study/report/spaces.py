@@ -204,8 +204,8 @@ def _wide(split: pd.DataFrame) -> pd.DataFrame:
     table = split.assign(column=[
         f"r2_split: {c}" if m == "r2_split" else figures.component_label(m, c)
         for m, c in zip(split["measure"], split["component"])])
-    wide = table.pivot_table(index=["roi", "roi_name"], columns="column", values="mean",
-                             sort=False, dropna=False)
+    wide = table.pivot(index=["roi", "roi_name"], columns="column", values="mean")[
+        list(dict.fromkeys(table["column"]))]
     voxels = table[table["measure"] == "r2_split"].groupby(["roi", "roi_name"],
                                                            sort=False)["n_voxels"].first()
     wide.insert(0, "n_voxels", voxels)
