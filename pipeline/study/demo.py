@@ -105,8 +105,11 @@ def simulate_bold_files(features: np.ndarray, frame_times: np.ndarray, n_volumes
 
 def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: float = 1.0,
              n_voxels: int = 2000, snr: float = 1.0, seed: int = 0, progress: bool = True,
-             log=print) -> dict:
-    """Generate, simulate, run the experiment; return the experiment result dict."""
+             log=print, report: bool = True) -> dict:
+    """Generate, simulate, run the experiment; return the experiment result dict.
+
+    ``report=False`` stops after the stages (no report: ``result["report"]`` is None),
+    for callers that compare the stored arrays only."""
     from voxelflow.pipeline.study.plan import build_plan
     from voxelflow.pipeline.study.run import execute_plan, make_report
     from voxelflow.pipeline.synthetic.movies import write_scene_movie
@@ -142,8 +145,8 @@ def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: flo
     exp = load_experiment(toml)
     plan = build_plan(exp, ws, progress=progress)
     ran = execute_plan(ws, plan, log)
-    report = make_report(exp, ws)
-    return {"experiment": exp, "plan": plan, "ran": ran, "report": report,
+    made = make_report(exp, ws) if report else None
+    return {"experiment": exp, "plan": plan, "ran": ran, "report": made,
             "seconds": time.perf_counter() - t_start}
 
 
