@@ -316,22 +316,21 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
             times = [g[i] for g, i in zip(grids, selection)]
             time_attrs = [grid_attrs(g.size, fps, name) for g in grids]
     reuse = reuse_plan(workspace, group, params, times, overwrite)
-    target = group if reuse is None else workspace.staging_group(group)
     templates = [frames_template(i, t, r, size, a)
                  for r, (i, t, a) in enumerate(zip(infos, times, time_attrs))]
+    # An extension is a replacement: built in staging with the held frames copied from
+    # the complete group, then swapped in by finish() (journalled, stores/replace.py).
     writer = workspace.start_stage(
-        target, params, templates, overwrite=overwrite or reuse is not None,
+        group, params, templates, overwrite=overwrite or reuse is not None,
         group_attrs={"fps": float(fps), "size": int(size), "resize": resize,
                      "videos": [str(i.path) for i in infos],
                      "frames": "needed" if "times" in params else "all"},
     )
     work = FramesWork(writer, tuple(_absolute(i) for i in infos),
                       tuple(frame_index_at(i.pts_s, t) for i, t in zip(infos, times)),
-                      size, resize, reuse, group if reuse is not None else None)
+                      size, resize, reuse)
     written, skipped_blocks = _run_frames(workspace, work, times, f"frames/{name}", progress)
     writer.finish()
-    if reuse is not None:
-        workspace.replace_group(target, group)
     return {"group": group, "runs": len(infos), "frames": [int(t.size) for t in times],
             "grid_frames": [int(g.size) for g in grids],
             "reused_frames": 0 if reuse is None else int(sum((p >= 0).sum() for p in reuse)),
@@ -385,7 +384,6 @@ class FramesWork:
     size: int
     resize: str
     reuse: list[np.ndarray] | None = None  # per run: old position per sample, -1: decode
-    reuse_group: str | None = None  # the group ``reuse`` positions point into
     _streams: threading.local = field(default_factory=threading.local, repr=False,
                                       compare=False)
 
@@ -416,14 +414,16 @@ class FramesWork:
         return out
 
     def _compute_reusing(self, run: int, region: slice) -> np.ndarray:
-        """The block's frames: those ``reuse_group`` holds copied, the others decoded."""
+        """The block's frames: those the complete group (the one being replaced, as
+        readers see it) holds copied, the others decoded."""
         pos = self.reuse[run][region]
         out = np.empty((pos.size, self.size, self.size, 3), dtype=np.uint8)
         held = np.flatnonzero(pos >= 0)
         if held.size:
-            node = Workspace.run_path(self.reuse_group, run)
+            node = self.writer.run_path(run)
             first, last = int(pos[held].min()), int(pos[held].max()) + 1
-            frames = self.writer.workspace.read_array(node, "frames", slice(first, last))
+            frames = self.writer.workspace.published().read_array(node, "frames",
+                                                                   slice(first, last))
             out[held] = frames[pos[held] - first]
         missing = np.flatnonzero(pos < 0)
         if missing.size:
