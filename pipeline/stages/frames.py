@@ -218,23 +218,27 @@ def frames_disk_bytes(n_frames: int, size: int) -> float:
     return n_frames * int(size) ** 2 * 3 / FRAMES_COMPRESSION
 
 
-def _check_sampling(infos: list[VideoInfo], fps: float, size: int, workspace: Workspace,
-                    group: str, log) -> None:
-    """Refuse an ``--fps`` over :func:`fps_cap` or frames that cannot fit on disk;
-    say how many frames an ``--fps`` above a video's own rate writes."""
-    total = 0
+def _check_sampling(infos: list[VideoInfo], fps: float, log) -> None:
+    """Refuse an ``--fps`` over :func:`fps_cap`; say how many frames an ``--fps`` above a
+    video's own rate writes."""
     for info in infos:
         rate = source_rate(info)
         problem = fps_problem(fps, rate, info.end_s)
         if problem:
             raise InputError(f"{info.path}: --fps {fps:g} {problem}")
         n = n_samples(info.end_s, fps)
-        total += n
         if log is not None and fps > rate * (1 + 1e-6):
             log(f"{info.path}: --fps {fps:g} is above the video's {rate:.4g} fps: each "
                 f"frame is repeated about {fps / rate:.2g} times, {n:,} frames for "
                 f"{info.end_s:.1f} s")
-    check_disk(f"frames --fps {fps:g} --size {size}", frames_disk_bytes(total, size),
+
+
+def _check_disk(times: list[np.ndarray], fps: float, size: int, workspace: Workspace,
+                group: str) -> None:
+    """Refuse frames that cannot fit on disk: the samples that will be stored (only the
+    needed ones of a sparse selection), counted as :func:`frames_disk_bytes`."""
+    check_disk(f"frames --fps {fps:g} --size {size}",
+               frames_disk_bytes(sum(int(t.size) for t in times), size),
                workspace.path, "lower --fps or --size",
                already_written=stored_bytes(workspace, group))
 
@@ -289,7 +293,8 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
     coordinate, :mod:`~voxelflow.pipeline.design.needed`); other samples are decoded
     past but never converted, resized or stored.  A group holding some of the selected
     times with otherwise equal parameters (an extension) has those copied and only
-    the missing ones decoded, written aside and swapped in when complete.
+    the missing ones decoded, built in staging and swapped in when complete (as for
+    ``overwrite``: :mod:`voxelflow.stores.replace`).
     Returns a summary dict: group, runs, frames per run, blocks written, skipped.
     """
     check_name(name, "--name")
@@ -298,7 +303,7 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
         raise InputError("give at least one video file")
     check_memory(f"frames --size {size}", frames_block_bytes(size), "lower --size")
     infos = [probe_video(v) for v in videos]
-    _check_sampling(infos, fps, size, workspace, frames_group(name), log)
+    _check_sampling(infos, fps, log)
     grids = [sample_times(i.end_s, fps) for i in infos]
     for info, t in zip(infos, grids):
         if t.size == 0:
@@ -315,6 +320,7 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
         if selection is not None:
             times = [g[i] for g, i in zip(grids, selection)]
             time_attrs = [grid_attrs(g.size, fps, name) for g in grids]
+    _check_disk(times, fps, size, workspace, group)
     reuse = reuse_plan(workspace, group, params, times, overwrite)
     templates = [frames_template(i, t, r, size, a)
                  for r, (i, t, a) in enumerate(zip(infos, times, time_attrs))]
