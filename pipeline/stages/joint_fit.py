@@ -39,10 +39,10 @@ from voxelflow.pipeline.execution.resources import check_memory
 from voxelflow.pipeline.ridge.partition import subsets, variance_partition
 from voxelflow.pipeline.stages import _fit_stats
 from voxelflow.pipeline.stages.feature_arrays import feature_labels
+from voxelflow.pipeline.stages._fit_work import BoldBlockReader, FitWork, stored_outputs
 from voxelflow.pipeline.stages.fit import (
-    VOXEL_BLOCK, BoldBlockReader, FitSummary, FitWork, _check_fit_options, _fit_template,
-    bold_validity, finish_fit, fit_group, fit_memory, make_folds, open_bold, open_design,
-    run_fit_blocks, stored_outputs)
+    VOXEL_BLOCK, FitSummary, _check_fit_options, _fit_template, bold_validity, finish_fit,
+    fit_group, fit_memory, make_folds, open_bold, open_design, run_fit_blocks)
 from voxelflow.pipeline.stats.per_block import StatisticsOptions, TestStatistics
 from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import RunTemplate, Workspace
