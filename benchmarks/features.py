@@ -29,15 +29,21 @@ at the rate that gives the wanted count), else from a generated clip.  Weights a
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+# Run as a script, this folder is sys.path[0], and benchmarks/statistics.py would shadow
+# the standard library's statistics module (no quantiles: the summary line crashed).
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -57,14 +57,13 @@ from voxelflow.stores import guard, integrity, locks, replace
 from voxelflow.stores.integrity import BOOKKEEPING, DONE_VAR  # noqa: F401 - re-exported
 from voxelflow.stores.params import (FORMAT_VERSION, RUN_PREFIX, STATE_ATTR,  # noqa: F401
                                      _normalise, describe_param_change, run_node_name)
-from voxelflow.stores.scratch import SCRATCH_DIR, TransposeScratch
+from voxelflow.stores.node_writes import NodeWrites
 from voxelflow.stores.stage import RunTemplate, StageWriter
 
 DEFAULT_STORE = "voxelflow.zarr"
-STAGING_SUFFIX = "~staged"  # a group's replacement while it is written (replace_group)
 
 
-class Workspace:
+class Workspace(NodeWrites):
     """A voxelflow workspace on disk (a Zarr v3 group, default ``./voxelflow.zarr``).
 
     A handle may also be a *view* made by :meth:`start_stage` for a replacement: the
@@ -80,6 +79,13 @@ class Workspace:
         self._recovered = False
 
     # ------------------------------------------------------------ where nodes live
+    def published(self) -> "Workspace":
+        """The same handle where every node is the one readers see (e.g. the complete
+        group a replacement copies from while it is built in staging)."""
+        ws = self._copy(self.path)
+        ws._builds = {}
+        return ws
+
     def resolved(self) -> "Workspace":
         """The same handle with absolute paths (for processes with another cwd)."""
         ws = self._copy(self.path.resolve())
@@ -358,29 +364,6 @@ class Workspace:
                 shutil.rmtree(local)
             self.consolidate()
 
-    @staticmethod
-    def staging_group(group: str) -> str:
-        """Where a replacement of ``group`` is written until it is complete."""
-        return f"{group}{STAGING_SUFFIX}"
-
-    def replace_group(self, staged: str, group: str) -> None:
-        """Put the complete group ``staged`` in the place of ``group`` (local stores).
-
-        The old group is moved aside first and removed only after the new one is in
-        place, so a kill leaves either group complete (a leftover ``staged`` or aside
-        copy is removed by the next call)."""
-        if self.state(staged) != "complete":
-            raise AssertionError(f"/{staged} is not complete; nothing replaced")
-        target, source = self.path / group, self.path / staged
-        aside = self.path / f"{group}{STAGING_SUFFIX}.old"
-        if aside.exists():
-            shutil.rmtree(aside)
-        if target.exists():
-            target.rename(aside)
-        source.rename(target)
-        shutil.rmtree(aside, ignore_errors=True)
-        self.consolidate()
-
     def consolidate(self) -> None:
         """Refresh the root's consolidated metadata so ``xr.open_datatree`` is fast and
         current (under the metadata lock: one process rewrites the root at a time)."""
@@ -479,62 +462,3 @@ class Workspace:
                 attrs.update(_normalise({key: value}))
             root.attrs.put(attrs)
             self.consolidate()
-
-    @contextlib.contextmanager
-    def dense_writes(self) -> Iterator[None]:
-        """Within this block, chunk writes skip Zarr's "is this chunk all fill value?" test.
-
-        That test (``write_empty_chunks=False``, Zarr's default) allocates several
-        chunk-sized temporaries per write (14-19 MB for a 1,200 x 4,096 float32 BOLD
-        chunk); data that is never all fill value gains nothing from it.  Every write
-        through the workspace now skips it (a missing chunk file must mean damage), per
-        array rather than through Zarr's process-wide config (which two threads would
-        undo for each other), so this block only keeps stages that ask for it working.
-        """
-        yield
-
-    def write_array(self, node: str, name: str, values: np.ndarray,
-                    index: Any = slice(None)) -> None:
-        """Write ``values`` into the existing array ``node/name`` at ``index``."""
-        with self.storage_errors():
-            arr = integrity.dense(self._node(f"{node}/{name}", "r+"))
-            arr[index] = np.asarray(values, dtype=arr.dtype)
-
-    def add_variables(self, node: str, ds: xr.Dataset, *,
-                      encoding: dict | None = None) -> None:
-        """Add the variables (and coordinates) of ``ds`` to the existing node ``node``.
-
-        The node's attrs are kept.  NumPy-backed variables are written now; dask-backed
-        ones are placeholders (array metadata only, filled later with :meth:`write_array`).
-        Writing the same variables again is harmless (placeholders are not rewritten).
-        """
-        with self.storage_errors():
-            attrs = dict(self._node(node).attrs)
-            ds = ds.copy()
-            ds.attrs = attrs
-            ds.to_zarr(self._store_for(node), group=node, mode="a", compute=False,
-                       zarr_format=3, consolidated=False, encoding=encoding or {},
-                       write_empty_chunks=True)
-            # to_zarr rewrites the node's attrs from ds.attrs; put back exactly what was
-            # there plus anything xarray added (e.g. a "coordinates" list).
-            now = dict(self._node(node).attrs)
-            if now != attrs:
-                self._node(node, "r+").attrs.put({**now, **attrs})
-
-    def scratch(self, group: str, run: int, n_time: int, n_voxel: int,
-                time_block: int, voxel_chunk: int, token: str) -> TransposeScratch:
-        """The transpose scratch of one run of ``group`` (created or reopened for resume)."""
-        path = self.path / SCRATCH_DIR / group / run_node_name(run)
-        with self.storage_errors():
-            return TransposeScratch(path, n_time, n_voxel, time_block, voxel_chunk, token)
-
-    def remove_scratch(self, group: str) -> None:
-        """Delete every scratch array of ``group`` (and empty parent folders)."""
-        base = self.path / SCRATCH_DIR
-        target = base / group
-        if target.exists():
-            shutil.rmtree(target)
-        parent = target.parent
-        while parent != base.parent and parent.exists() and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent

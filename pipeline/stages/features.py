@@ -129,7 +129,6 @@ class FeaturesWork:
     batch_size: int
     extractor: FeatureExtractor | None = field(default=None, repr=False, compare=False)
     reuse: tuple[np.ndarray, ...] | None = None  # per run: old position per time, -1: compute
-    reuse_groups: tuple[str, ...] = ()  # the groups ``reuse`` points into, one per layer
     on_frames: Callable[[int], Any] | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -145,7 +144,7 @@ class FeaturesWork:
         extractor = self.extractor if self.extractor is not None else worker_extractor(self.spec)
         region = self.writers[0].block_slice(key.run, key.block)
         if self.reuse is not None:
-            return self._compute_reusing(extractor, key.run, region)
+            return self._compute_reusing(extractor, key, region)
         outs = [np.empty((region.stop - region.start, f), dtype=np.float32)
                 for f in self.n_features]
         pin = extractor.device.type == "cuda"
@@ -161,20 +160,23 @@ class FeaturesWork:
                 self.on_frames(int(frames.shape[0]))
         return outs, forward_s
 
-    def _compute_reusing(self, extractor: FeatureExtractor, run: int, region: slice
+    def _compute_reusing(self, extractor: FeatureExtractor, key: FeatureBlock, region: slice
                          ) -> tuple[list[np.ndarray], float]:
-        """An extension's block: features of the times the old groups hold copied, the
-        others computed from their frames (batches of ``batch_size`` missing frames)."""
+        """An extension's block: features of the times the complete groups being
+        replaced hold (as readers see them) copied, the others computed from their frames
+        (batches of ``batch_size`` missing frames)."""
         import torch
 
         workspace = self.writers[0].workspace
-        pos = self.reuse[run][region]
+        published = workspace.published()
+        run, pos = key.run, self.reuse[key.run][region]
         held, missing = np.flatnonzero(pos >= 0), np.flatnonzero(pos < 0)
         outs = [np.empty((pos.size, f), dtype=np.float32) for f in self.n_features]
         if held.size:
             first, last = int(pos[held].min()), int(pos[held].max()) + 1
-            for out, group in zip(outs, self.reuse_groups):
-                old = workspace.read_array(Workspace.run_path(group, run), "features",
+            for i in key.layers:  # the groups that still need this block
+                out, writer = outs[i], self.writers[i]
+                old = published.read_array(writer.run_path(run), "features",
                                            slice(first, last))
                 out[held] = old[pos[held] - first]
         forward_s = 0.0
@@ -269,10 +271,11 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
     reuse = _reuse_plan(workspace, groups, params, frames_runs)
     if reuse is None:
         _check_no_conflict(workspace, groups, params, overwrite)
-    targets = groups if reuse is None else [workspace.staging_group(g) for g in groups]
 
+    # An extension is a replacement of each group: built in staging with the held times
+    # copied, then swapped in by finish() (journalled, stores/replace.py).
     writers = []
-    for i, (group, layer) in enumerate(zip(targets, layers)):
+    for i, (group, layer) in enumerate(zip(groups, layers)):
         templates = [
             features_template(ds, run, n_features[i], block, f"{model} {layer} output",
                               feature_shape=shapes[i])
@@ -287,14 +290,12 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
     spec = ExtractorSpec(model, base["weights"], tuple(layers), device, pool, precision,
                          backbone.weights_sha256)
     work = FeaturesWork(tuple(writers), frames_group, spec, tuple(n_features), batch_size,
-                        extractor=extractor, reuse=reuse, reuse_groups=tuple(groups))
+                        extractor=extractor, reuse=reuse)
     summary = _run(workspace, work, frames_runs, progress,
                    desc="/" + (groups[0] if len(groups) == 1 else f"features/{name}.*"))
     for w in writers:
         w.finish()
     if reuse is not None:
-        for staged, group in zip(targets, groups):
-            workspace.replace_group(staged, group)
         summary["reused_frames"] = int(sum((p >= 0).sum() for p in reuse))
         summary["frames_computed"] -= summary["reused_frames"]
     return {"groups": groups, "runs": len(frames_runs),
@@ -379,24 +380,28 @@ def _check_no_conflict(workspace: Workspace, groups: Sequence[str], params: Sequ
 def _reuse_plan(workspace: Workspace, groups: Sequence[str], params: Sequence[dict],
                 frames_runs: list[xr.Dataset]) -> tuple[np.ndarray, ...] | None:
     """An extension: every group is complete and differs from ``params`` only in the
-    frames' time selection (``frames.params.times``), and its times are all among the
-    new frames' times.  Returns per run the old position of each new time (-1: compute
+    frames' time selection (``frames.params.times``), at least one differs, and its
+    times are all among the new frames' times.  Returns per run the old position of each new time (-1: compute
     it), else ``None``."""
     def strip(p: dict) -> dict:
         frames = dict(p["frames"], params={k: v for k, v in (p["frames"]["params"] or {}
                                                               ).items() if k != "times"})
         return {**p, "frames": frames}
 
+    extended = []  # groups still to extend (a killed multi-layer run may have swapped some)
     for group, p in zip(groups, params):
         old, new = workspace.params(group), _json_roundtrip(p)
-        if workspace.state(group) != "complete" or old is None or old == new or \
-                strip(old) != strip(new):
+        if workspace.state(group) != "complete" or old is None or strip(old) != strip(new):
             return None
+        if old != new:
+            extended.append(group)
+    if not extended:
+        return None
     from voxelflow.pipeline.stages.needed_frames import reuse_positions
 
     positions = []
     for run, ds in enumerate(frames_runs):
-        old_times = workspace.open_run(groups[0], run)["time"].values
+        old_times = workspace.open_run(extended[0], run)["time"].values
         pos = reuse_positions(old_times, np.asarray(ds["time"].values, dtype=np.float64))
         if int((pos >= 0).sum()) != old_times.size:
             return None  # the new frames drop some of the old times: not an extension

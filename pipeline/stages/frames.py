@@ -218,23 +218,27 @@ def frames_disk_bytes(n_frames: int, size: int) -> float:
     return n_frames * int(size) ** 2 * 3 / FRAMES_COMPRESSION
 
 
-def _check_sampling(infos: list[VideoInfo], fps: float, size: int, workspace: Workspace,
-                    group: str, log) -> None:
-    """Refuse an ``--fps`` over :func:`fps_cap` or frames that cannot fit on disk;
-    say how many frames an ``--fps`` above a video's own rate writes."""
-    total = 0
+def _check_sampling(infos: list[VideoInfo], fps: float, log) -> None:
+    """Refuse an ``--fps`` over :func:`fps_cap`; say how many frames an ``--fps`` above a
+    video's own rate writes."""
     for info in infos:
         rate = source_rate(info)
         problem = fps_problem(fps, rate, info.end_s)
         if problem:
             raise InputError(f"{info.path}: --fps {fps:g} {problem}")
         n = n_samples(info.end_s, fps)
-        total += n
         if log is not None and fps > rate * (1 + 1e-6):
             log(f"{info.path}: --fps {fps:g} is above the video's {rate:.4g} fps: each "
                 f"frame is repeated about {fps / rate:.2g} times, {n:,} frames for "
                 f"{info.end_s:.1f} s")
-    check_disk(f"frames --fps {fps:g} --size {size}", frames_disk_bytes(total, size),
+
+
+def _check_disk(times: list[np.ndarray], fps: float, size: int, workspace: Workspace,
+                group: str) -> None:
+    """Refuse frames that cannot fit on disk: the samples that will be stored (only the
+    needed ones of a sparse selection), counted as :func:`frames_disk_bytes`."""
+    check_disk(f"frames --fps {fps:g} --size {size}",
+               frames_disk_bytes(sum(int(t.size) for t in times), size),
                workspace.path, "lower --fps or --size",
                already_written=stored_bytes(workspace, group))
 
@@ -289,7 +293,8 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
     coordinate, :mod:`~voxelflow.pipeline.design.needed`); other samples are decoded
     past but never converted, resized or stored.  A group holding some of the selected
     times with otherwise equal parameters (an extension) has those copied and only
-    the missing ones decoded, written aside and swapped in when complete.
+    the missing ones decoded, built in staging and swapped in when complete (as for
+    ``overwrite``: :mod:`voxelflow.stores.replace`).
     Returns a summary dict: group, runs, frames per run, blocks written, skipped.
     """
     check_name(name, "--name")
@@ -298,7 +303,7 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
         raise InputError("give at least one video file")
     check_memory(f"frames --size {size}", frames_block_bytes(size), "lower --size")
     infos = [probe_video(v) for v in videos]
-    _check_sampling(infos, fps, size, workspace, frames_group(name), log)
+    _check_sampling(infos, fps, log)
     grids = [sample_times(i.end_s, fps) for i in infos]
     for info, t in zip(infos, grids):
         if t.size == 0:
@@ -315,23 +320,23 @@ def run_frames_stage(workspace: Workspace, videos: list[str | Path], name: str, 
         if selection is not None:
             times = [g[i] for g, i in zip(grids, selection)]
             time_attrs = [grid_attrs(g.size, fps, name) for g in grids]
+    _check_disk(times, fps, size, workspace, group)
     reuse = reuse_plan(workspace, group, params, times, overwrite)
-    target = group if reuse is None else workspace.staging_group(group)
     templates = [frames_template(i, t, r, size, a)
                  for r, (i, t, a) in enumerate(zip(infos, times, time_attrs))]
+    # An extension is a replacement: built in staging with the held frames copied from
+    # the complete group, then swapped in by finish() (journalled, stores/replace.py).
     writer = workspace.start_stage(
-        target, params, templates, overwrite=overwrite or reuse is not None,
+        group, params, templates, overwrite=overwrite or reuse is not None,
         group_attrs={"fps": float(fps), "size": int(size), "resize": resize,
                      "videos": [str(i.path) for i in infos],
                      "frames": "needed" if "times" in params else "all"},
     )
     work = FramesWork(writer, tuple(_absolute(i) for i in infos),
                       tuple(frame_index_at(i.pts_s, t) for i, t in zip(infos, times)),
-                      size, resize, reuse, group if reuse is not None else None)
+                      size, resize, reuse)
     written, skipped_blocks = _run_frames(workspace, work, times, f"frames/{name}", progress)
     writer.finish()
-    if reuse is not None:
-        workspace.replace_group(target, group)
     return {"group": group, "runs": len(infos), "frames": [int(t.size) for t in times],
             "grid_frames": [int(g.size) for g in grids],
             "reused_frames": 0 if reuse is None else int(sum((p >= 0).sum() for p in reuse)),
@@ -385,7 +390,6 @@ class FramesWork:
     size: int
     resize: str
     reuse: list[np.ndarray] | None = None  # per run: old position per sample, -1: decode
-    reuse_group: str | None = None  # the group ``reuse`` positions point into
     _streams: threading.local = field(default_factory=threading.local, repr=False,
                                       compare=False)
 
@@ -416,14 +420,16 @@ class FramesWork:
         return out
 
     def _compute_reusing(self, run: int, region: slice) -> np.ndarray:
-        """The block's frames: those ``reuse_group`` holds copied, the others decoded."""
+        """The block's frames: those the complete group (the one being replaced, as
+        readers see it) holds copied, the others decoded."""
         pos = self.reuse[run][region]
         out = np.empty((pos.size, self.size, self.size, 3), dtype=np.uint8)
         held = np.flatnonzero(pos >= 0)
         if held.size:
-            node = Workspace.run_path(self.reuse_group, run)
+            node = self.writer.run_path(run)
             first, last = int(pos[held].min()), int(pos[held].max()) + 1
-            frames = self.writer.workspace.read_array(node, "frames", slice(first, last))
+            frames = self.writer.workspace.published().read_array(node, "frames",
+                                                                   slice(first, last))
             out[held] = frames[pos[held] - first]
         missing = np.flatnonzero(pos < 0)
         if missing.size:

@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -142,7 +142,8 @@ def select_frames(workspace: Workspace, group: str, needed: NeededFrames,
         held = [stored_grid_indices(ds["time"].values, g)
                 for ds, g in zip(workspace.open_runs(group), grids)]
         selection = [np.union1d(a, b) for a, b in zip(held, selection)]
-        requests = list(old["times"]["needed_for"]) + requests
+        held_for = list(old["times"]["needed_for"])  # a request made again adds nothing
+        requests = held_for + [r for r in _json(requests) if r not in held_for]
     return selection, selection_params(selection, requests)
 
 
@@ -169,5 +170,5 @@ def _without_times(params: dict) -> dict:
     return {k: v for k, v in params.items() if k != "times"}
 
 
-def _json(obj: dict) -> dict:
+def _json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))

@@ -30,6 +30,9 @@ from voxelflow.stores.workspace import Workspace
 
 REQUEST_ATTR = "voxelflow_request"
 STARTED_ATTR = "voxelflow_started"  # workspace root: {group: request} of unfinished stages
+# needed-frames groups: {"base": fingerprint of the request without its lag sets,
+# "lag_sets": [...]}, so that adding a lag set is recognised as an extension
+LAG_SETS_ATTR = "voxelflow_request_lag_sets"
 
 
 @dataclass
@@ -38,13 +41,24 @@ class PlannedStage:
     group: str           # store group it writes (train: the checkpoint file)
     request: dict        # what the experiment asks of it
     action: str = "run"  # skip | run | resume | rerun
+    extends: bool = False  # a rerun that keeps every value the group holds (adds times)
     note: str = ""
     call: Callable[[bool], Any] | None = field(default=None, repr=False)
     upstream: list[str] = field(default_factory=list)  # groups/files it reads
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.request, sort_keys=True).encode()).hexdigest()[:16]
+        return _fingerprint(self.request)
+
+    @property
+    def recorded_attrs(self) -> dict:
+        """The attrs the group gets when this stage completes it: its request, and for
+        a needed-frames stage the request without its lag sets and those lag sets."""
+        attrs = {REQUEST_ATTR: self.fingerprint}
+        base, lag_sets = split_lag_sets(self.request)
+        if lag_sets is not None:
+            attrs[LAG_SETS_ATTR] = {"base": _fingerprint(base), "lag_sets": lag_sets}
+        return attrs
 
     @property
     def writes_file(self) -> bool:
@@ -88,16 +102,54 @@ def build_plan(exp: Experiment, ws: Workspace | None = None, *, progress: bool =
 
 def decide_actions(ws: Workspace, stages: list[PlannedStage]) -> list[PlannedStage]:
     """Set each stage's action from the store; a stage whose upstream group reruns
-    reruns too (stages are in dependency order)."""
+    reruns too (stages are in dependency order).  An upstream *extension* (a needed-
+    frames group given more lag sets: it keeps every value it holds, bit for bit) does
+    not make a stage rerun by itself: a fit records the features it reads without their
+    lag sets, so the fits of the lag sets already there stay done."""
     rerun_groups: set[str] = set()
     started = started_requests(ws)
     for stage in stages:
         _decide(ws, stage, started.get(stage.group))
         if stage.action in ("skip", "resume") and any(g in rerun_groups for g in stage.upstream):
             stage.action, stage.note = "rerun", "an upstream stage reruns"
-        if stage.action in ("rerun", "run"):
+        elif stage.action == "rerun" and _is_extension(ws, stage) and \
+                not any(g in rerun_groups for g in stage.upstream):
+            stage.extends = True
+            stage.note = "new lag sets: only the frame times they add are computed"
+        if stage.action in ("rerun", "run") and not stage.extends:
             rerun_groups.add(stage.group)
     return stages
+
+
+def _is_extension(ws: Workspace, stage: PlannedStage) -> bool:
+    """Whether the stage's complete group was made from this request but for fewer lag
+    sets (every lag set it was made for is still asked for)."""
+    base, lag_sets = split_lag_sets(stage.request)
+    stored = ws.attrs(stage.group).get(LAG_SETS_ATTR)
+    if lag_sets is None or not isinstance(stored, dict) or ws.state(stage.group) != "complete":
+        return False
+    new = {tuple(map(float, s)) for s in lag_sets}
+    return stored.get("base") == _fingerprint(base) and all(
+        tuple(map(float, s)) in new for s in stored.get("lag_sets", []))
+
+
+def split_lag_sets(request: dict) -> tuple[dict, list | None]:
+    """``(request without the lag sets its needed frames are chosen for, those lag
+    sets)`` of a frames or features request; ``(request, None)`` for any other (frames
+    of every sample, events, imports)."""
+    frames = request.get("frames") if isinstance(request.get("frames"), dict) else None
+    needed = request.get("needed_for", (frames or {}).get("needed_for"))
+    if not isinstance(needed, dict) or "lag_sets" not in needed:
+        return request, None
+    needed = {k: v for k, v in needed.items() if k != "lag_sets"}
+    if "needed_for" in request:
+        return {**request, "needed_for": needed}, request["needed_for"]["lag_sets"]
+    return ({**request, "frames": {**frames, "needed_for": needed}},
+            frames["needed_for"]["lag_sets"])
+
+
+def _fingerprint(request: dict) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------- one stage each
@@ -214,8 +266,10 @@ def _fit_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, lags: list[float
     per-category maps)."""
     from voxelflow.pipeline.stages.fit import fit_group, run_fit_stage
 
-    request = {"features": feat.request, "bold": bold.request, "lags": lags,
-               "alphas": exp.alphas, "test_samples": exp.test_samples,
+    # The features without the lag sets their frames are chosen for: adding a lag set
+    # extends them (old values kept bit for bit) and leaves this fit's inputs unchanged.
+    request = {"features": split_lag_sets(feat.request)[0], "bold": bold.request,
+               "lags": lags, "alphas": exp.alphas, "test_samples": exp.test_samples,
                "test_runs": exp.test_runs, "test_repeats": exp.test_repeats, "cv": exp.cv,
                "aggregate": exp.aggregate, "statistics": exp.statistics().as_params()}
     save_weights = spec.is_categorical_events
@@ -244,7 +298,8 @@ def _joint_fit_stages(exp: Experiment, ws: Workspace, stages: list[PlannedStage]
     for spec in exp.joint:
         feats = [by_group[f"features/{n}"] for n in spec.features]
         for lags in exp.lag_sets:
-            request = {"features": [f.request for f in feats], "bold": bold.request,
+            request = {"features": [split_lag_sets(f.request)[0] for f in feats],
+                       "bold": bold.request,
                        "lags": lags, "alphas": exp.alphas, "test_samples": exp.test_samples,
                        "test_runs": exp.test_runs, "test_repeats": exp.test_repeats,
                        "cv": exp.cv, "aggregate": exp.aggregate,

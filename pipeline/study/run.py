@@ -53,10 +53,10 @@ def execute_plan(ws: Workspace, stages: list[PlannedStage],
             # The request goes into the group with the write that completes it (before
             # a replacement is swapped in), so a kill never leaves a finished group
             # without the request that made it.
-            with ws.attrs_at_finish(stage.group, {REQUEST_ATTR: stage.fingerprint}):
+            with ws.attrs_at_finish(stage.group, stage.recorded_attrs):
                 stage.call(stage.action == "rerun")
             if ws.attrs(stage.group).get(REQUEST_ATTR) != stage.fingerprint:
-                ws.update_attrs(stage.group, {REQUEST_ATTR: stage.fingerprint})
+                ws.update_attrs(stage.group, stage.recorded_attrs)
             note_started(ws, stage.group, None)  # and consolidates
         log(f"        done in {time.perf_counter() - t0:.1f} s")
         ran.append(stage)

@@ -14,6 +14,7 @@ from bold_inputs import write_nifti
 from voxelflow.pipeline.design.lags import build_design
 from voxelflow.pipeline.design.lags import needed_frame_indices
 from voxelflow.pipeline.design.needed import MissingTimes
+from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.pipeline.stages.features import run_features_stage
 from voxelflow.pipeline.stages.fit import run_fit_stage
@@ -145,3 +146,18 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys):
         code = cli.main(["frames", str(video), "--name", "x", "--store", store, *args])
         err = capsys.readouterr().err.strip()
         assert code == 2 and message in err and "\n" not in err, err
+
+
+def test_disk_check_counts_only_the_needed_frames(ws, full_store, monkeypatch):
+    """Issue 12's disk check of the frames stage: a sparse group needs room for its
+    stored frames only, not for every sample of the grid."""
+    from voxelflow.pipeline.execution import resources
+    from voxelflow.pipeline.stages.frames import frames_disk_bytes
+
+    grid = 2 * SECONDS * int(FPS)  # every sample of both runs
+    monkeypatch.setattr(resources, "free_disk", lambda path: frames_disk_bytes(grid // 2, 32))
+    summary = run_frames_stage(ws, full_store[1], "few", fps=FPS, size=32, progress=False,
+                               needed=NeededFrames(bold="s1", lag_sets=((2.0,),)))
+    assert sum(summary["frames"]) < grid // 2 <= sum(summary["grid_frames"])
+    with pytest.raises(InputError, match="on disk but"):
+        run_frames_stage(ws, full_store[1], "every", fps=FPS, size=32, progress=False)
