@@ -9,7 +9,8 @@ take the first frame (the clip is padded by repeating it).
 For a sparse frames group (needed frames only, :mod:`~voxelflow.pipeline.design.needed`)
 the clip frames must be stored too: the needed-frames request includes them when
 given the clip options (:func:`with_clip_frames`); :func:`clip_positions` maps every
-clip onto the stored frames and refuses, in one line, a group that lacks some.
+clip onto the stored frames and says which stored times have their whole clip (the
+frames added only for clips lack the earlier part of their own).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from voxelflow.pipeline.design.lags import frame_indices_for
-from voxelflow.pipeline.design.needed import MissingTimes, design_grid, stored_positions
+from voxelflow.pipeline.design.needed import design_grid
 from voxelflow.pipeline.errors import InputError
 
 
@@ -54,15 +55,19 @@ def with_clip_frames(grid: np.ndarray, indices: np.ndarray, clip_frames: int,
 
 
 def clip_positions(times: np.ndarray, time_attrs: Mapping, clip_frames: int,
-                   clip_fps: float, what: str) -> np.ndarray:
-    """``(n_stored, clip_frames)`` int64 positions in a run's stored ``times`` (s) of the
-    clip ending at each stored time; :class:`MissingTimes` naming ``what`` when a
-    sparse run lacks some clip frames.  ``time_attrs`` are the ``time`` coordinate's
-    (a sparse run keeps its full grid there)."""
+                   clip_fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(keep, positions)`` of a run's stored frame ``times`` (s): ``keep`` (n_kept,)
+    the stored times whose whole clip is stored (all of them unless the run is sparse),
+    ``positions`` (n_kept, clip_frames) int64 the positions in ``times`` of each one's
+    clip frames.  ``time_attrs`` are the ``time`` coordinate's (a sparse run keeps its
+    full grid there)."""
     stored = np.asarray(times, dtype=np.float64)
     grid = design_grid(time_attrs, stored)
-    ends = np.searchsorted(grid, stored)
-    if stored.size and (ends.max() >= grid.size or not np.array_equal(grid[ends], stored)):
-        raise InputError(f"{what}: the stored frame times are not on the group's k / fps grid")
-    grid_idx = clip_indices(grid, ends, clip_frames, clip_fps)
-    return stored_positions(stored, grid, grid_idx.ravel(), what).reshape(grid_idx.shape)
+    ends = np.minimum(np.searchsorted(grid, stored), max(grid.size - 1, 0))
+    if stored.size and not np.array_equal(grid[ends], stored):
+        raise InputError("the stored frame times are not on the group's k / fps grid")
+    wanted = grid[clip_indices(grid, ends, clip_frames, clip_fps)]  # (n, clip_frames) s
+    pos = np.minimum(np.searchsorted(stored, wanted), max(stored.size - 1, 0))
+    found = (stored[pos] == wanted).all(axis=1) if stored.size else np.zeros(0, bool)
+    keep = np.flatnonzero(found)
+    return keep, pos[keep].astype(np.int64)

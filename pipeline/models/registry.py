@@ -2,11 +2,11 @@
 
 Models: every torchvision classification model (``torchvision.models.list_models``),
 every torchvision video classification model (``torchvision.models.video``: they take
-clips, :mod:`voxelflow.pipeline.models.video`) plus ``efficientnet_lite0`` (PyPI ``efficientnet-lite-pytorch``) and ``autoencoder``
-(the encoder of a ``voxelflow train-autoencoder`` checkpoint,
-:mod:`voxelflow.pipeline.models.autoencoder`).  Any node of a model's graph can be
-read (torchvision's ``create_feature_extractor``; :func:`list_layers` gives the
-names).  Defaults reproduce the study:
+clips, :mod:`voxelflow.pipeline.models.video`) plus ``efficientnet_lite0`` (PyPI
+``efficientnet-lite-pytorch``) and ``autoencoder`` (the encoder of a ``voxelflow
+train-autoencoder`` checkpoint, :mod:`voxelflow.pipeline.models.autoencoder`).  Any
+node of a model's graph can be read (torchvision's ``create_feature_extractor``;
+:func:`list_layers` gives the names).  Defaults reproduce the study:
 
 * ``resnet50``  -> ``avgpool``: the 2,048-d global-average-pooled output;
 * ``vgg16``     -> ``classifier.4``: the 4,096-d fc7 output after its ReLU;

@@ -3,9 +3,12 @@
 For each stored frame time ``t`` of a frames run, a video model is fed the clip of
 ``clip_frames`` frames at ``clip_fps`` ending at ``t`` (the frames at
 ``t - (N-1)/F ... t`` of the run's grid, padded at the run's start by repeating the
-first frame: :mod:`voxelflow.pipeline.design.clips`).  :func:`run_clip_positions`
-maps every clip onto the stored frames before anything is written (a sparse group
-lacking some is refused in one line saying how to extend it); :func:`read_clips`
+first frame: :mod:`voxelflow.pipeline.design.clips`).  :func:`plan_clip_runs`
+maps every clip onto the stored frames before anything is written: the features
+group holds the times whose whole clip is stored (all of a full-rate group; the
+requested ones of a sparse group made with ``--clip-frames/--clip-fps``), and a
+sparse group made without the clips is refused in one line saying how to extend
+it.  :func:`read_clips`
 reads the frames of a few clips in one contiguous read and gathers them into
 ``(n, clip_frames, H, W, 3)``.  The per-block work itself is the features stage's
 :class:`~voxelflow.pipeline.stages.features.FeaturesWork` (its ``clips`` field).
@@ -19,7 +22,7 @@ import numpy as np
 import xarray as xr
 
 from voxelflow.pipeline.design.clips import check_clip, clip_positions
-from voxelflow.pipeline.design.needed import MissingTimes
+from voxelflow.pipeline.design.needed import SPARSE, MissingTimes
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.models.video import (DEFAULT_CLIP_FPS, DEFAULT_CLIP_FRAMES,
                                              is_video_model)
@@ -43,28 +46,42 @@ def check_clip_options(model: str, clip_frames: int | None, clip_fps: float | No
                       DEFAULT_CLIP_FPS if clip_fps is None else clip_fps)
 
 
-def run_clip_positions(frames_group: str, frames_runs: Sequence[xr.Dataset],
-                       clip: tuple[int, float], frames_params: dict | None
-                       ) -> tuple[np.ndarray, ...]:
-    """Per run, ``(n_times, clip_frames)`` int64 positions in the run's stored frames of
-    the clip ending at each stored time; :class:`MissingTimes` (one line, with the
-    command that extends the group) when a sparse group lacks some of their frames."""
-    out = []
+def plan_clip_runs(frames_group: str, frames_runs: Sequence[xr.Dataset],
+                   clip: tuple[int, float], frames_params: dict | None
+                   ) -> tuple[list[xr.Dataset], tuple[np.ndarray, ...]]:
+    """Per run, the frames run restricted to the output times (those whose whole clip
+    is stored: every time of a full-rate group; of a sparse group, those its request
+    included the clips of) with the clip options in its ``time`` attrs, and the
+    ``(n_times, clip_frames)`` int64 positions of each time's clip in the stored frames.
+
+    A sparse group whose request did not include clips of these options is refused
+    in one line (:class:`MissingTimes`) with the command that extends it.
+    """
+    sparse = any(ds["time"].attrs.get(SPARSE) for ds in frames_runs)
+    requests = ((frames_params or {}).get("times") or {}).get("needed_for")
+    requests = requests if isinstance(requests, list) else []
+    if sparse and not any(r.get("clip_frames") == clip[0] and r.get("clip_fps") == clip[1]
+                          for r in requests if isinstance(r, dict)):
+        raise MissingTimes(
+            f"/{frames_group} is sparse (needed frames only) and was not made with the "
+            f"frames of clips of {clip[0]} frames at {clip[1]:g} fps; "
+            + _extend_hint(frames_group, clip, requests))
+    runs, positions = [], []
     for run, ds in enumerate(frames_runs):
-        time = ds["time"]
-        what = f"/{frames_group} run {run} (sparse: only the frames of its request)"
-        try:
-            out.append(clip_positions(time.values, time.attrs, clip[0], clip[1], what))
-        except MissingTimes as exc:
-            raise MissingTimes(f"{exc} for clips of {clip[0]} frames at {clip[1]:g} fps; "
-                               + _extend_hint(frames_group, clip, frames_params)) from None
-    return tuple(out)
+        keep, pos = clip_positions(ds["time"].values, ds["time"].attrs, clip[0], clip[1])
+        if keep.size == 0:
+            raise MissingTimes(f"/{frames_group} run {run}: no stored time has every frame "
+                               f"of its clip; " + _extend_hint(frames_group, clip, requests))
+        view = ds.isel(time=keep) if keep.size < ds.sizes["time"] else ds.copy()
+        view["time"].attrs.update(clip_frames=clip[0], clip_fps=clip[1])
+        runs.append(view)
+        positions.append(pos)
+    return runs, tuple(positions)
 
 
-def _extend_hint(frames_group: str, clip: tuple[int, float], params: dict | None) -> str:
+def _extend_hint(frames_group: str, clip: tuple[int, float], requests: list) -> str:
     """The command that adds the clips' frames to a sparse frames group."""
-    requests = ((params or {}).get("times") or {}).get("needed_for") or [{}]
-    last = requests[-1] if isinstance(requests, list) and requests else {}
+    last = requests[-1] if requests and isinstance(requests[-1], dict) else {}
     if last.get("bold"):
         lags = " ".join(f"--lags {','.join(f'{x:g}' for x in s)}" for s in last["lag_sets"])
         source = f"--times-from-bold {last['bold']} {lags}"

@@ -59,8 +59,8 @@ from voxelflow.pipeline.models.extractor import (POOL_MODES, ClipExtractor, Extr
                                                  FeatureExtractor, check_device, worker_extractor)
 from voxelflow.pipeline.models.registry import EFFICIENTNET_LITE0, check_layers, check_model
 from voxelflow.pipeline.models.weights import weights_key
-from voxelflow.pipeline.stages.clips import (DEFAULT_CLIP_BATCH, check_clip_options, read_clips,
-                                             run_clip_positions)
+from voxelflow.pipeline.stages.clips import (DEFAULT_CLIP_BATCH, check_clip_options,
+                                             plan_clip_runs, read_clips)
 from voxelflow.stores.inventory import stored_bytes
 from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import (RunTemplate, StageWriter, Workspace,
@@ -279,8 +279,10 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
             f"/{frames_group}: frames are {height}x{width} but {model} takes 224x224; "
             f"remake them with: voxelflow frames ... --name {frames_name} --size 224"
         )
-    clips = None if clip is None else run_clip_positions(
-        frames_group, frames_runs, clip, workspace.params(frames_group))
+    clips = None
+    if clip is not None:  # the times whose clips are stored, and their clips' frames
+        frames_runs, clips = plan_clip_runs(frames_group, frames_runs, clip,
+                                            workspace.params(frames_group))
     backbone = load_backbone(model, weights)
     extractor = (FeatureExtractor(backbone, layers, device=device, pool=pool, precision=precision)
                  if clip is None else ClipExtractor(backbone, layers, clip[0], device=device,
