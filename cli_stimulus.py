@@ -59,9 +59,11 @@ def cmd_frames(args: argparse.Namespace) -> int:
         needed = NeededFrames(bold=args.times_from_bold, aggregate=args.aggregate,
                               lag_sets=tuple(tuple(parse_lags(t)) for t in args.lags or []),
                               times_file=args.times, extend=args.extend, **clip)
-    elif args.lags or args.extend or args.clip_frames is not None or args.clip_fps is not None:
-        raise InputError("--lags, --extend and --clip-frames/--clip-fps need "
-                         "--times-from-bold SUBJ (or --times FILE)")
+    elif args.lags or args.extend:
+        raise InputError("--lags and --extend need --times-from-bold SUBJ (or --times FILE)")
+    elif args.clip_frames is not None or args.clip_fps is not None:
+        raise InputError("--clip-frames/--clip-fps need --times-from-bold SUBJ (or --times "
+                         "FILE): every frame is kept without them")
     summary = run_frames_stage(
         Workspace(args.store), args.videos, args.name, fps=args.fps, size=args.size,
         resize=args.resize, needed=needed, overwrite=args.overwrite, progress=args.progress,

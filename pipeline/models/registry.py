@@ -12,6 +12,7 @@ node of a model's graph can be read (torchvision's ``create_feature_extractor``;
 * ``vgg16``     -> ``classifier.4``: the 4,096-d fc7 output after its ReLU;
 * ``efficientnet_lite0`` -> ``_avg_pooling``: the 1,280-d pooled head output;
 * ``autoencoder`` -> ``avgpool``: the 2,048-d pooled bottleneck;
+* ``s3d`` -> ``avgpool`` (1,024 channels per remaining time step);
 * any other model -> the node just before its last one (the classifier's input).
 
 Constructors here give the architecture with its default initialisation; weights are
@@ -36,6 +37,7 @@ DEFAULT_LAYERS = {
     "vgg16": "classifier.4",
     EFFICIENTNET_LITE0: "_avg_pooling",
     AUTOENCODER: "avgpool",  # the 2,048-d pooled bottleneck
+    "s3d": "avgpool",  # its last nodes are the classifier's logits per time step
 }
 
 
