@@ -69,11 +69,15 @@ def cmd_frames(args: argparse.Namespace) -> int:
         resize=args.resize, needed=needed, overwrite=args.overwrite, progress=args.progress,
         log=lambda note: print(f"voxelflow: note: {note}", file=sys.stderr, flush=True),
     )
-    counts = ", ".join(str(n) for n in summary["frames"])
-    print(f"wrote /{summary['group']} in {args.store}: {summary['runs']} run(s), "
-          f"{counts} frames ({summary['blocks_written']} blocks written, "
-          f"{summary['blocks_skipped']} already done)")
+    print(f"wrote /{summary['group']} in {args.store}: {_frames_written(summary)})")
     return 0
+
+
+def _frames_written(summary: dict) -> str:
+    """``R run(s), N, M frames (B blocks written, S already done`` of a stage summary."""
+    counts = ", ".join(str(n) for n in summary["frames"])
+    return (f"{summary['runs']} run(s), {counts} frames ({summary['blocks_written']} blocks "
+            f"written, {summary['blocks_skipped']} already done")
 
 
 # ---------------------------------------------------------------------- features
@@ -136,10 +140,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     )
     groups = ", ".join(f"/{g} ({n} features)" for g, n in
                        zip(summary["groups"], summary["n_features"]))
-    counts = ", ".join(str(n) for n in summary["frames"])
-    print(f"wrote {groups} in {args.store}: {summary['runs']} run(s), {counts} frames "
-          f"({summary['blocks_written']} blocks written, {summary['blocks_skipped']} already "
-          f"done; {summary['frames_per_s']:.1f} frames/s)")
+    print(f"wrote {groups} in {args.store}: {_frames_written(summary)}; "
+          f"{summary['frames_per_s']:.1f} frames/s)")
     return 0
 
 
