@@ -192,3 +192,17 @@ def test_bad_input_is_one_line_error_and_nothing_written(ws, tmp_path, capsys, m
         assert "s3d cannot take clips of 4 32x32 frames" in msg and "--clip-frames" in msg
     assert Workspace(ws.path).state("features/x") is None
     assert not (ws.path / "features" / "x").exists()
+
+
+def test_on_a_dask_cluster_equals_the_threaded_run(ws):
+    # One task per block; the worker builds the model from the spec (no model is sent).
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
+                            dashboard_address=":0", set_as_default=False) as client:
+        with client.as_current():
+            summary = run_features_stage(ws, "all", "r3d_18", name="remote", progress=False,
+                                         **R3D)
+    assert summary["blocks_written"] == 5
+    here = ws.open_run("features/r3d_18", 0)["features"].values
+    there = ws.open_run("features/remote", 0)["features"].values
+    np.testing.assert_allclose(there, here, rtol=1e-5, atol=1e-6)
