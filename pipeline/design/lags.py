@@ -261,8 +261,8 @@ def _to_stored(per_lag: list[np.ndarray], time: xr.DataArray, grid: np.ndarray, 
             out.append(np.stack([start, start + idx[:, 1] - idx[:, 0]], axis=1))
     except MissingTimes as exc:
         frames = str(time.attrs.get("frames_name", "FRAMES"))
-        raise MissingTimes(f"{exc} for lags {lags}; "
-                           + extend_hint(frames, features_name, bold_name, [lags])) from None
+        hint = extend_hint(frames, features_name, bold_name, [lags], time.attrs)
+        raise MissingTimes(f"{exc} for lags {lags}; " + hint) from None
     return out
 
 

@@ -67,10 +67,14 @@ def stored_positions(stored: np.ndarray, grid: np.ndarray, indices: np.ndarray,
 
 
 def extend_hint(frames_name: str, features_name: str, bold: str,
-                lag_sets: Sequence[Sequence[float]]) -> str:
-    """The commands that add the frames of ``lag_sets`` to sparse groups."""
+                lag_sets: Sequence[Sequence[float]], time_attrs: Mapping | None = None) -> str:
+    """The commands that add the frames of ``lag_sets`` to sparse groups (with the clip
+    options of a video model's features, read from their ``time_attrs``)."""
     lags = " ".join(f"--lags {','.join(f'{x:g}' for x in s)}" for s in lag_sets)
+    attrs = time_attrs or {}
+    clip = (f" --clip-frames {attrs['clip_frames']} --clip-fps {attrs['clip_fps']:g}"
+            if attrs.get("clip_frames") else "")
     return (f"extend them with: voxelflow frames VIDEO... --name {frames_name} "
-            f"--times-from-bold {bold} {lags} --extend, then rerun voxelflow features "
+            f"--times-from-bold {bold} {lags}{clip} --extend, then rerun voxelflow features "
             f"--frames {frames_name} ... --name {features_name} (only the missing times are "
             f"computed)")

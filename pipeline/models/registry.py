@@ -1,16 +1,18 @@
 """Which backbones exist, how to construct one, and which of its layers can be read.
 
-Models: every torchvision classification model (``torchvision.models.list_models``)
-plus ``efficientnet_lite0`` (PyPI ``efficientnet-lite-pytorch``) and ``autoencoder``
-(the encoder of a ``voxelflow train-autoencoder`` checkpoint,
-:mod:`voxelflow.pipeline.models.autoencoder`).  Any node of a model's graph can be
-read (torchvision's ``create_feature_extractor``; :func:`list_layers` gives the
-names).  Defaults reproduce the study:
+Models: every torchvision classification model (``torchvision.models.list_models``),
+every torchvision video classification model (``torchvision.models.video``: they take
+clips, :mod:`voxelflow.pipeline.models.video`) plus ``efficientnet_lite0`` (PyPI
+``efficientnet-lite-pytorch``) and ``autoencoder`` (the encoder of a ``voxelflow
+train-autoencoder`` checkpoint, :mod:`voxelflow.pipeline.models.autoencoder`).  Any
+node of a model's graph can be read (torchvision's ``create_feature_extractor``;
+:func:`list_layers` gives the names).  Defaults reproduce the study:
 
 * ``resnet50``  -> ``avgpool``: the 2,048-d global-average-pooled output;
 * ``vgg16``     -> ``classifier.4``: the 4,096-d fc7 output after its ReLU;
 * ``efficientnet_lite0`` -> ``_avg_pooling``: the 1,280-d pooled head output;
 * ``autoencoder`` -> ``avgpool``: the 2,048-d pooled bottleneck;
+* ``s3d`` -> ``avgpool`` (1,024 channels per remaining time step);
 * any other model -> the node just before its last one (the classifier's input).
 
 Constructors here give the architecture with its default initialisation; weights are
@@ -35,16 +37,19 @@ DEFAULT_LAYERS = {
     "vgg16": "classifier.4",
     EFFICIENTNET_LITE0: "_avg_pooling",
     AUTOENCODER: "avgpool",  # the 2,048-d pooled bottleneck
+    "s3d": "avgpool",  # its last nodes are the classifier's logits per time step
 }
 
 
 def available_models() -> list[str]:
-    """Names accepted by ``model=``: torchvision classification models + EfficientNet-Lite0
-    + the autoencoder."""
+    """Names accepted by ``model=``: torchvision classification and video classification
+    models + EfficientNet-Lite0 + the autoencoder."""
     import torchvision
 
+    from voxelflow.pipeline.models.video import video_models
+
     return sorted(set(torchvision.models.list_models(module=torchvision.models)) |
-                  set(EXTRA_MODELS))
+                  video_models() | set(EXTRA_MODELS))
 
 
 def check_model(model: str) -> str:
@@ -55,7 +60,7 @@ def check_model(model: str) -> str:
     close = difflib.get_close_matches(model, names, n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise InputError(
-        f"unknown model {model!r}; {hint}(any torchvision classification model or "
+        f"unknown model {model!r}; {hint}(any torchvision classification or video model, or "
         f"{', '.join(EXTRA_MODELS)}; list them with: voxelflow features --list-models)"
     )
 

@@ -2,7 +2,8 @@
 
 ``--weights`` is one of ``imagenet`` (torchvision's default weights of the model, from
 the torch cache ``torch.hub.get_dir()/checkpoints``, downloaded there when absent and
-allowed), ``random:SEED`` (the constructor's own initialisation after
+allowed), ``kinetics`` (the same for a video model: its Kinetics-400 weights),
+``random:SEED`` (the constructor's own initialisation after
 ``torch.manual_seed(SEED)``) or the path of a state_dict file.  Nothing here builds a
 network: :mod:`voxelflow.pipeline.models.backbone` does, with these helpers.
 """
@@ -33,9 +34,9 @@ def sha256_file(path: str | Path) -> str:
 
 
 def parse_weights(spec: str) -> tuple[str, Any]:
-    """``imagenet`` | ``random:SEED`` | a path -> (kind, value)."""
-    if spec == "imagenet":
-        return "imagenet", None
+    """``imagenet`` | ``kinetics`` | ``random:SEED`` | a path -> (kind, value)."""
+    if spec in ("imagenet", "kinetics"):
+        return spec, None
     if spec.startswith("random:") or spec == "random":
         text = spec.partition(":")[2]
         try:
@@ -46,7 +47,8 @@ def parse_weights(spec: str) -> tuple[str, Any]:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise InputError(
-            f"--weights {spec}: no such file; give imagenet, random:SEED or the path of a "
+            f"--weights {spec}: no such file; give imagenet (kinetics for a video model), "
+            f"random:SEED or the path of a "
             f"state_dict file (torch.save(model.state_dict(), PATH))"
         )
     return "file", path
@@ -74,22 +76,24 @@ def imagenet_weights_file(model: str) -> tuple[Any, str, Path]:
     return enum, file_name, torch_checkpoint_dir() / file_name
 
 
-def ensure_imagenet_file(model: str) -> tuple[Any, Path]:
-    """``(weights enum, cached file)`` of ``model``'s ImageNet weights, downloaded into the
-    torch cache if absent (never with ``$VOXELFLOW_OFFLINE=1``); one-line error otherwise."""
+def ensure_imagenet_file(model: str, label: str = "ImageNet") -> tuple[Any, Path]:
+    """``(weights enum, cached file)`` of ``model``'s default (``label``: ImageNet, or
+    Kinetics-400 for a video model) weights, downloaded into the torch cache if absent
+    (never with ``$VOXELFLOW_OFFLINE=1``); one-line error otherwise."""
     enum, file_name, cached = imagenet_weights_file(model)
     if not cached.is_file() and os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise InputError(
-            f"ImageNet weights for {model} are not in the torch cache and downloads are off "
+            f"{label} weights for {model} are not in the torch cache and downloads are off "
             f"(${OFFLINE_ENV}); put {file_name} (from {enum.url}) into {cached.parent}/ "
             f"(set TORCH_HOME to move the cache), or use --weights PATH|random:SEED"
         )
     if not cached.is_file():
-        download_weights(model, enum.url, file_name, cached)
+        download_weights(model, enum.url, file_name, cached, label)
     return enum, cached
 
 
-def download_weights(model: str, url: str, file_name: str, cached: Path) -> None:
+def download_weights(model: str, url: str, file_name: str, cached: Path,
+                     label: str = "ImageNet") -> None:
     """Download ``url`` to ``cached`` (hash-checked, atomic); one-line error if impossible."""
     import torch
 
@@ -103,7 +107,7 @@ def download_weights(model: str, url: str, file_name: str, cached: Path) -> None
     except Exception as exc:
         reason = exception_reason(exc)
         raise InputError(
-            f"ImageNet weights for {model} are not in the torch cache and could not be "
+            f"{label} weights for {model} are not in the torch cache and could not be "
             f"downloaded ({reason[:120]}); put {file_name} (from {url}) into {cached.parent}/ "
             f"(set TORCH_HOME to move the cache), or use --weights PATH|random:SEED"
         ) from None

@@ -27,6 +27,11 @@ next one is computed; the forward runs under ``torch.inference_mode`` in
 channels_last, with optional autocast (``precision="bf16"|"fp16"``).  On a Dask
 cluster each block is one task; every worker process builds the model once
 (:func:`~voxelflow.pipeline.models.extractor.worker_extractor`).
+
+Video models (``r3d_18``, ``s3d``, ``mvit_v2_s``, ``swin3d_t``, ...) get, per stored
+time, the clip of ``clip_frames`` frames at ``clip_fps`` ending there
+(:mod:`voxelflow.pipeline.stages.clips`): a block reads the frames its clips need,
+also those before the block's start; the clip options are parameters of the group.
 """
 
 from __future__ import annotations
@@ -50,10 +55,12 @@ from voxelflow.pipeline.execution.resources import check_request
 from voxelflow.pipeline.stages.feature_arrays import (BLOCK_MAX, choose_block_size, feature_labels,
                                                       feature_template)
 from voxelflow.pipeline.models.backbone import Backbone, load_backbone
-from voxelflow.pipeline.models.extractor import (POOL_MODES, ExtractorSpec, FeatureExtractor,
-                                                 check_device, worker_extractor)
+from voxelflow.pipeline.models.extractor import (POOL_MODES, ClipExtractor, ExtractorSpec,
+                                                 FeatureExtractor, check_device, worker_extractor)
 from voxelflow.pipeline.models.registry import EFFICIENTNET_LITE0, check_layers, check_model
 from voxelflow.pipeline.models.weights import weights_key
+from voxelflow.pipeline.stages.clips import (DEFAULT_CLIP_BATCH, check_clip_options,
+                                             plan_clip_runs, read_clips)
 from voxelflow.stores.inventory import stored_bytes
 from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import (RunTemplate, StageWriter, Workspace,
@@ -120,6 +127,8 @@ class FeaturesWork:
     ``extractor`` where the stage built one (this process), else the per-process one of
     ``spec`` (a cluster worker: built once, weights hash checked).  ``on_frames(n)``
     is called after each batch here (progress); neither travels to workers.
+    ``clips`` (a video model): per run, the ``(n_times, clip_frames)`` stored positions
+    of each time's clip; its inputs are then clips ``(B, clip_frames, H, W, 3)``.
     """
 
     writers: tuple[StageWriter, ...]
@@ -130,6 +139,7 @@ class FeaturesWork:
     extractor: FeatureExtractor | None = field(default=None, repr=False, compare=False)
     reuse: tuple[np.ndarray, ...] | None = None  # per run: old position per time, -1: compute
     on_frames: Callable[[int], Any] | None = field(default=None, repr=False, compare=False)
+    clips: tuple[np.ndarray, ...] | None = None  # per run: clip positions (video models)
 
     def __getstate__(self) -> dict:
         # The model and the progress bar stay in the process that made them.
@@ -181,8 +191,7 @@ class FeaturesWork:
                 out[held] = old[pos[held] - first]
         forward_s = 0.0
         if missing.size:
-            frames = workspace.read_array(Workspace.run_path(self.frames_group, run), "frames",
-                                          slice(region.start, region.stop))[missing]
+            frames = self._inputs(run, region, missing)
             for start in range(0, missing.size, self.batch_size):
                 rows = missing[start:start + self.batch_size]
                 t0 = time.perf_counter()
@@ -194,21 +203,36 @@ class FeaturesWork:
                     self.on_frames(int(rows.size))
         return outs, forward_s
 
-    def _batches(self, run: int, region: slice, pin: bool) -> Iterator[tuple[int, Any]]:
-        """``(offset in the block, uint8 (B, H, W, 3) tensor)`` of every batch of ``region``.
+    def _inputs(self, run: int, region: slice, rows: np.ndarray) -> np.ndarray:
+        """The model's uint8 inputs of ``region``'s ``rows`` (offsets in the block): frames
+        ``(n, H, W, 3)``, or clips ``(n, clip_frames, H, W, 3)``."""
+        workspace = self.writers[0].workspace
+        node = Workspace.run_path(self.frames_group, run)
+        if self.clips is not None:
+            return read_clips(workspace, node, self.clips[run][region][rows])
+        return workspace.read_array(node, "frames", slice(region.start, region.stop))[rows]
 
-        Reads about one frames shard (128, a whole number of batches) at a time, so
-        per-read overhead is a small fraction; pinned for a CUDA device.
+    def _batches(self, run: int, region: slice, pin: bool) -> Iterator[tuple[int, Any]]:
+        """``(offset in the block, uint8 (B, H, W, 3) tensor)`` of every batch of ``region``
+        (clips ``(B, clip_frames, H, W, 3)`` for a video model).
+
+        Reads about one frames shard (128 frames, a whole number of batches) at a time,
+        so per-read overhead is a small fraction; pinned for a CUDA device.  A block of
+        clips reads the frames its clips need, also those before its start.
         """
         import torch
 
         workspace = self.writers[0].workspace
         node = Workspace.run_path(self.frames_group, run)
         size = self.batch_size
-        piece = size * max(1, READ_FRAMES // size)
+        per_input = 1 if self.clips is None else int(self.clips[run].shape[1])
+        piece = size * max(1, READ_FRAMES // (size * per_input))
         for first in range(region.start, region.stop, piece):
             last = min(first + piece, region.stop)
-            frames = workspace.read_array(node, "frames", slice(first, last))
+            if self.clips is None:
+                frames = workspace.read_array(node, "frames", slice(first, last))
+            else:
+                frames = read_clips(workspace, node, self.clips[run][first:last])
             for start in range(first, last, size):
                 t = torch.from_numpy(frames[start - first:min(start + size, last) - first])
                 yield start - region.start, (t.pin_memory() if pin else t)
@@ -225,20 +249,26 @@ class FeaturesWork:
 
 # ------------------------------------------------------------------------- the stage
 def run_features_stage(workspace: Workspace, frames_name: str, model: str,
-                       layers: Sequence[str] | None = None, weights: str = "imagenet",
+                       layers: Sequence[str] | None = None, weights: str | None = None,
                        device: str = "cpu", batch_size: int | None = None,
                        name: str | None = None, pool: str | None = None,
                        precision: str = "fp32", overwrite: bool = False,
-                       progress: bool = True, block_size: int | None = None) -> dict:
+                       progress: bool = True, block_size: int | None = None,
+                       clip_frames: int | None = None, clip_fps: float | None = None) -> dict:
     """Extract ``model`` features of ``/frames/<frames_name>`` into ``/features/<name>``.
 
     ``name`` defaults to the model name; several ``layers`` write one group each,
     ``<name>.<layer>``.  Resumes an interrupted run (same parameters); other
     parameters are refused unless ``overwrite``.  Every input is checked before
     anything is written.  Returns a summary dict (groups, runs, frames, n_features,
-    blocks written/skipped, compute seconds and frames per second).
+    blocks written/skipped, compute seconds and frames per second).  ``weights``
+    defaults to ``imagenet`` (``kinetics`` for a video model).  A video model gets
+    clips of ``clip_frames`` (16) frames at ``clip_fps`` (15) ending at each time.
     """
     # ---- validate everything before writing anything
+    clip = check_clip_options(model, clip_frames, clip_fps)
+    if clip is not None and batch_size is None:
+        batch_size = DEFAULT_CLIP_BATCH["cuda" if str(device).startswith("cuda") else "cpu"]
     device, batch_size, layers, name = _check_args(model, layers, device, batch_size, name,
                                                    pool, precision, block_size)
     frames_group = f"frames/{check_name(frames_name, '--frames')}"
@@ -251,8 +281,14 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
             f"/{frames_group}: frames are {height}x{width} but {model} takes 224x224; "
             f"remake them with: voxelflow frames ... --name {frames_name} --size 224"
         )
+    clips = None
+    if clip is not None:  # the times whose clips are stored, and their clips' frames
+        frames_runs, clips = plan_clip_runs(frames_group, frames_runs, clip,
+                                            workspace.params(frames_group))
     backbone = load_backbone(model, weights)
-    extractor = FeatureExtractor(backbone, layers, device=device, pool=pool, precision=precision)
+    extractor = (FeatureExtractor(backbone, layers, device=device, pool=pool, precision=precision)
+                 if clip is None else ClipExtractor(backbone, layers, clip[0], device=device,
+                                                    pool=pool, precision=precision))
     shapes = extractor.probe(height, width, model)
     n_features = [int(math.prod(s)) for s in shapes]
     block = int(block_size) if block_size is not None else choose_block_size(n_features)
@@ -262,10 +298,11 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
     base = {
         "stage": "features",
         "frames": {"group": frames_group, "params": workspace.params(frames_group)},
-        "model": model, "weights": weights_key(weights),
+        "model": model, "weights": weights_key(backbone.weights),
         "weights_sha256": backbone.weights_sha256, "pool": pool, "precision": precision,
         "device": device, "batch_size": batch_size, "block_size": block,
         "preprocessing": backbone.preprocessing,
+        **({} if clip is None else {"clip_frames": clip[0], "clip_fps": clip[1]}),
     }
     params = [{**base, "layer": layer} for layer in layers]
     reuse = _reuse_plan(workspace, groups, params, frames_runs)
@@ -288,9 +325,9 @@ def run_features_stage(workspace: Workspace, frames_name: str, model: str,
                                              group_attrs=attrs))
 
     spec = ExtractorSpec(model, base["weights"], tuple(layers), device, pool, precision,
-                         backbone.weights_sha256)
+                         backbone.weights_sha256, clip[0] if clip else 0)
     work = FeaturesWork(tuple(writers), frames_group, spec, tuple(n_features), batch_size,
-                        extractor=extractor, reuse=reuse)
+                        extractor=extractor, reuse=reuse, clips=clips)
     summary = _run(workspace, work, frames_runs, progress,
                    desc="/" + (groups[0] if len(groups) == 1 else f"features/{name}.*"))
     for w in writers:
@@ -357,6 +394,7 @@ def _group_attrs(base: dict, backbone: Backbone, layers: Sequence[str], i: int,
         "block_size": base["block_size"], "frames_group": base["frames"]["group"],
         "frames_fps": frames_attrs.get("fps"), "frames_size": list(size),
         "torch_version": torch.__version__,
+        **{k: base[k] for k in ("clip_frames", "clip_fps") if k in base},
     }
 
 

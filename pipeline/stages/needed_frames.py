@@ -4,7 +4,9 @@
 read for the BOLD runs of ``/bold/<bold>`` (:func:`needed_frame_indices`, the design's
 own rule), or the times listed in a file (each snapped to the latest grid sample at
 or before it, as the design picks frames).  ``extend`` keeps the times a group already
-holds and adds the new ones.  :func:`reuse_positions` says which samples of a new
+holds and adds the new ones.  With ``clip_frames`` > 1 (a video model's clips,
+:mod:`~voxelflow.pipeline.design.clips`) every frame of the clip ending at each
+selected time is selected too.  :func:`reuse_positions` says which samples of a new
 selection an old group already holds, so an extension computes only the missing ones.
 """
 
@@ -18,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from voxelflow.pipeline.design.clips import check_clip, with_clip_frames
 from voxelflow.pipeline.design.lags import frame_indices_for
 from voxelflow.pipeline.design.lags import needed_frame_indices
 from voxelflow.pipeline.errors import InputError, WorkspaceConflict
@@ -29,7 +32,9 @@ class NeededFrames:
     """The frames a set of planned fits needs.
 
     ``bold`` (a ``/bold`` group) with ``lag_sets`` (s) and ``aggregate``, or
-    ``times_file`` (lines ``time`` or ``run,time`` in s from the run's onset).
+    ``times_file`` (lines ``time`` or ``run,time`` in s from the run's onset); with
+    ``clip_frames`` > 1, also the frames of the clips (``clip_frames`` at ``clip_fps``)
+    ending at those times.
     """
 
     bold: str | None = None
@@ -37,19 +42,34 @@ class NeededFrames:
     aggregate: str = "last"
     times_file: Path | None = None
     extend: bool = False
+    clip_frames: int = 1
+    clip_fps: float | None = None
 
     def request(self, workspace: Workspace) -> dict:
         """What the selection was made from (kept in the group's params)."""
         if self.times_file is not None:
             data = Path(self.times_file).read_bytes()
-            return {"times_file": str(Path(self.times_file).resolve()),
-                    "sha256": hashlib.sha256(data).hexdigest()}
-        return {"bold": self.bold, "bold_params": workspace.params(f"bold/{self.bold}"),
-                "lag_sets": [list(map(float, s)) for s in self.lag_sets],
-                "aggregate": self.aggregate}
+            out = {"times_file": str(Path(self.times_file).resolve()),
+                   "sha256": hashlib.sha256(data).hexdigest()}
+        else:
+            out = {"bold": self.bold, "bold_params": workspace.params(f"bold/{self.bold}"),
+                   "lag_sets": [list(map(float, s)) for s in self.lag_sets],
+                   "aggregate": self.aggregate}
+        if self.clip_frames > 1:  # only then: requests without clips keep their form
+            out.update(clip_frames=int(self.clip_frames), clip_fps=float(self.clip_fps))
+        return out
 
     def indices(self, workspace: Workspace, grids: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Per run, sorted unique indices into ``grids[r]`` (the run's ``k / fps`` times)."""
+        """Per run, sorted unique indices into ``grids[r]`` (the run's ``k / fps`` times),
+        with the frames of each one's clip when ``clip_frames`` > 1."""
+        selected = self._selected(workspace, grids)
+        if self.clip_frames == 1:
+            return selected
+        frames, fps = check_clip(self.clip_frames, self.clip_fps or 0.0)
+        return [with_clip_frames(g, idx, frames, fps) for g, idx in zip(grids, selected)]
+
+    def _selected(self, workspace: Workspace, grids: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per run, the sorted unique grid indices the request names (no clip frames)."""
         if self.times_file is not None:
             return _indices_from_file(Path(self.times_file), grids)
         if not self.lag_sets:

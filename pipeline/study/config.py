@@ -58,6 +58,8 @@ class ModelSpec:
     categories: list[str] | None = None
     times_column: str | None = None
     variable: str | None = None
+    clip_frames: int | None = None  # video models: their clips (sources.py fills defaults)
+    clip_fps: float | None = None
 
     @property
     def needs_frames(self) -> bool:
@@ -165,7 +167,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
                "rate": ((int, float), False), "columns": ((list, str), False),
                "amplitude": (str, False), "duration_from": (str, False),
                "categories": (list, False), "times_column": (str, False),
-               "variable": (str, False)},
+               "variable": (str, False), "clip_frames": (int, False),
+               "clip_fps": ((int, float), False)},
     "fit": {"lag_sets": (list, True), "alphas": (list, False), "test_samples": (int, False),
             "test_runs": (list, False), "test_repeats": (list, False),
             "cv": ((int, str), False), "aggregate": (str, False),

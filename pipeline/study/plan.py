@@ -165,10 +165,12 @@ def _frames_stage(exp: Experiment, ws: Workspace, bold: PlannedStage,
     needed, upstream = None, []
     training = any(spec.is_autoencoder and spec.train for spec in exp.models)
     if exp.frames == "needed" and not training:
+        clip = next(({"clip_frames": m.clip_frames, "clip_fps": m.clip_fps}
+                     for m in exp.models if m.clip_frames), {})  # video models' clips
         needed = NeededFrames(bold=exp.subject, lag_sets=tuple(map(tuple, exp.lag_sets)),
-                              aggregate=exp.aggregate)
+                              aggregate=exp.aggregate, **clip)
         request["needed_for"] = {"bold": bold.request, "lag_sets": exp.lag_sets,
-                                 "aggregate": exp.aggregate}
+                                 "aggregate": exp.aggregate, **clip}
         upstream = [bold.group]
     stage = PlannedStage("frames", f"frames/{exp.stimulus_name}", request, upstream=upstream)
     stage.call = lambda overwrite: run_frames_stage(
@@ -225,11 +227,14 @@ def _features_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, weights: st
     request = {"frames": frames_request, "model": spec.model, "layer": spec.layer,
                "weights": weights, "pool": spec.pool, "device": exp.device,
                "trained": train_request}
+    clip = {"clip_frames": spec.clip_frames, "clip_fps": spec.clip_fps} if spec.clip_frames \
+        else {}  # only for video models: image models' requests keep their form
+    request.update(clip)
     stage = PlannedStage("features", f"features/{spec.name}", request, upstream=upstream)
     stage.call = lambda overwrite: run_features_stage(
         ws, exp.stimulus_name, spec.model, layers=[spec.layer] if spec.layer else None,
         weights=weights, device=exp.device, batch_size=spec.batch_size,
-        name=spec.name, pool=spec.pool, overwrite=overwrite, progress=progress)
+        name=spec.name, pool=spec.pool, overwrite=overwrite, progress=progress, **clip)
     return stage
 
 

@@ -1,8 +1,8 @@
 """Where a model's features come from, in an experiment file: ``[[models]] source``.
 
 - ``source = "cnn"`` (default): a network over the stimulus frames (``model``,
-  ``layer``, ``weights``, ``pool``, ``batch_size``, autoencoder keys), as ``voxelflow
-  features``; needs ``[stimulus]``;
+  ``layer``, ``weights``, ``pool``, ``batch_size``, autoencoder keys; ``clip_frames``,
+  ``clip_fps`` for video models), as ``voxelflow features``; needs ``[stimulus]``;
 - ``source = "events"``: one BIDS events file per BOLD run (``events = [...]``),
   turned into boxcars at ``rate`` Hz with ``columns`` / ``amplitude`` /
   ``duration_from`` / ``categories``, as ``voxelflow events --bold SUBJECT``;
@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 SOURCES = ("cnn", "events", "import")
 SOURCE_KEYS = {
     "cnn": ("model", "layer", "weights", "pool", "batch_size", "checkpoint", "train",
-            "epochs", "train_steps", "train_batch_size", "lr", "freeze_encoder"),
+            "epochs", "train_steps", "train_batch_size", "lr", "freeze_encoder",
+            "clip_frames", "clip_fps"),
     "events": ("events", "rate", "columns", "amplitude", "duration_from", "categories"),
     "import": ("files", "rate", "times_column", "variable"),
 }
@@ -64,6 +65,33 @@ def check_sources(check: "_Checker", models: list["ModelSpec"], raw_models: list
         elif spec.source == "import":
             spec.files = _files(check, raw, "files", i, base, n_runs)
             _check_import(check, spec, raw, i)
+        else:
+            _check_clip_keys(check, spec, raw, i)
+    clips = {(m.clip_frames, m.clip_fps) for m in models if m.clip_frames is not None}
+    if len(clips) > 1:  # the needed frames are chosen once, for every model
+        i = next(i for i, m in enumerate(models) if m.clip_frames is not None)
+        check.fail("models", "clip_frames", f"the video models differ in clip_frames/"
+                   f"clip_fps ({sorted(clips)}); give them the same clips, or one "
+                   f"experiment per clip setting", i)
+
+
+def _check_clip_keys(check: "_Checker", spec: "ModelSpec", raw: dict, index: int) -> None:
+    """A video model's clips (defaults 16 frames at 15 fps) and weights (``kinetics``
+    unless given); clip keys on an image model are refused."""
+    from voxelflow.pipeline.models.video import KINETICS
+    from voxelflow.pipeline.stages.clips import check_clip_options
+
+    try:
+        clip = check_clip_options(spec.model, spec.clip_frames, spec.clip_fps)
+    except InputError as exc:
+        key = "clip_frames" if "clip_frames" in raw else "clip_fps"
+        check.fail("models", key, str(exc).replace("--clip-", "clip_"), index)
+    if clip is not None:
+        spec.clip_frames, spec.clip_fps = clip
+        if "weights" not in raw:
+            spec.weights = KINETICS
+        if "batch_size" not in raw:
+            spec.batch_size = None  # the stage's clip default (4 on CPU, 16 on CUDA)
 
 
 def _files(check: "_Checker", raw: dict, key: str, index: int, base: Path,

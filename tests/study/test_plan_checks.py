@@ -100,6 +100,11 @@ CASES = {
                           "fit.aggregate", "at 0.25 fps some TRs hold no frame"),
     "weights-bad-seed": ([('weights = "random:0"', 'weights = "random:x"')], "models.weights",
                          "random:x: the seed must be an integer"),
+    # video models' clips (issue 17)
+    "clip-image-model": ([('weights = "random:0"', 'weights = "random:0"\nclip_frames = 4')],
+                         "models.clip_frames", "clip_frames/clip_fps apply to video models"),
+    "clip-frames-0": ([('model = "resnet18"', 'model = "r3d_18"\nclip_frames = 0')],
+                      "models.clip_frames", "clip_frames must be a positive number of frames"),
 }
 
 
@@ -142,6 +147,25 @@ def test_the_unedited_experiment_plans_every_stage(folder, capsys):
     assert [(s.kind, s.action) for s in plan] == [
         ("frames", "run"), ("bold", "run"), ("features", "run"), ("fit", "run"), ("fit", "run")]
     assert not (folder / "ws.zarr").exists()
+
+
+def test_a_video_models_clips_are_in_the_needed_frames_and_features_requests(folder):
+    path = _write(folder, "video", [('frames = "all"', 'frames = "needed"'),
+                                    ('model = "resnet18"', 'model = "r3d_18"\nclip_frames = 4'
+                                                           '\nclip_fps = 2')])
+    exp = load_experiment(path)
+    assert (exp.models[0].clip_frames, exp.models[0].clip_fps) == (4, 2.0)
+    plan = {s.kind: s for s in build_plan(exp, progress=False)}
+    assert plan["frames"].request["needed_for"]["clip_frames"] == 4
+    assert plan["frames"].request["needed_for"]["clip_fps"] == 2.0
+    assert (plan["features"].request["clip_frames"], plan["features"].request["clip_fps"]) \
+        == (4, 2.0)
+    # defaults: 16 frames at 15 fps, Kinetics weights, the stage's clip batch
+    path = _write(folder, "video_defaults", [('model = "resnet18"\nweights = "random:0"',
+                                              'model = "r3d_18"')])
+    spec = load_experiment(path).models[0]
+    assert (spec.clip_frames, spec.clip_fps, spec.weights, spec.batch_size) == \
+        (16, 15.0, "kinetics", None)
 
 
 def test_plan_is_printed_before_work_and_an_interrupted_stage_resumes(folder, capsys,
