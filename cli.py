@@ -192,7 +192,6 @@ def _statistics_args(p: argparse.ArgumentParser) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     from voxelflow.pipeline.stages.fit import parse_alphas, run_fit_stage
     from voxelflow.pipeline.design.lags import parse_lags
-    from voxelflow.pipeline.errors import InputError
     from voxelflow.pipeline.stats.per_block import StatisticsOptions
 
     cv = args.cv if args.cv == "runs" else _int_arg(args.cv, "--cv")

@@ -1,11 +1,19 @@
 """``--precision bf16`` against fp32 on the CPU: frames/s and feature differences.
 
     .venv/bin/python benchmarks/precision.py [--frames 16] [--models resnet50,vgg16]
+    .venv/bin/python benchmarks/precision.py --demo-r [--demo-seconds 100]
 
 For each model (random weights, the study's default layer, 224 px frames of the real
 clip or random frames), runs the pipeline's :class:`FeatureExtractor` in fp32 and in
 bf16 on the same frames, and prints frames/s of each (best of two passes), their
 ratio, and the max abs / max relative difference of the features.
+
+``--demo-r``: the downstream effect on the demo.  Runs a small demo (generated movie,
+BOLD simulated from fp32 EfficientNet-Lite0 features at lags 4-7 s), extracts the
+planted model's features again with ``--precision bf16`` into a second group, fits
+both at the planted lag set with the demo's alphas, and prints the mean test r at
+the CV-selected alphas (``r_test_cv`` over valid voxels) of each, their difference,
+and the largest per-voxel change.
 """
 
 from __future__ import annotations
@@ -51,11 +59,52 @@ def measure(model: str, frames: torch.Tensor) -> None:
           f"{diff.max():.3g} (max |fp32| {scale:.3g}, relative {diff.max() / scale:.2%})")
 
 
+def demo_r(seconds: float) -> None:
+    """Mean test r of the demo's planted fit with fp32 and with bf16 features."""
+    import tempfile
+    from pathlib import Path
+
+    from voxelflow.pipeline.stages.features import run_features_stage
+    from voxelflow.pipeline.stages.fit import run_fit_stage
+    from voxelflow.pipeline.study.demo import (DEMO_ALPHAS, PLANTED_LAGS, PLANTED_MODEL,
+                                               run_demo)
+    from voxelflow.stores import Workspace
+
+    work = Path(tempfile.mkdtemp(prefix="bf16_demo_"))
+    result = run_demo(work, seconds=seconds, fps=2.0, n_voxels=400, progress=False,
+                      log=lambda *_: None, report=False)
+    exp = result["experiment"]
+    ws = Workspace(exp.store)
+    run_features_stage(ws, exp.stimulus_name, PLANTED_MODEL, weights="imagenet",
+                       name=f"{PLANTED_MODEL}_bf16", precision="bf16", progress=False)
+    r = {}
+    for precision, group in (("fp32", PLANTED_MODEL), ("bf16", f"{PLANTED_MODEL}_bf16")):
+        run_fit_stage(ws, group, exp.subject, PLANTED_LAGS, DEMO_ALPHAS,
+                      test_samples=exp.test_samples, cv=5, name=f"bench_{precision}",
+                      progress=False)
+        fit = ws.open_node(f"fits/bench_{precision}/lags-4-5-6-7")
+        valid = fit["valid"].values
+        r[precision] = fit["r_test_cv"].values[valid].astype(np.float64)
+    a = ws.open_run(f"features/{PLANTED_MODEL}", 0)["features"].values
+    b = ws.open_run(f"features/{PLANTED_MODEL}_bf16", 0)["features"].values
+    print(f"demo ({seconds:g} s at 2 fps, {r['fp32'].size} voxels), {PLANTED_MODEL} at "
+          f"lags 4-7 s: features max abs diff {np.abs(a - b).max():.3g} (max |fp32| "
+          f"{np.abs(a).max():.3g}); mean r_test_cv fp32 {r['fp32'].mean():.4f}, bf16 "
+          f"{r['bf16'].mean():.4f} (change {r['bf16'].mean() - r['fp32'].mean():+.4f}); "
+          f"largest per-voxel change {np.abs(r['bf16'] - r['fp32']).max():.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--models", default="resnet50,vgg16")
+    ap.add_argument("--demo-r", action="store_true",
+                    help="measure the change of the demo's test r instead")
+    ap.add_argument("--demo-seconds", type=float, default=100.0)
     args = ap.parse_args()
+    if args.demo_r:
+        demo_r(args.demo_seconds)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"oneDNN: {torch.backends.mkldnn.is_available()}, CPU bf16 instructions: "
           f"{_bf16_flags() or 'none (bf16 is emulated)'}")
