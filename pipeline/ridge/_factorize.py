@@ -349,17 +349,21 @@ def _recentre_kernel_block(block: Any, column_means: Any, overall: float) -> Any
 
 
 def _dual_fold_operator(blocks: list, alphas: np.ndarray, form: str,
-                        dtype: np.dtype, xp: Any) -> PredictionOperator:
+                        dtype: np.dtype, xp: Any, eigh_dtype: Any = None
+                        ) -> PredictionOperator:
     """One fold's operator from ``blocks = [K[train, train], K[held, train]]``
     (popped, so that eigh can free the training block as soon as it is
     decomposed). Both are re-centred on the fold's training mean; the
-    held-out rows also on their own mean."""
+    held-out rows also on their own mean. ``eigh_dtype``: decompose the
+    re-centred training block in that dtype (banded ridge's float32 eigh)."""
     rows = blocks.pop()
     column_means = blocks[0].mean(axis=0)
     overall = float(column_means.mean())
     rows = _recentre_kernel_block(rows, column_means, overall)
     rows -= rows.mean(axis=0, keepdims=True)  # centre over held-out block
     _recentre_kernel_block(blocks[0], column_means, overall)
+    if eigh_dtype is not None:
+        blocks[0] = blocks[0].astype(eigh_dtype, copy=False)
     operator, _, _ = _build_operator(blocks.pop(), rows, alphas, form, dtype, xp,
                                      remove_constant=True)
     return operator
