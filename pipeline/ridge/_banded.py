@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from ._backend import _compute_dtype, get_array_module, to_numpy
-from ._banded_eigen import (ChunkBest, SpaceTerms, eigen_factors, scan_weighting,
-                            space_terms, split_r2)
+from ._banded_eigen import (ChunkBest, SpaceTerms, banded_factor_bytes, eigen_factors,
+                            scan_weighting, space_terms, split_r2)
 from ._checks import _resolve_regime, check_alphas
 from ._factorize import DEFAULT_MAX_DENSE_BYTES, _centred_kernels, factorize_ridge
 from ._solve import ridge_chunk
@@ -214,8 +214,8 @@ class _Setup:
 
 
 def _setup(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, y_dtype: Any,
-           weightings: Any, solver: str, dtype: Any, device: str, keep: bool
-           ) -> _Setup:
+           weightings: Any, solver: str, dtype: Any, device: str, keep: bool,
+           keep_designs: bool | None = None) -> _Setup:
     """Check the spaces and weightings; the regime; in the dual regime with several
     spaces or weightings, each space's centred kernels (once) and shared terms."""
     xp = get_array_module(device)
@@ -237,7 +237,8 @@ def _setup(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, y_dtype: Any,
         kernels = [_centred_kernels(xp.asarray(x), None if Xs_test is None
                                     else xp.asarray(xt), compute, xp)
                    for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train))]
-        terms = space_terms(kernels, Xs_train, compute, keep, xp)
+        terms = space_terms(kernels, Xs_train, compute,
+                            keep if keep_designs is None else keep_designs, xp)
     return _Setup(Xs_train, Xs_test, gammas, compute, regime, slices, kernels, terms,
                   keep, xp)
 
@@ -331,15 +332,16 @@ def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alpha
                    dtype: Any = np.float32, solver: str = "auto",
                    keep_weight_factors: bool = False, operator_form: str = "auto",
                    max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
-                   decomposition: str = "auto", eigh_dtype: Any = None
-                   ) -> BandedFactors:
+                   decomposition: str = "auto", eigh_dtype: Any = None,
+                   keep_designs: bool | None = None) -> BandedFactors:
     """Factorise every weighting once for :func:`banded_chunk`; arguments as
-    :func:`banded_ridge`, ``keep_weight_factors`` for weights and the split.
+    :func:`banded_ridge`, ``keep_weight_factors`` for weights and the split
+    (``keep_designs=False``: the split only, the eigen path then holds no design).
     Memory: on the eigen path each weighting holds its fold operators (dense
     within ``max_dense_bytes`` shared by all weightings, factored beyond), the
     full fit's test operator and eigenbasis; the centred designs once."""
     setup = _setup(Xs_train, Xs_test, dtype, weightings, solver, dtype, device,
-                   keep_weight_factors)
+                   keep_weight_factors, keep_designs)
     budget = max_dense_bytes // len(setup.gammas) if setup.kernels is not None \
         else max_dense_bytes
     options = dict(device=device, operator_form=operator_form, max_dense_bytes=budget,

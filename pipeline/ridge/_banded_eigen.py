@@ -238,3 +238,33 @@ def dual_solution(factors: RidgeFactors, shifted: Any, best: Any, xp: Any) -> An
     shrink = 1.0 / (xp.asarray(factors.eigenvalues)[:, None] + chosen[None, :])
     shrink = xp.where((best >= 0)[None, :], shrink, 0.0).astype(factors.dtype)
     return factors.basis @ ((factors.basis.T @ shifted) * shrink)
+
+
+def banded_factor_bytes(widths: Sequence[int], n_train: int, n_test: int,
+                        n_alphas: int, fold_sizes: Sequence[int], n_weightings: int,
+                        keep_basis: bool, keep_designs: bool,
+                        max_dense_bytes: int) -> tuple[int, int]:
+    """``(held, transient)`` bytes of :func:`~._banded.banded_factors` (float32).
+
+    ``held``: what stays alive for the voxel blocks. Eigen path (dual regime,
+    several spaces), per weighting: the fold operators counted factored
+    (``q^2 + held q`` per fold, ``q`` the fold's training samples), the dense
+    ones within ``max_dense_bytes`` once for all weightings, the test operator
+    (alpha, n_test, n_train) and the eigenbasis (n_train^2, ``keep_basis``);
+    once: the per-space test-by-train kernels and, with ``keep_designs``, the
+    centred designs. Scaled-design path: per weighting one single fit's factors
+    (float64 Gram per fold, the scaled design). ``transient``: the peak extra
+    while factorising (float64 per-space kernels, the weighted kernel and its
+    eigendecomposition).
+    """
+    n, p, spaces = int(n_train), int(sum(widths)), len(widths)
+    if p > n and spaces > 1:
+        folds = sum((n - h) ** 2 + h * (n - h) for h in fold_sizes)
+        per_weighting = 4 * (folds + n_alphas * n_test * n + (n * n if keep_basis else 0))
+        held = (n_weightings * per_weighting + max_dense_bytes + 4 * spaces * n_test * n
+                + (4 * n * p if keep_designs else 0))
+        return held, 8 * (spaces + 4) * n * n
+    q = min(p, n)
+    dense = min(max_dense_bytes, n_alphas * n * q * 4)
+    per_weighting = (len(fold_sizes) + 1) * q * q * 8 + n_test * p * 4 + n * p * 8 + dense
+    return n_weightings * per_weighting, 0

@@ -6,9 +6,11 @@ keeps the same BOLD samples (same runs, same times), and fits banded ridge
 (:mod:`voxelflow.pipeline.ridge._banded`): space ``i`` is penalised by ``alpha /
 gamma_i``, the per-voxel (weighting ``gamma``, ``alpha``) chosen by CV over the
 alpha grid times the candidate weightings (seeded simplex draws or a user list).
-Every weighting is factorised once before the voxel loop (memory checked up front:
-one single fit's factors per weighting); voxel blocks then go through the fit
-stage's write protocol (:class:`~voxelflow.pipeline.stages.fit.FitWork`, done
+Every weighting is factorised once before the voxel loop (in the dual regime one
+eigendecomposition per fold and weighting, kept compact: fold operators, test
+operator, eigenbasis; memory and disk checked up front,
+:func:`~voxelflow.pipeline.ridge.banded_factor_bytes`); voxel blocks then go
+through the fit stage's write protocol (:class:`~voxelflow.pipeline.stages.fit.FitWork`, done
 flags, resume).
 
 Writes ``/fits/<name>/lags-...`` with a single fit's variables plus, per voxel,
@@ -35,7 +37,7 @@ import xarray as xr
 from voxelflow.pipeline import ridge
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
-from voxelflow.pipeline.execution.resources import check_memory
+from voxelflow.pipeline.execution.resources import check_request
 from voxelflow.pipeline.ridge.partition import subsets, variance_partition
 from voxelflow.pipeline.stages import _fit_stats
 from voxelflow.pipeline.stages.feature_arrays import feature_labels
@@ -44,6 +46,7 @@ from voxelflow.pipeline.stages.fit import (
     bold_validity, finish_fit, fit_group, fit_memory, make_folds, open_bold, open_design,
     run_fit_blocks, stored_outputs)
 from voxelflow.pipeline.stats.per_block import StatisticsOptions, TestStatistics
+from voxelflow.stores.inventory import stored_bytes
 from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import RunTemplate, Workspace
 
@@ -255,26 +258,36 @@ def _weight_columns(opened: list[tuple], names: Sequence[str], lags: Sequence[fl
     return spaces, column_lags, features
 
 
-def _check_joint_memory(widths: list[int], n_train: int, n_test: int,
-                        n_alphas: int, n_folds: int, voxel_block: int,
-                        n_factorisations: int, n_weightings: int, save_weights: bool,
-                        save_predictions: bool) -> None:
-    """Refuse (one line naming --weightings) factors of every weighting and
-    sub-model that cannot be held in memory together with two voxel blocks."""
+def _check_joint_request(workspace: Workspace, group: str, widths: list[int],
+                         n_train: int, n_test: int, n_alphas: int, folds: list,
+                         voxel_block: int, weighting_counts: list[int], n_voxels: int,
+                         n_parts: int, save_weights: bool, save_predictions: bool) -> None:
+    """Refuse (one line naming --weightings) a joint fit whose factors (every
+    weighting of the joint model, then of each sub-model: ``weighting_counts``) and
+    two voxel blocks cannot be held in memory, or whose outputs cannot fit on disk."""
     n, p = n_train + n_test, sum(widths)
-    design, block = fit_memory(n, n_test, p, n_alphas, n_folds, voxel_block,
+    design, block = fit_memory(n, n_test, p, n_alphas, len(folds), voxel_block,
                                save_weights, save_predictions)
-    q = min(p, n)
-    # per weighting: the eigh/Cholesky factors (float64), the scaled design and its
-    # centred test rows, and the dense held-out operators (all folds, every alpha,
-    # float32) up to the engine's budget for them
-    dense = min(ridge.DEFAULT_MAX_DENSE_BYTES, n_alphas * n_train * q * 4)
-    per_factorisation = (n_folds + 1) * q * q * 8 + n_test * p * 4 + n * p * 8 + dense
-    check_memory(f"joint fit of {len(widths)} spaces ({p:,} lagged features) x "
-                 f"{n_weightings} weightings", design + block + n_factorisations
-                 * per_factorisation,
-                 f"use fewer --weightings (gave {n_weightings}), fewer spaces or lags, "
-                 f"leave out --partition, or lower --voxel-block")
+    sizes = [len(f) for f in folds]
+    held = transient = 0
+    for number, count in enumerate(weighting_counts):
+        kept, peak = ridge.banded_factor_bytes(
+            widths, n_train, n_test, n_alphas, sizes, count, keep_basis=number == 0,
+            keep_designs=number == 0 and save_weights,
+            max_dense_bytes=ridge.DEFAULT_MAX_DENSE_BYTES)
+        transient = max(transient, held + peak)
+        held += kept
+    n_weightings = weighting_counts[0]
+    per_voxel = (2 * n_alphas + 4 + 2 * len(widths) + n_parts + (p if save_weights else 0)
+                 + (n_test if save_predictions else 0))
+    check_request(
+        f"joint fit of {len(widths)} spaces ({p:,} lagged features) x {n_weightings} "
+        f"weightings", block_bytes=design + max(held + block, transient),
+        block_option=f"use fewer --weightings (gave {n_weightings}), fewer spaces or "
+                     f"lags, leave out --partition, or lower --voxel-block",
+        output_bytes=4 * n_voxels * per_voxel, store=workspace.path,
+        disk_option="leave out --save-weights / --save-predictions",
+        already_written=stored_bytes(workspace, group))
 
 
 def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str,
@@ -324,10 +337,11 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
                       save_predictions, plan, repeats=groups is not None),
         names, n_voxels, _weight_columns(opened, names, lags) if save_weights else None,
         parts)
-    _check_joint_memory([int(d.X.shape[1]) for _, d in opened], train.size, test.size,
-                        alphas_arr.size, len(folds), min(voxel_block, n_voxels),
-                        len(gammas) + sum(len(g) for g in sub_gammas), len(gammas),
-                        save_weights, save_predictions)
+    _check_joint_request(workspace, group, [int(d.X.shape[1]) for _, d in opened],
+                         train.size, test.size, alphas_arr.size, folds,
+                         min(voxel_block, n_voxels),
+                         [len(gammas), *(len(g) for g in sub_gammas)], n_voxels,
+                         len(parts), save_weights, save_predictions)
     params = {
         "stage": "fit", "features": [f"features/{n}" for n in names], "bold": bgroup,
         "lags": [float(l) for l in lags], "alphas": alphas_arr.tolist(),
@@ -355,7 +369,8 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
         require_shared_path(client, workspace.path)
         spaces = _space_arrays(opened)
         factors = _factorize_joint(spaces, train, test, alphas_arr, folds, gammas,
-                                   sub_columns, sub_gammas, device, names, bgroup)
+                                   sub_columns, sub_gammas, device, names, bgroup,
+                                   save_weights)
         repeats = (BoldBlockReader.for_repeats(workspace, bgroup, design, groups)
                    if groups else ())
         work = JointFitWork(factors, BoldBlockReader.from_design(workspace, bgroup, design),
@@ -380,13 +395,14 @@ def _split_line(fit: xr.Dataset) -> str:
 def _factorize_joint(spaces: list[np.ndarray], train: np.ndarray, test: np.ndarray,
                      alphas: np.ndarray, folds: list[np.ndarray], gammas: np.ndarray,
                      sub_columns: list[tuple[int, ...]], sub_gammas: list[np.ndarray],
-                     device: str, names: Sequence[str], bgroup: str
-                     ) -> JointFactors:
-    """Every weighting's factors of the joint model and of each sub-model."""
+                     device: str, names: Sequence[str], bgroup: str,
+                     save_weights: bool = True) -> JointFactors:
+    """Every weighting's factors of the joint model and of each sub-model (the
+    joint model's centred designs only with ``save_weights``)."""
     try:
         joint = ridge.banded_factors([x[train] for x in spaces], [x[test] for x in spaces],
                                      alphas, gammas, folds, device=device,
-                                     keep_weight_factors=True)
+                                     keep_weight_factors=True, keep_designs=save_weights)
         subs = tuple((c, ridge.banded_factors([spaces[i][train] for i in c],
                                               [spaces[i][test] for i in c], alphas, g,
                                               folds, device=device))
