@@ -67,7 +67,7 @@ Where the code lives (private modules, by concern):
 
 from ._backend import get_array_module, to_numpy
 from ._banded import (DEFAULT_CONCENTRATION, BandedFactors, banded_chunk,
-                      banded_factor_bytes,
+                      SpilledFactors, banded_factor_bytes,
                       banded_factors, banded_ridge, check_weightings, simplex_weightings, space_slices, split_r2)
 from ._checks import CHOLESKY_MAX_ALPHAS, check_alphas
 from ._eager import fit_ridge, ridge_cv_scores
@@ -114,6 +114,7 @@ __all__ = [
     "banded_factors",
     "banded_chunk",
     "banded_factor_bytes",
+    "SpilledFactors",
     "BandedFactors",
     "simplex_weightings",
     "check_weightings",

@@ -29,8 +29,11 @@ Arrays are ``(sample, feature)`` per space and ``(sample, voxel)`` for BOLD.
 """
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -300,6 +303,29 @@ def _finish(best: ChunkBest, gammas: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class SpilledFactors:
+    """One weighting's ``(factors, centred_test)`` pickled at ``path`` (a file every
+    worker can read), loaded by :func:`banded_chunk` one weighting at a time."""
+
+    path: str
+    device: str
+
+    def load(self) -> tuple[Any, Any]:
+        with open(self.path, "rb") as handle:
+            return pickle.load(handle)
+
+
+def _spill(pair: tuple[Any, Any], folder: str | Path, number: int) -> SpilledFactors:
+    """Write one weighting's factors to ``folder`` (whole file or nothing)."""
+    path = Path(folder) / f"weighting-{number:04d}.pkl"
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as handle:
+        pickle.dump(pair, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(partial, path)
+    return SpilledFactors(str(path), pair[0].device)
+
+
+@dataclass(frozen=True)
 class BandedFactors:
     """Every weighting's factors, kept for many voxel chunks (:func:`banded_chunk`).
 
@@ -320,7 +346,7 @@ class BandedFactors:
     @property
     def nbytes(self) -> int:
         """Device bytes held (every weighting's factors and the shared terms)."""
-        total = sum(f.nbytes for f in self.factors)
+        total = sum(f.nbytes for f in self.factors if not isinstance(f, SpilledFactors))
         total += sum(int(c.nbytes) for c in self.centred_tests if c is not None)
         if self.terms is not None:
             total += sum(int(a.nbytes) for a in (*self.terms.cross, *self.terms.designs))
@@ -333,10 +359,14 @@ def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alpha
                    keep_weight_factors: bool = False, operator_form: str = "auto",
                    max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
                    decomposition: str = "auto", eigh_dtype: Any = None,
-                   keep_designs: bool | None = None) -> BandedFactors:
+                   keep_designs: bool | None = None,
+                   spill_folder: str | Path | None = None) -> BandedFactors:
     """Factorise every weighting once for :func:`banded_chunk`; arguments as
     :func:`banded_ridge`, ``keep_weight_factors`` for weights and the split
     (``keep_designs=False``: the split only, the eigen path then holds no design).
+    With ``spill_folder`` each weighting's factors are written there as soon as they
+    are made (:class:`SpilledFactors`) and only one is in memory at a time, here
+    and in :func:`banded_chunk`.
     Memory: on the eigen path each weighting holds its fold operators (dense
     within ``max_dense_bytes`` shared by all weightings, factored beyond), the
     full fit's test operator and eigenbasis; the centred designs once."""
@@ -346,8 +376,12 @@ def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alpha
         else max_dense_bytes
     options = dict(device=device, operator_form=operator_form, max_dense_bytes=budget,
                    decomposition=decomposition, eigh_dtype=eigh_dtype)
-    pairs = [_weighting_factors(setup, gamma, alphas, folds, options)
-             for gamma in setup.gammas]
+    pairs = []
+    for number, gamma in enumerate(setup.gammas):
+        pair = _weighting_factors(setup, gamma, alphas, folds, options)
+        pairs.append(pair if spill_folder is None else
+                     (_spill(pair, spill_folder, number), None))
+        del pair
     return BandedFactors(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs),
                          tuple(tuple(float(g) for g in row) for row in setup.gammas),
                          tuple(s.stop - s.start for s in setup.slices),
@@ -370,6 +404,8 @@ def banded_chunk(banded: BandedFactors, Y_train: Any, Y_test: Any | None, *,
                  return_split=return_split, return_predictions=return_predictions)
     for number, (factors, centred_test) in enumerate(zip(banded.factors,
                                                          banded.centred_tests)):
+        if isinstance(factors, SpilledFactors):
+            factors, centred_test = factors.load()  # one weighting in memory
         _scan(banded.terms, factors, centred_test, gammas[number], number, Y_train,
               Y_test, best, slices, flags, xp)
     return _finish(best, gammas)

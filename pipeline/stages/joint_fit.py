@@ -37,7 +37,8 @@ import xarray as xr
 from voxelflow.pipeline import ridge
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
-from voxelflow.pipeline.execution.resources import check_request
+from voxelflow.pipeline.execution.resources import (MEMORY_FRACTION, available_memory,
+                                                     check_request)
 from voxelflow.pipeline.ridge.partition import subsets, variance_partition
 from voxelflow.pipeline.stages import _fit_stats
 from voxelflow.pipeline.stages.feature_arrays import feature_labels
@@ -258,17 +259,11 @@ def _weight_columns(opened: list[tuple], names: Sequence[str], lags: Sequence[fl
     return spaces, column_lags, features
 
 
-def _check_joint_request(workspace: Workspace, group: str, widths: list[int],
-                         n_train: int, n_test: int, n_alphas: int, folds: list,
-                         voxel_block: int, weighting_counts: list[int], n_voxels: int,
-                         n_parts: int, save_weights: bool, save_predictions: bool) -> None:
-    """Refuse (one line naming --weightings) a joint fit whose factors (every
-    weighting of the joint model, then of each sub-model: ``weighting_counts``) and
-    two voxel blocks cannot be held in memory, or whose outputs cannot fit on disk."""
-    n, p = n_train + n_test, sum(widths)
-    design, block = fit_memory(n, n_test, p, n_alphas, len(folds), voxel_block,
-                               save_weights, save_predictions)
-    sizes = [len(f) for f in folds]
+def _factor_bytes(widths: list[int], n_train: int, n_test: int, n_alphas: int,
+                  sizes: list[int], weighting_counts: list[int], save_weights: bool
+                  ) -> tuple[int, int]:
+    """``(held, transient)`` bytes of the joint model's and every sub-model's factors
+    (:func:`ridge.banded_factor_bytes`; the joint model keeps its eigenbasis)."""
     held = transient = 0
     for number, count in enumerate(weighting_counts):
         kept, peak = ridge.banded_factor_bytes(
@@ -277,6 +272,35 @@ def _check_joint_request(workspace: Workspace, group: str, widths: list[int],
             max_dense_bytes=ridge.DEFAULT_MAX_DENSE_BYTES)
         transient = max(transient, held + peak)
         held += kept
+    return held, transient
+
+
+def _spill_needed(need_bytes: float) -> bool:
+    """Whether every weighting's factors cannot stay in memory together."""
+    memory, _ = available_memory()
+    return need_bytes > MEMORY_FRACTION * memory
+
+
+def _check_joint_request(workspace: Workspace, group: str, widths: list[int],
+                         n_train: int, n_test: int, n_alphas: int, folds: list,
+                         voxel_block: int, weighting_counts: list[int], n_voxels: int,
+                         n_parts: int, save_weights: bool, save_predictions: bool) -> bool:
+    """Refuse (one line naming --weightings) a joint fit whose factors and two voxel
+    blocks cannot be held in memory, or whose outputs cannot fit on disk; returns
+    True where every weighting's factors (``weighting_counts``: the joint model's,
+    then each sub-model's) do not fit together but one weighting at a time does:
+    the factors then go to the store's scratch space (counted on disk)."""
+    n, p = n_train + n_test, sum(widths)
+    design, block = fit_memory(n, n_test, p, n_alphas, len(folds), voxel_block,
+                               save_weights, save_predictions)
+    sizes = [len(f) for f in folds]
+    held, transient = _factor_bytes(widths, n_train, n_test, n_alphas, sizes,
+                                    weighting_counts, save_weights)
+    spill = _spill_needed(design + max(held + block, transient))
+    on_disk = held if spill else 0
+    if spill:  # one weighting of each model at a time
+        held, transient = _factor_bytes(widths, n_train, n_test, n_alphas, sizes,
+                                        [1] * len(weighting_counts), save_weights)
     n_weightings = weighting_counts[0]
     per_voxel = (2 * n_alphas + 4 + 2 * len(widths) + n_parts + (p if save_weights else 0)
                  + (n_test if save_predictions else 0))
@@ -285,9 +309,10 @@ def _check_joint_request(workspace: Workspace, group: str, widths: list[int],
         f"weightings", block_bytes=design + max(held + block, transient),
         block_option=f"use fewer --weightings (gave {n_weightings}), fewer spaces or "
                      f"lags, leave out --partition, or lower --voxel-block",
-        output_bytes=4 * n_voxels * per_voxel, store=workspace.path,
+        output_bytes=4 * n_voxels * per_voxel + on_disk, store=workspace.path,
         disk_option="leave out --save-weights / --save-predictions",
         already_written=stored_bytes(workspace, group))
+    return spill
 
 
 def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str,
@@ -337,7 +362,7 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
                       save_predictions, plan, repeats=groups is not None),
         names, n_voxels, _weight_columns(opened, names, lags) if save_weights else None,
         parts)
-    _check_joint_request(workspace, group, [int(d.X.shape[1]) for _, d in opened],
+    spill = _check_joint_request(workspace, group, [int(d.X.shape[1]) for _, d in opened],
                          train.size, test.size, alphas_arr.size, folds,
                          min(voxel_block, n_voxels),
                          [len(gammas), *(len(g) for g in sub_gammas)], n_voxels,
@@ -368,15 +393,18 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
         client = active_client()
         require_shared_path(client, workspace.path)
         spaces = _space_arrays(opened)
+        folder = workspace.scratch_folder(group, "factors") if spill else None
         factors = _factorize_joint(spaces, train, test, alphas_arr, folds, gammas,
                                    sub_columns, sub_gammas, device, names, bgroup,
-                                   save_weights)
+                                   save_weights, folder)
         repeats = (BoldBlockReader.for_repeats(workspace, bgroup, design, groups)
                    if groups else ())
         work = JointFitWork(factors, BoldBlockReader.from_design(workspace, bgroup, design),
                             writer, train, test, valid, save_weights, save_predictions,
                             stats=plan, repeats=repeats, names=tuple(names))
         run_fit_blocks(work, writer, pending, client, n_voxels, lags, progress)
+        if spill:
+            workspace.remove_scratch(group)
     summary = finish_fit(workspace, group, writer, len(pending),
                          template.n_blocks - len(pending))
     summary.statistics.append(_split_line(workspace.open_node(group)))
@@ -396,17 +424,28 @@ def _factorize_joint(spaces: list[np.ndarray], train: np.ndarray, test: np.ndarr
                      alphas: np.ndarray, folds: list[np.ndarray], gammas: np.ndarray,
                      sub_columns: list[tuple[int, ...]], sub_gammas: list[np.ndarray],
                      device: str, names: Sequence[str], bgroup: str,
-                     save_weights: bool = True) -> JointFactors:
+                     save_weights: bool = True, folder: Path | None = None
+                     ) -> JointFactors:
     """Every weighting's factors of the joint model and of each sub-model (the
-    joint model's centred designs only with ``save_weights``)."""
+    joint model's centred designs only with ``save_weights``); with ``folder`` they
+    are spilled there, one file per weighting (:class:`ridge.SpilledFactors`)."""
+    if folder is not None:
+        (folder / "joint").mkdir()
     try:
         joint = ridge.banded_factors([x[train] for x in spaces], [x[test] for x in spaces],
                                      alphas, gammas, folds, device=device,
-                                     keep_weight_factors=True, keep_designs=save_weights)
-        subs = tuple((c, ridge.banded_factors([spaces[i][train] for i in c],
-                                              [spaces[i][test] for i in c], alphas, g,
-                                              folds, device=device))
-                     for c, g in zip(sub_columns, sub_gammas))
+                                     keep_weight_factors=True, keep_designs=save_weights,
+                                     spill_folder=None if folder is None
+                                     else folder / "joint")
+        subs = []
+        for c, g in zip(sub_columns, sub_gammas):
+            sub_folder = None if folder is None else folder / "-".join(map(str, c))
+            if sub_folder is not None:
+                sub_folder.mkdir()
+            subs.append((c, ridge.banded_factors(
+                [spaces[i][train] for i in c], [spaces[i][test] for i in c], alphas, g,
+                folds, device=device, spill_folder=sub_folder)))
+        subs = tuple(subs)
     except ValueError as exc:
         raise InputError(f"--features {' '.join(names)} x /{bgroup}: {exc}") from None
     return JointFactors(joint, subs)
