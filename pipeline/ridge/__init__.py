@@ -67,8 +67,9 @@ Where the code lives (private modules, by concern):
 
 from ._backend import get_array_module, to_numpy
 from ._banded import (DEFAULT_CONCENTRATION, BandedFactors, banded_chunk,
-                      SpilledFactors, banded_factor_bytes,
+                      SpilledFactors,
                       banded_factors, banded_ridge, check_weightings, simplex_weightings, space_slices, split_r2)
+from ._banded_eigen import banded_factor_bytes
 from ._checks import CHOLESKY_MAX_ALPHAS, check_alphas
 from ._eager import fit_ridge, ridge_cv_scores
 from ._factorize import (DEFAULT_MAX_DENSE_BYTES, FitShape, FoldFactors, RidgeFactors,

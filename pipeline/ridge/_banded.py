@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from ._backend import _compute_dtype, get_array_module, to_numpy
-from ._banded_eigen import (ChunkBest, SpaceTerms, banded_factor_bytes, eigen_factors,
-                            scan_weighting, space_terms, split_r2)
+from ._banded_eigen import (ChunkBest, SpaceTerms, eigen_factors, scan_weighting,
+                            space_terms, split_r2)
 from ._checks import _resolve_regime, check_alphas
 from ._factorize import DEFAULT_MAX_DENSE_BYTES, _centred_kernels, factorize_ridge
 from ._solve import ridge_chunk

@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 
 from ._backend import to_numpy
-from ._factorize import (FoldFactors, RidgeFactors, _choose_forms,
-                         _dual_fold_operator, _full_fit_operator)
+from ._factorize import (RidgeFactors, _choose_forms, _dual_fold_factors,
+                         _full_fit_operator)
 from ._select import TIE_BREAK_SLOPE
 from ._solve import _shift_targets, ridge_chunk
-from .scoring import train_indices
 
 
 @dataclass(frozen=True)
@@ -104,17 +103,10 @@ def eigen_factors(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
     test_operator, eigenvalues, basis = _full_fit_operator(
         kernel.astype(eigh_dtype), cross, alphas, decomposition="eigh", dtype=dtype,
         xp=xp, remove_constant=True, keep_weight_factors=keep_basis)
-    fold_factors = []
-    for number, (held_out, form) in enumerate(zip(folds, forms)):
-        train = xp.asarray(train_indices(held_out, n_train))
-        held = xp.asarray(held_out)
-        blocks = [kernel[train[:, None], train], kernel[held[:, None], train]]
-        if number == len(folds) - 1:
-            kernel = None  # release the weighted kernel before the last eigh
-        operator = _dual_fold_operator(blocks, alphas, form, dtype, xp,
-                                       eigh_dtype=eigh_dtype)
-        fold_factors.append(FoldFactors(held_out=held, train=train,
-                                        x_sum_train=None, operator=operator))
+    holder = [kernel]
+    del kernel  # released before the last fold's eigh
+    fold_factors = _dual_fold_factors(holder, folds, forms, alphas, dtype, xp,
+                                      eigh_dtype=eigh_dtype)
     return RidgeFactors(
         regime="dual", alphas=alphas, dtype=np.dtype(dtype), device=device,
         n_train=n_train, n_test=0 if cross is None else int(cross.shape[0]),

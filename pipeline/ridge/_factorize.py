@@ -369,6 +369,28 @@ def _dual_fold_operator(blocks: list, alphas: np.ndarray, form: str,
     return operator
 
 
+def _dual_fold_factors(holder: list, folds: Sequence[Any], forms: Sequence[str],
+                       alphas: np.ndarray, dtype: np.dtype, xp: Any,
+                       eigh_dtype: Any = None) -> list[FoldFactors]:
+    """Every fold's factors from the centred training kernel ``holder[0]`` (n, n)
+    float64, sub-blocks re-centred per fold (:func:`_dual_fold_operator`); the
+    kernel is popped from ``holder`` before the last fold's decomposition."""
+    kernel = holder.pop()
+    n_train = int(kernel.shape[0])
+    fold_factors = []
+    for number, (held_out, form) in enumerate(zip(folds, forms)):
+        train = xp.asarray(train_indices(held_out, n_train))
+        held = xp.asarray(held_out)
+        blocks = [kernel[train[:, None], train], kernel[held[:, None], train]]
+        if number == len(folds) - 1:
+            kernel = None  # last fold: release the full kernel before solving
+        operator = _dual_fold_operator(blocks, alphas, form, dtype, xp,
+                                       eigh_dtype=eigh_dtype)
+        fold_factors.append(FoldFactors(held_out=held, train=train,
+                                        x_sum_train=None, operator=operator))
+    return fold_factors
+
+
 def _factorize_dual(X_train, X_test, alphas, folds, *, xp, dtype, device,
                     operator_form, max_dense_bytes, decomposition,
                     keep_weight_factors, centred_kernels=None):
@@ -388,16 +410,9 @@ def _factorize_dual(X_train, X_test, alphas, folds, *, xp, dtype, device,
         kernel.copy(), cross, alphas, decomposition=decomposition, dtype=dtype,
         xp=xp, remove_constant=True, keep_weight_factors=keep_weight_factors)
     del cross
-    fold_factors = []
-    for number, (held_out, form) in enumerate(zip(folds, forms)):
-        train = xp.asarray(train_indices(held_out, n_train))
-        held = xp.asarray(held_out)
-        blocks = [kernel[train[:, None], train], kernel[held[:, None], train]]
-        if number == len(folds) - 1:
-            kernel = None  # last fold: release the full kernel before solving
-        operator = _dual_fold_operator(blocks, alphas, form, dtype, xp)
-        fold_factors.append(FoldFactors(held_out=held, train=train,
-                                        x_sum_train=None, operator=operator))
+    holder = [kernel]
+    del kernel
+    fold_factors = _dual_fold_factors(holder, folds, forms, alphas, dtype, xp)
     design_centred = None
     if keep_weight_factors:
         design = xp.asarray(_materialize(X_train))
