@@ -45,7 +45,7 @@ from ridge import PAPER_ALPHAS, SIGNAL_FEATURES, bold_block, make_design  # noqa
 
 from voxelflow.pipeline import ridge  # noqa: E402
 from voxelflow.pipeline.ridge.scoring import contiguous_folds  # noqa: E402
-from voxelflow.pipeline.stages.fit import block_outputs  # noqa: E402
+from voxelflow.pipeline.stages._fit_work import block_outputs  # noqa: E402
 from voxelflow.pipeline.stats.diagnostics import scored_voxels  # noqa: E402
 from voxelflow.pipeline.stats.per_block import (StatisticsOptions, TestStatistics,  # noqa: E402
                                                 combine_blocks)

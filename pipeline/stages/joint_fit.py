@@ -37,17 +37,15 @@ import xarray as xr
 from voxelflow.pipeline import ridge
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
-from voxelflow.pipeline.execution.resources import (MEMORY_FRACTION, available_memory,
-                                                     check_request)
 from voxelflow.pipeline.ridge.partition import subsets, variance_partition
 from voxelflow.pipeline.stages import _fit_stats
 from voxelflow.pipeline.stages.feature_arrays import feature_labels
+from voxelflow.pipeline.stages._fit_work import BoldBlockReader, FitWork, stored_outputs
+from voxelflow.pipeline.stages._joint_request import _check_joint_request
 from voxelflow.pipeline.stages.fit import (
-    VOXEL_BLOCK, BoldBlockReader, FitSummary, FitWork, _check_fit_options, _fit_template,
-    bold_validity, finish_fit, fit_group, fit_memory, make_folds, open_bold, open_design,
-    run_fit_blocks, stored_outputs)
+    VOXEL_BLOCK, FitSummary, _check_fit_options, _fit_template, bold_validity, finish_fit,
+    fit_group, make_folds, open_bold, open_design, run_fit_blocks)
 from voxelflow.pipeline.stats.per_block import StatisticsOptions, TestStatistics
-from voxelflow.stores.inventory import stored_bytes
 from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import RunTemplate, Workspace
 
@@ -259,62 +257,6 @@ def _weight_columns(opened: list[tuple], names: Sequence[str], lags: Sequence[fl
     return spaces, column_lags, features
 
 
-def _factor_bytes(widths: list[int], n_train: int, n_test: int, n_alphas: int,
-                  sizes: list[int], weighting_counts: list[int], save_weights: bool
-                  ) -> tuple[int, int]:
-    """``(held, transient)`` bytes of the joint model's and every sub-model's factors
-    (:func:`ridge.banded_factor_bytes`; the joint model keeps its eigenbasis)."""
-    held = transient = 0
-    for number, count in enumerate(weighting_counts):
-        kept, peak = ridge.banded_factor_bytes(
-            widths, n_train, n_test, n_alphas, sizes, count, keep_basis=number == 0,
-            keep_designs=number == 0 and save_weights,
-            max_dense_bytes=ridge.DEFAULT_MAX_DENSE_BYTES)
-        transient = max(transient, held + peak)
-        held += kept
-    return held, transient
-
-
-def _spill_needed(need_bytes: float) -> bool:
-    """Whether every weighting's factors cannot stay in memory together."""
-    memory, _ = available_memory()
-    return need_bytes > MEMORY_FRACTION * memory
-
-
-def _check_joint_request(workspace: Workspace, group: str, widths: list[int],
-                         n_train: int, n_test: int, n_alphas: int, folds: list,
-                         voxel_block: int, weighting_counts: list[int], n_voxels: int,
-                         n_parts: int, save_weights: bool, save_predictions: bool) -> bool:
-    """Refuse (one line naming --weightings) a joint fit whose factors and two voxel
-    blocks cannot be held in memory, or whose outputs cannot fit on disk; returns
-    True where every weighting's factors (``weighting_counts``: the joint model's,
-    then each sub-model's) do not fit together but one weighting at a time does:
-    the factors then go to the store's scratch space (counted on disk)."""
-    n, p = n_train + n_test, sum(widths)
-    design, block = fit_memory(n, n_test, p, n_alphas, len(folds), voxel_block,
-                               save_weights, save_predictions)
-    sizes = [len(f) for f in folds]
-    held, transient = _factor_bytes(widths, n_train, n_test, n_alphas, sizes,
-                                    weighting_counts, save_weights)
-    spill = _spill_needed(design + max(held + block, transient))
-    on_disk = held if spill else 0
-    if spill:  # one weighting of each model at a time
-        held, transient = _factor_bytes(widths, n_train, n_test, n_alphas, sizes,
-                                        [1] * len(weighting_counts), save_weights)
-    n_weightings = weighting_counts[0]
-    per_voxel = (2 * n_alphas + 4 + 2 * len(widths) + n_parts + (p if save_weights else 0)
-                 + (n_test if save_predictions else 0))
-    check_request(
-        f"joint fit of {len(widths)} spaces ({p:,} lagged features) x {n_weightings} "
-        f"weightings", block_bytes=design + max(held + block, transient),
-        block_option=f"use fewer --weightings (gave {n_weightings}), fewer spaces or "
-                     f"lags, leave out --partition, or lower --voxel-block",
-        output_bytes=4 * n_voxels * per_voxel + on_disk, store=workspace.path,
-        disk_option="leave out --save-weights / --save-predictions",
-        already_written=stored_bytes(workspace, group))
-    return spill
-
-
 def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str,
                         lags: Sequence[float], alphas: Sequence[float], *,
                         weightings: int | str | np.ndarray = DEFAULT_WEIGHTINGS,
@@ -335,12 +277,8 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
     :func:`load_weightings`; ``seed`` for the draws) and ``partition`` (2 or 3
     spaces: every sub-model too, and the variance partition)."""
     names = [check_name(f, "--features") for f in features]
-    alphas_arr = _check_fit_options(alphas, device, voxel_block)
-    stats_options = (statistics or StatisticsOptions()).checked()
-    if not lags or not all(np.isfinite(l) and l >= 0 for l in lags):
-        raise InputError(f"--lags must be seconds >= 0 (got {list(lags)})")
-    if partition and len(names) not in PARTITION_SPACES:
-        raise InputError(f"--partition needs 2 or 3 --features (got {len(names)})")
+    alphas_arr, stats_options = _check_joint_options(names, alphas, lags, device,
+                                                     voxel_block, statistics, partition)
     gammas = load_weightings(weightings, len(names), seed)
     bgroup, tr = open_bold(workspace, bold)
     opened = _joint_designs(workspace, names, bgroup, lags, tr, aggregate)
@@ -353,41 +291,24 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
     n_voxels = int(design.Y.shape[1])
     bold_node, valid = bold_validity(workspace, bgroup, n_voxels)
     plan = TestStatistics.plan(stats_options, test.size)
-    sub_columns = ([c for size in range(1, len(names))
-                    for c in combinations(range(len(names)), size)] if partition else [])
-    sub_gammas = [sub_weightings(gammas, c) for c in sub_columns]
-    parts = [part_name(names, g) for g in subsets(names)] if partition else []
+    sub_columns, sub_gammas, parts = _submodels(names, gammas, partition)
     template = _joint_template(
         _fit_template(alphas_arr, bold_node, n_voxels, voxel_block, None, test.size,
                       save_predictions, plan, repeats=groups is not None),
         names, n_voxels, _weight_columns(opened, names, lags) if save_weights else None,
         parts)
     spill = _check_joint_request(workspace, group, [int(d.X.shape[1]) for _, d in opened],
-                         train.size, test.size, alphas_arr.size, folds,
-                         min(voxel_block, n_voxels),
-                         [len(gammas), *(len(g) for g in sub_gammas)], n_voxels,
-                         len(parts), save_weights, save_predictions)
-    params = {
-        "stage": "fit", "features": [f"features/{n}" for n in names], "bold": bgroup,
-        "lags": [float(l) for l in lags], "alphas": alphas_arr.tolist(),
-        "weightings": gammas.tolist(), "partition": bool(partition),
-        "test_samples": test_samples, "test_runs": list(test_runs) if test_runs else None,
-        "test_repeats": groups, "cv": cv, "aggregate": aggregate,
-        "statistics": stats_options.as_params(), "weights": bool(save_weights),
-        "predictions": bool(save_predictions), "voxel_block": int(voxel_block),
-        "features_params": [workspace.params(f"features/{n}") for n in names],
-        "bold_params": workspace.params(bgroup),
-    }
+                                 train.size, test.size, alphas_arr.size, folds,
+                                 min(voxel_block, n_voxels),
+                                 [len(gammas), *(len(g) for g in sub_gammas)], n_voxels,
+                                 len(parts), save_weights, save_predictions)
+    params = _joint_params(workspace, names, bgroup, lags, alphas_arr, gammas, partition,
+                           test_samples, test_runs, groups, cv, aggregate, stats_options,
+                           save_weights, save_predictions, voxel_block)
     writer = workspace.start_stage(
         group, params, [template], overwrite=overwrite, per_run=False,
-        group_attrs={"bold_group": bgroup,
-                     "features_groups": [f"features/{n}" for n in names],
-                     "lags": [float(l) for l in lags], "n_train": int(train.size),
-                     "n_test": int(test.size), "dropped_per_run": design.dropped,
-                     "tr": tr, "cv": str(cv), "aggregate": aggregate, "device": device,
-                     "min_train_per_fold": int(min(train.size - f.size for f in folds)),
-                     "test_repeats": groups, "statistics": stats_options.as_params(),
-                     "test_key": _fit_stats.test_key(bgroup, design, test, groups)})
+        group_attrs=_joint_group_attrs(names, bgroup, lags, tr, design, train, test, folds,
+                                       groups, cv, aggregate, device, stats_options))
     pending = writer.pending_blocks(0)
     if pending:
         client = active_client()
@@ -409,6 +330,69 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
                          template.n_blocks - len(pending))
     summary.statistics.append(_split_line(workspace.open_node(group)))
     return summary
+
+
+def _check_joint_options(names: Sequence[str], alphas: Sequence[float],
+                         lags: Sequence[float], device: str, voxel_block: int,
+                         statistics: StatisticsOptions | None, partition: bool
+                         ) -> tuple[np.ndarray, StatisticsOptions]:
+    """The checked alphas (float64 (alpha,)) and statistics options; one-line
+    :class:`InputError` on bad lags or ``--partition`` with other than 2 or 3 spaces."""
+    alphas_arr = _check_fit_options(alphas, device, voxel_block)
+    stats_options = (statistics or StatisticsOptions()).checked()
+    if not lags or not all(np.isfinite(l) and l >= 0 for l in lags):
+        raise InputError(f"--lags must be seconds >= 0 (got {list(lags)})")
+    if partition and len(names) not in PARTITION_SPACES:
+        raise InputError(f"--partition needs 2 or 3 --features (got {len(names)})")
+    return alphas_arr, stats_options
+
+
+def _submodels(names: Sequence[str], gammas: np.ndarray, partition: bool
+               ) -> tuple[list[tuple[int, ...]], list[np.ndarray], list[str]]:
+    """With ``partition``: each proper sub-model's space indices and weightings
+    (:func:`sub_weightings`) and the names of the partition's parts (``a``, ``a&b``,
+    ...); empty lists without."""
+    if not partition:
+        return [], [], []
+    columns = [c for size in range(1, len(names))
+               for c in combinations(range(len(names)), size)]
+    return (columns, [sub_weightings(gammas, c) for c in columns],
+            [part_name(names, g) for g in subsets(names)])
+
+
+def _joint_params(workspace: Workspace, names: Sequence[str], bgroup: str,
+                  lags: Sequence[float], alphas: np.ndarray, gammas: np.ndarray,
+                  partition: bool, test_samples: int | None,
+                  test_runs: Sequence[int] | None, groups, cv: int | str, aggregate: str,
+                  stats_options: StatisticsOptions, save_weights: bool,
+                  save_predictions: bool, voxel_block: int) -> dict:
+    """The parameters that made the group (a rerun with others needs --overwrite)."""
+    return {
+        "stage": "fit", "features": [f"features/{n}" for n in names], "bold": bgroup,
+        "lags": [float(l) for l in lags], "alphas": alphas.tolist(),
+        "weightings": gammas.tolist(), "partition": bool(partition),
+        "test_samples": test_samples, "test_runs": list(test_runs) if test_runs else None,
+        "test_repeats": groups, "cv": cv, "aggregate": aggregate,
+        "statistics": stats_options.as_params(), "weights": bool(save_weights),
+        "predictions": bool(save_predictions), "voxel_block": int(voxel_block),
+        "features_params": [workspace.params(f"features/{n}") for n in names],
+        "bold_params": workspace.params(bgroup),
+    }
+
+
+def _joint_group_attrs(names: Sequence[str], bgroup: str, lags: Sequence[float], tr: float,
+                       design, train: np.ndarray, test: np.ndarray,
+                       folds: list[np.ndarray], groups, cv: int | str, aggregate: str,
+                       device: str, stats_options: StatisticsOptions) -> dict:
+    """The group attrs the report and the statistics read (a single fit's, with
+    ``features_groups`` for the spaces)."""
+    return {"bold_group": bgroup, "features_groups": [f"features/{n}" for n in names],
+            "lags": [float(l) for l in lags], "n_train": int(train.size),
+            "n_test": int(test.size), "dropped_per_run": design.dropped,
+            "tr": tr, "cv": str(cv), "aggregate": aggregate, "device": device,
+            "min_train_per_fold": int(min(train.size - f.size for f in folds)),
+            "test_repeats": groups, "statistics": stats_options.as_params(),
+            "test_key": _fit_stats.test_key(bgroup, design, test, groups)}
 
 
 def _split_line(fit: xr.Dataset) -> str:

@@ -44,6 +44,8 @@ from voxelflow.pipeline.models.autoencoder import (ARCH, CHECKPOINT_FORMAT, CHEC
 from voxelflow.pipeline.models.backbone import build_autoencoder
 from voxelflow.pipeline.models.extractor import check_device
 from voxelflow.pipeline.models.weights import parse_weights, sha256_file, weights_key
+from voxelflow.pipeline.stages._train_preview import (mean_frame_mse, preview_path,
+                                                       training_preview, write_preview)
 from voxelflow.pipeline.stages._stream import (Piece, ShuffleStream, make_pieces,
                                                read_training_frames, training_ranges)
 from voxelflow.stores.files import SteppedFile
@@ -62,8 +64,6 @@ DEFAULT_WARMUP = 100  # steps of linear learning-rate warmup (at most a tenth of
 DEFAULT_WEIGHT_DECAY = 1e-4
 DEFAULT_BUFFER = 1024  # frames in the shuffle buffer
 DEFAULT_CHECKPOINT_EVERY = 100  # steps
-PREVIEW_FRAMES = 8
-PREVIEW_MIN_SIDE = 128  # small frames are enlarged (nearest) to at least this in the PNG
 QUEUE_BATCHES = 2  # batches read ahead by the reader thread
 MEMORY_FORMAT = torch.contiguous_format  # channels_last: BatchNorm is ~5x slower on CPU
 
@@ -181,7 +181,7 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
     # ---- preview
     png = mse = None
     if preview:
-        png, mse = _preview(plan, state, normalise, preview_path(out))
+        png, mse = training_preview(plan, state, normalise, preview_path(out))
     return _summary(plan, state, out, png, mse, todo, elapsed)
 
 
@@ -442,71 +442,6 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 def _json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
-
-
-# ------------------------------------------------------------------ after training
-def mean_frame_mse(frames: Iterator[np.ndarray], mean: Sequence[float],
-                   std: Sequence[float]) -> float:
-    """MSE (normalised pixels) of predicting every frame by the mean frame, streamed."""
-    total = None
-    total_sq = None
-    n = 0
-    for block in frames:
-        b = block.astype(np.float64)
-        s, sq = b.sum(axis=0), (b * b).sum(axis=0)
-        total = s if total is None else total + s
-        total_sq = sq if total_sq is None else total_sq + sq
-        n += block.shape[0]
-    var = np.maximum(total_sq / n - (total / n) ** 2, 0.0)  # (H, W, 3), raw units
-    scale = (255.0 * np.asarray(std, dtype=np.float64)) ** 2
-    return float((var / scale).mean())
-
-
-def preview_path(out: str | Path) -> Path:
-    """``autoencoder.pt`` -> ``autoencoder.preview.png`` (next to the checkpoint)."""
-    out = Path(out)
-    return out.with_name(out.stem + ".preview.png")
-
-
-def write_preview(path: Path, inputs: np.ndarray, recons: np.ndarray) -> Path:
-    """PNG grid: ``inputs`` (uint8 (k, H, W, 3)) on top, ``recons`` below, 2 px gaps."""
-    from PIL import Image
-
-    k, h, w, _ = inputs.shape
-    zoom = max(1, -(-PREVIEW_MIN_SIDE // max(h, w)))
-    gap = 2
-    H, W = h * zoom, w * zoom
-    canvas = np.full((2 * H + 3 * gap, k * W + (k + 1) * gap, 3), 255, dtype=np.uint8)
-    for row, imgs in enumerate((inputs, recons)):
-        for i in range(k):
-            img = np.repeat(np.repeat(imgs[i], zoom, axis=0), zoom, axis=1)
-            y, x = gap + row * (H + gap), gap + i * (W + gap)
-            canvas[y:y + H, x:x + W] = img
-    Image.fromarray(canvas).save(path)
-    return path
-
-
-def _preview(plan: _Plan, state: _State, normalise: Callable, path: Path) -> tuple[Path, float]:
-    """Reconstruct up to 8 evenly spaced training frames (eval mode) and write the PNG."""
-    stream, model = plan.stream, state.model
-    k = min(PREVIEW_FRAMES, stream.n)
-    ids = np.unique(np.linspace(0, stream.n - 1, k).round().astype(np.int64))
-    frames = []
-    for fid in ids:
-        run, index = stream.locate(int(fid))
-        frames.append(read_training_frames(plan.workspace, plan.group, plan.ranges, run,
-                                           index, index + 1)[0])
-    inputs = np.stack(frames)
-    model.eval()
-    with torch.inference_mode():
-        x = normalise(torch.from_numpy(inputs))
-        recon = model(x)
-        mse = float(torch.nn.functional.mse_loss(recon, x))
-        m = torch.tensor(state.mean, device=recon.device).reshape(1, 3, 1, 1)
-        s = torch.tensor(state.std, device=recon.device).reshape(1, 3, 1, 1)
-        pixels = ((recon * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)
-        recons = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    return write_preview(path, inputs, recons), mse
 
 
 def _summary(plan: _Plan, state: _State, out: Path, png: Path | None, preview_mse,

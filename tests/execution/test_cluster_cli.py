@@ -197,7 +197,7 @@ def test_factors_copied_array_by_array_give_the_same_blocks():
     to the worker's device array by array: every nested array is reached (primal and
     dual), and the copies compute the same outputs."""
     from voxelflow.pipeline import ridge
-    from voxelflow.pipeline.stages.fit import _map_arrays
+    from voxelflow.pipeline.stages._fit_work import _map_arrays
     from voxelflow.pipeline.ridge.scoring import contiguous_folds
 
     rng = np.random.default_rng(1)

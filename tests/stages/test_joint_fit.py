@@ -206,7 +206,8 @@ def test_weightings_that_cannot_fit_in_memory_are_refused_up_front(joint_ws, cap
     ws, _ = joint_ws
     from voxelflow.pipeline.execution import resources
 
-    monkeypatch.setattr(resources, "available_memory", lambda: (2e6, "available"))
+    # too little even for one weighting at a time (spilling the others cannot help)
+    monkeypatch.setattr(resources, "available_memory", lambda: (2e4, "available"))
     code, _, err = _cli(capsys, ws, "--features", "f", "g", "--weightings", "200",
                         "--name", "big", *NO_STATS)
     assert code == 2 and "fewer --weightings (gave 200)" in err, err
@@ -222,14 +223,14 @@ def test_spilled_factors_give_the_same_fit(joint_ws, capsys, monkeypatch):
     scratch space, one file per weighting, loaded one at a time per block: same
     outputs as the in-memory fit; the scratch is removed once the fit is complete."""
     ws, _ = joint_ws
-    from voxelflow.pipeline.stages import joint_fit
+    from voxelflow.pipeline.stages import _joint_request, joint_fit
     args = ("--features", "f", "g", "--weightings", "3", "--partition",
             "--save-weights", *NO_STATS)
     code, _, err = _cli(capsys, ws, *args, "--name", "kept")
     assert code == 0, err
     loads = []
     original = joint_fit.ridge.SpilledFactors.load
-    monkeypatch.setattr(joint_fit, "_spill_needed", lambda need: True)
+    monkeypatch.setattr(_joint_request, "_spill_needed", lambda need: True)
     monkeypatch.setattr(joint_fit.ridge.SpilledFactors, "load",
                         lambda self: loads.append(self.path) or original(self))
     code, _, err = _cli(capsys, ws, *args, "--name", "spilled")

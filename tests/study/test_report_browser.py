@@ -2,7 +2,9 @@
 
 One generated study (module fixture, no pipeline run): two volume models x two lag sets
 x 12 alphas on a 20 x 24 x 18 grid with a mean-EPI underlay, permutation q-values and
-bootstrap means, plus one fit on fsaverage5 (both hemispheres) for ``view_surf``.  The
+bootstrap means, and one joint model of both (``r2_split``, ``partition``), plus one
+joint fit on fsaverage5 (both hemispheres) for ``view_surf`` and the surface
+which-space figure.  The
 report folder is copied elsewhere before it is opened, with every request other than
 ``file://`` aborted.  Skips with one line when no browser is found.
 """
@@ -61,13 +63,31 @@ def _fit(rng, n_voxel: int, strength: float, coords: dict) -> xr.Dataset:
                "statistics": {"seed": 0, "block_length": 10, "bootstrap": RESAMPLES}})
 
 
-def _volume_study(folder: Path) -> dict:
+SPACES = ["resnet50", "alexnet"]
+
+
+def _joint(rng, fit: xr.Dataset) -> xr.Dataset:
+    """``fit`` as a joint fit of SPACES: a random ``r2_split`` (alexnet ahead where
+    the voxel's index is even) and the two-space ``partition``."""
+    n = fit.sizes["voxel"]
+    split = rng.uniform(-0.02, 0.2, (2, n))
+    split[1, ::2] += 0.2
+    parts = np.stack([split[0] * 0.8, split[1] * 0.8, split.sum(0) * 0.2 - 0.01])
+    return fit.assign(
+        r2_split=(("space", "voxel"), split.astype(np.float32)),
+        partition=(("part", "voxel"), parts.astype(np.float32))).assign_coords(
+        space=SPACES, part=["resnet50", "alexnet", "resnet50&alexnet"])
+
+
+def _volume_study(folder: Path) -> tuple[dict, xr.Dataset]:
     rng = np.random.default_rng(0)
     ijk = np.nonzero(_brain())
     coords = {c: ("voxel", v) for c, v in zip("ijk", ijk)}
     results = [FitResult(m, lags, _fit(rng, ijk[0].size, s, coords))
                for m, s in [("alexnet_conv5_a_long_feature_space_name", 0.5), ("resnet50", 0.8)]
                for lags in ([4.0], [4.0, 5.0, 6.0, 7.0])]
+    results.append(FitResult("resnet50+alexnet", [4.0],
+                             _joint(rng, _fit(rng, ijk[0].size, 0.9, coords))))
 
     def write_values(values, path, description=""):
         volume = np.zeros(GRID, np.float32)
@@ -76,9 +96,11 @@ def _volume_study(folder: Path) -> dict:
 
     underlay = folder / "mean_epi.nii.gz"
     write_values(1000 + 300 * rng.random(ijk[0].size), underlay)
-    return write_report(results, folder / "report", experiment="generated",
-                        write_map=lambda res, path: write_values(res.fit["r_test_cv"].values, path),
-                        write_values=write_values, underlay=underlay)
+    report = write_report(results, folder / "report", experiment="generated",
+                          write_map=lambda res, path: write_values(res.fit["r_test_cv"].values,
+                                                                   path),
+                          write_values=write_values, underlay=underlay)
+    return report, results[-1].fit
 
 
 def _surface_study(folder: Path) -> dict:
@@ -86,7 +108,7 @@ def _surface_study(folder: Path) -> dict:
     n = 10242  # fsaverage5, per hemisphere
     coords = {"hemi": ("voxel", np.repeat(["L", "R"], n)),
               "vertex": ("voxel", np.tile(np.arange(n), 2))}
-    fit = _fit(rng, 2 * n, 0.7, coords)
+    fit = _joint(rng, _fit(rng, 2 * n, 0.7, coords))
     return write_report([FitResult("surface_model", [4.0], fit)], folder / "surface",
                         experiment="surface")
 
@@ -94,8 +116,10 @@ def _surface_study(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("report_study")
-    return {"volume": _volume_study(folder), "surface": _surface_study(folder),
-            "folder": folder}
+    volume, joint_fit = _volume_study(folder)
+    return {"volume": volume, "surface": _surface_study(folder), "folder": folder,
+            "joint_fit": joint_fit}
+
 
 
 # ------------------------------------------------------------ without a browser
@@ -135,6 +159,32 @@ def test_figures_are_png_and_svg_with_titles_and_colourbar_labels(study):
     assert "model label: 1 alexnet, 2 resnet50" in (out / "winner_model.svg").read_text()
     svg = (out / "r_vs_alpha.svg").read_text()
     assert "Test r versus alpha" in svg and "ridge alpha" in svg
+
+
+def test_joint_pieces_show_significant_voxels_only(study):
+    """The which-space map of the generated joint fit: argmax of r2_split where the
+    joint r > 0 is significant (q_perm_fdr < 0.05), on the volume and on the surface;
+    the per-space bars of the whole mask (no atlas) are numpy means."""
+    item = study["volume"]["joint"][0]
+    fit = study["joint_fit"]
+    split, r = fit["r2_split"].values, fit["r_test_cv"].values
+    significant = (fit["q_perm_fdr"].values < 0.05) & (r > 0)
+    assert 0 < significant.sum() < r.size
+    expected = np.where(significant, split.argmax(axis=0) + 1, 0)
+    np.testing.assert_array_equal(item["map"].labels, expected)
+    volume = np.asarray(nib.load(item["files"]["which_nifti"]).dataobj)
+    np.testing.assert_array_equal(volume[_brain()], expected)
+    assert "significant" in item["map"].note and set(expected) == {0, 1, 2}
+    rows = item["split"]
+    assert set(rows["roi_name"]) == {"whole mask"} and len(rows) == 5
+    for space, values in zip(SPACES, split):
+        got = rows[(rows["measure"] == "r2_split") & (rows["component"] == space)]["mean"]
+        np.testing.assert_allclose(got.item(), values.astype(np.float64).mean(), rtol=1e-12)
+    svg = item["files"]["which_png"].with_suffix(".svg").read_text()
+    assert "1 resnet50" in svg and "2 alexnet" in svg
+    surface = study["surface"]["joint"][0]["files"]["which_png"].with_suffix(".svg").read_text()
+    for text in ("left, inflated", "right, flat", "1 resnet50", "2 alexnet"):
+        assert text in surface, text
 
 
 def test_geometry_chooses_the_viewer(study):
@@ -211,7 +261,11 @@ def test_report_opens_offline_in_chromium(study, browser, tmp_path):
     page, seen = _open(browser, copy / "index.html", 1280)
     # Images: every <img> decoded.
     images = page.eval_on_selector_all("img", "els => els.map(e => [e.src, e.naturalWidth])")
-    assert len(images) == 3 and all(w > 0 for _, w in images), images
+    assert len(images) == 5 and all(w > 0 for _, w in images), images
+    # the joint model's pieces: which-space slices and split bars, drawn
+    for stem in ("resnet50+alexnet_lags-4_which_space", "resnet50+alexnet_lags-4_space_split"):
+        assert any(src.endswith(f"/{stem}.png") for src, _ in images), stem
+    assert page.locator("#joint-models").is_visible()
     # Table 2 no wider than the page at 1280 px.
     widths = page.evaluate("() => [document.getElementById('table2').scrollWidth, "
                            "document.documentElement.scrollWidth]")
@@ -222,7 +276,7 @@ def test_report_opens_offline_in_chromium(study, browser, tmp_path):
     before = _viewer(page).screenshot()
     menu = page.locator("#map-menu")
     options = menu.locator("option").all_text_contents()
-    assert len(options) == 4
+    assert len(options) == 5
     note = page.locator("#map-note").text_content()
     menu.select_option(index=3)
     page.wait_for_function("() => document.getElementById('map-viewer').src"

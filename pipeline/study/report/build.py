@@ -6,7 +6,9 @@ Files: ``table.csv``, ``table.md``; ``r_vs_alpha``, ``r_histogram``,
 ``maps/<model>_lags-<lags>_r_cv_fdr.nii.gz`` (r where significant, with permutation
 statistics), ``maps/winner_model.nii.gz``; one interactive viewer page per model x lag
 set, ``viewers/<model>_lags-<lags>.html`` (:mod:`.viewers`); ``roi_table.csv`` (with an
-atlas); and ``index.html`` (:mod:`.page`) showing them all.  Every path inside the
+atlas); for joint fits (several feature spaces) the which-space maps, split bars and
+``space_split.csv`` (:mod:`.spaces`); and ``index.html`` (:mod:`.page`) showing them
+all.  Every path inside the
 folder is relative and nothing is fetched from the network.
 """
 
@@ -20,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from voxelflow.pipeline.stats import diagnostics
-from voxelflow.pipeline.study.report import figures, page, viewers
+from voxelflow.pipeline.study.report import figures, page, spaces, viewers
 from voxelflow.pipeline.study.report.tables import (FitResult, comparison_sentences,
                                                     model_winners, ranking, roi_table,
                                                     summary_table, table_markdown)
@@ -81,6 +83,11 @@ def write_report(results: Sequence[FitResult], out_dir: str | Path, *, experimen
         roi = roi_table(results, roi_of_voxel, roi_names)
         roi.to_csv(out / "roi_table.csv", index=False)
         files["roi_table"] = out / "roi_table.csv"
+    joint = spaces.write_joint_pieces(results, out, roi_of_voxel=roi_of_voxel,
+                                      roi_names=roi_names, write_values=write_values,
+                                      underlay=underlay)
+    if joint["csv"] is not None:
+        files["space_split"] = joint["csv"]
     categories = []
     for res in results if category_maps is not None else []:
         made = category_maps(res, out / "maps")
@@ -91,12 +98,14 @@ def write_report(results: Sequence[FitResult], out_dir: str | Path, *, experimen
                           for w in diagnostics.warnings_of(r.fit, dict(r.fit.attrs))]}
     files["html"] = out / "index.html"
     files["html"].write_text(page.render_page(experiment, table, files, notes, maps, out, roi=roi,
-                                              extra=_category_html(categories, out)),
+                                              extra=_category_html(categories, out)
+                                              + spaces.joint_html(joint, out)),
                              encoding="utf-8")
     return {"table": table, "best": (best.model, best.label), "files": files,
             "maps": [m["nifti"] for m in maps if m.get("nifti") is not None],
             "viewers": maps, "comparisons": notes["comparisons"],
-            "warnings": notes["warnings"], "winners": winners, "category_maps": categories}
+            "warnings": notes["warnings"], "winners": winners, "category_maps": categories,
+            "joint": joint["items"]}
 
 
 def _write_map_views(res: FitResult, out: Path, write_map: Callable | None,
