@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -74,6 +75,17 @@ class NodeWrites:
         path = self.path / SCRATCH_DIR / group / run_node_name(run)
         with self.storage_errors():
             return TransposeScratch(path, n_time, n_voxel, time_block, voxel_chunk, token)
+
+    def scratch_folder(self, group: str, name: str) -> Path:
+        """An empty folder ``name`` in the scratch space of ``group`` (created; emptied
+        if it held files), for a stage's temporary files (e.g. the joint fit's spilled
+        factors); :meth:`remove_scratch` deletes it."""
+        path = self.path / SCRATCH_DIR / group / name
+        with self.storage_errors():
+            if path.exists():
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        return path
 
     def remove_scratch(self, group: str) -> None:
         """Delete every scratch array of ``group`` (and empty parent folders)."""

@@ -59,13 +59,17 @@ Where the code lives (private modules, by concern):
 * ``_over_voxels``: the Dask graph (:func:`ridge_over_voxels`);
 * ``_banded``: several feature spaces, one penalty per space
   (:func:`banded_ridge`, :func:`simplex_weightings`, :func:`split_r2`);
+* ``_banded_eigen``: its dual-regime eigen path (one eigendecomposition per
+  fold and weighting for every alpha; :func:`banded_factor_bytes`);
 * ``_flops``: flop counts for benchmarks (:func:`ridge_flops`);
 * :mod:`voxelflow.pipeline.ridge.scoring` (public): Pearson r and CV folds.
 """
 
 from ._backend import get_array_module, to_numpy
 from ._banded import (DEFAULT_CONCENTRATION, BandedFactors, banded_chunk,
+                      SpilledFactors,
                       banded_factors, banded_ridge, check_weightings, simplex_weightings, space_slices, split_r2)
+from ._banded_eigen import banded_factor_bytes
 from ._checks import CHOLESKY_MAX_ALPHAS, check_alphas
 from ._eager import fit_ridge, ridge_cv_scores
 from ._factorize import (DEFAULT_MAX_DENSE_BYTES, FitShape, FoldFactors, RidgeFactors,
@@ -110,6 +114,8 @@ __all__ = [
     "banded_ridge",
     "banded_factors",
     "banded_chunk",
+    "banded_factor_bytes",
+    "SpilledFactors",
     "BandedFactors",
     "simplex_weightings",
     "check_weightings",

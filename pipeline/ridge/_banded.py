@@ -19,23 +19,32 @@ himalaya's ``solve_group_ridge_random_search``.
 The loop is weighting-outer: one weighting's factors are alive at a time, so
 memory is one single-space fit's plus the running per-voxel best. With a single
 space and weighting ``[1]`` the scaled design is the design itself and every
-output is bit-equal to :func:`~._eager.ridge_cv_scores`.
+output is bit-equal to :func:`~._eager.ridge_cv_scores`. With several spaces in
+the dual regime (the study's shape) each weighting's factors come from the
+per-space kernels with one eigendecomposition per fold reused for every alpha
+(:mod:`~._banded_eigen`); in the primal regime the scaled design goes through
+the engine's one-eigh-per-fold path.
 
 Arrays are ``(sample, feature)`` per space and ``(sample, voxel)`` for BOLD.
 """
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._backend import _compute_dtype, get_array_module, to_numpy
-from ._checks import _resolve_regime
+from ._banded_eigen import (ChunkBest, SpaceTerms, eigen_factors, scan_weighting,
+                            space_terms, split_r2)
+from ._checks import _resolve_regime, check_alphas
 from ._factorize import DEFAULT_MAX_DENSE_BYTES, _centred_kernels, factorize_ridge
-from ._select import TIE_BREAK_SLOPE
 from ._solve import ridge_chunk
+from .scoring import check_folds
 
 #: Dirichlet concentrations cycled through by :func:`simplex_weightings`
 #: (himalaya's default): 0.1 favours one dominant space, 1 is uniform.
@@ -121,59 +130,6 @@ def _check_spaces(designs: Sequence[Any], name: str) -> list[Any]:
     return designs
 
 
-def split_r2(y_test: Any, space_predictions: Sequence[Any], xp: Any) -> Any:
-    """Product-measure split of test R^2 (himalaya's ``r2_score_split``).
-
-    ``y_test`` (n_test, voxel) and each space's prediction (n_test, voxel) are
-    centred on the test samples here; per space ``i``::
-
-        r2_i = sum_t (2 y_t p_it - p_it sum_j p_jt) / sum_t y_t^2
-
-    so ``sum_i r2_i = 1 - ||y - sum_i p_i||^2 / ||y||^2`` (R^2 of the joint
-    prediction once its mean offset on the test set is removed). Float64
-    (n_spaces, voxel), NaN where the test BOLD is constant.
-    """
-    y = xp.asarray(y_test, dtype=xp.float64)
-    y = y - y.mean(axis=0)
-    parts = [xp.asarray(p, dtype=xp.float64) for p in space_predictions]
-    parts = [p - p.mean(axis=0) for p in parts]
-    total = sum(parts[1:], parts[0])
-    sst = (y * y).sum(axis=0)
-    defined = sst > 0
-    out = xp.empty((len(parts), y.shape[1]), dtype=xp.float64)
-    for index, p in enumerate(parts):
-        value = ((2.0 * y - total) * p).sum(axis=0)
-        out[index] = xp.where(defined, value / xp.where(defined, sst, 1.0), xp.nan)
-    return out
-
-
-class _RunningBest:
-    """Per-voxel best (weighting, alpha) over the weightings seen so far."""
-
-    def __init__(self, n_voxels: int, eps: float):
-        self.eps = eps
-        self.score = np.full(n_voxels, -np.inf)
-        self.candidate = np.full(n_voxels, -1, dtype=np.int64)
-        self.arrays: dict[str, np.ndarray] = {}
-
-    def update(self, number: int, out: dict[str, np.ndarray], alphas: np.ndarray
-               ) -> np.ndarray:
-        """Take this weighting's outputs where it beats the best; returns the mask."""
-        index = out["best_alpha_index"]
-        slope = TIE_BREAK_SLOPE * np.log(alphas)
-        picked = np.take_along_axis(out["r_cv"], np.maximum(index, 0)[None], 0)[0]
-        score = np.where(index >= 0, picked + slope[np.maximum(index, 0)], -np.inf)
-        mask = score > self.score + self.eps
-        self.score[mask] = score[mask]
-        self.candidate[mask] = number
-        for key, value in out.items():
-            if key not in self.arrays:
-                self.arrays[key] = value.copy()
-            else:
-                self.arrays[key][..., mask] = value[..., mask]
-        return mask
-
-
 def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] | None,
                  Y_test: Any | None, alphas: Any, weightings: Any,
                  folds: Sequence[Any], *, device: str = "cpu", dtype: Any = None,
@@ -181,8 +137,11 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
                  return_weights: bool = False, return_split: bool = True,
                  operator_form: str = "auto",
                  max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
-                 decomposition: str = "auto") -> dict[str, np.ndarray]:
-    """Banded ridge over every voxel of in-memory BOLD.
+                 decomposition: str = "auto", eigh_dtype: Any = None
+                 ) -> dict[str, np.ndarray]:
+    """Banded ridge over every voxel of in-memory BOLD, weighting-outer: one
+    weighting's factors are alive at a time (memory: one single fit's factors
+    plus the running per-voxel best).
 
     Parameters
     ----------
@@ -197,8 +156,14 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
     return_weights : also ``weights`` (feature, voxel), spaces concatenated in
         order, in the units of the unscaled design (scikit-learn's ``coef_``)
     return_split : with a test set, ``r2_split`` (space, voxel)
-    solver, operator_form, max_dense_bytes, decomposition : per weighting, see
+    solver, operator_form, max_dense_bytes : see
         :func:`~._factorize.factorize_ridge`
+    decomposition : one space with weighting 1 (today's single fit, bit-equal):
+        as :func:`~._factorize.factorize_ridge`; several spaces: one
+        eigendecomposition per (fold, weighting) reused for every alpha
+        (:mod:`~._banded_eigen`; the primal regime via the engine's "eigh")
+    eigh_dtype : dual eigen path: dtype of the eigendecompositions (default
+        the compute dtype, as himalaya)
 
     Returns
     -------
@@ -210,73 +175,122 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
     (space, voxel) float64 = alpha / weighting (inf for a zero weighting, NaN
     if undefined); optionally ``weights`` and ``r2_split``.
     """
-    xp = get_array_module(device)
-    Xs_train = _check_spaces(Xs_train, "Xs_train")
+    Y_train = np.asarray(Y_train) if not hasattr(Y_train, "shape") else Y_train
+    setup = _setup(Xs_train, Xs_test, Y_train.dtype, weightings, solver, dtype, device,
+                   return_weights or (return_split and Xs_test is not None))
     if (Xs_test is None) != (Y_test is None):
         raise ValueError("Give both Xs_test and Y_test, or neither.")
+    options = dict(device=device, operator_form=operator_form,
+                   max_dense_bytes=max_dense_bytes, decomposition=decomposition,
+                   eigh_dtype=eigh_dtype)
+    best = ChunkBest(int(Y_train.shape[1]), float(np.finfo(setup.compute).eps))
+    flags = dict(voxel_chunk=voxel_chunk, return_weights=return_weights,
+                 return_split=return_split, return_predictions=False)
+    for number, gamma in enumerate(setup.gammas):
+        # weighting-outer: one weighting's factors alive at a time
+        factors, centred_test = _weighting_factors(setup, gamma, alphas, folds, options)
+        _scan(setup.eigen, factors, centred_test, gamma, number, Y_train, Y_test,
+              best, setup.slices, flags, setup.xp)
+        del factors, centred_test
+    return _finish(best, setup.gammas)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Checked inputs of a banded fit and what every weighting shares."""
+
+    Xs_train: list
+    Xs_test: list | None
+    gammas: np.ndarray
+    compute: np.dtype
+    regime: str
+    slices: list
+    kernels: list | None
+    terms: SpaceTerms | None
+    keep: bool
+    xp: Any
+
+    @property
+    def eigen(self) -> SpaceTerms | None:
+        """The per-space terms on the eigen path, None on the scaled-design path."""
+        return self.terms
+
+
+def _setup(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, y_dtype: Any,
+           weightings: Any, solver: str, dtype: Any, device: str, keep: bool,
+           keep_designs: bool | None = None) -> _Setup:
+    """Check the spaces and weightings; the regime; in the dual regime with several
+    spaces or weightings, each space's centred kernels (once) and shared terms."""
+    xp = get_array_module(device)
+    Xs_train = _check_spaces(Xs_train, "Xs_train")
     if Xs_test is not None:
         Xs_test = _check_spaces(Xs_test, "Xs_test")
         if len(Xs_test) != len(Xs_train):
             raise ValueError(f"{len(Xs_train)} training spaces but {len(Xs_test)} "
                              "test spaces.")
     gammas = check_weightings(weightings, len(Xs_train))
-    Y_train = np.asarray(Y_train) if not hasattr(Y_train, "shape") else Y_train
     compute = (np.dtype(dtype) if dtype is not None
-               else _compute_dtype(*(x.dtype for x in Xs_train), Y_train.dtype))
-    keep = return_weights or (return_split and Xs_test is not None)
-    options = dict(device=device, operator_form=operator_form,
-                   max_dense_bytes=max_dense_bytes, decomposition=decomposition)
-    regime, slices, kernels = _regime_and_kernels(Xs_train, Xs_test, gammas, solver,
-                                                  compute, xp)
-    best = _RunningBest(int(Y_train.shape[1]), float(np.finfo(compute).eps))
-    alpha_grid = np.asarray(alphas, dtype=np.float64)
-    for number, gamma in enumerate(gammas):
-        # weighting-outer: one weighting's factors alive at a time
-        factors, centred_test = _weighting_factors(
-            Xs_train, Xs_test, gamma, kernels, alpha_grid, folds, compute, regime, keep,
-            options, xp)
-        out = _one_weighting(factors, centred_test, Y_train, Y_test, gamma, slices,
-                             voxel_chunk, return_weights, return_split, False, xp)
-        best.update(number, out, factors.alphas)
-        del factors, centred_test
-    return _finish(best, gammas)
-
-
-def _regime_and_kernels(Xs_train: list[Any], Xs_test: list[Any] | None,
-                        gammas: np.ndarray, solver: str, compute: Any, xp: Any
-                        ) -> tuple[str, list[slice], list | None]:
-    """The regime of the joint design, each space's columns and, in the dual
-    regime with several spaces or weightings, each space's centred kernels."""
+               else _compute_dtype(*(x.dtype for x in Xs_train), y_dtype))
     slices = space_slices([x.shape[1] for x in Xs_train])
     regime = _resolve_regime(solver, int(Xs_train[0].shape[0]), slices[-1].stop)
-    kernels = None
-    if regime == "dual" and not (len(slices) == 1 and (gammas == 1.0).all()):
+    kernels = terms = None
+    if regime == "dual" and len(slices) > 1:
         # one centred kernel per space, once; a weighting's is their weighted sum
+        # (a single space keeps today's engine, bit-equal to a single fit)
         kernels = [_centred_kernels(xp.asarray(x), None if Xs_test is None
                                     else xp.asarray(xt), compute, xp)
                    for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train))]
-    return regime, slices, kernels
+        terms = space_terms(kernels, Xs_train, compute,
+                            keep if keep_designs is None else keep_designs, xp)
+    return _Setup(Xs_train, Xs_test, gammas, compute, regime, slices, kernels, terms,
+                  keep, xp)
 
 
-def _weighting_factors(Xs_train: list[Any], Xs_test: list[Any] | None, gamma: np.ndarray,
-                       kernels: list | None, alpha_grid: np.ndarray, folds: Sequence[Any],
-                       compute: Any, regime: str, keep: bool, options: dict, xp: Any
-                       ) -> tuple[Any, Any | None]:
-    """One weighting's :class:`RidgeFactors` and, when weights are kept and there is
-    a test set, its centred scaled test design (n_test, feature) for the split."""
-    x_train = _scaled_design(Xs_train, gamma, xp)
-    x_test = None if Xs_test is None else _scaled_design(Xs_test, gamma, xp)
-    factors = factorize_ridge(
-        x_train, x_test, alpha_grid, folds, dtype=compute, solver=regime,
-        keep_weight_factors=keep, centred_kernels=None if kernels is None
-        else _weighted_kernels(kernels, gamma, xp), **options)
+def _weighting_factors(setup: _Setup, gamma: np.ndarray, alphas: Any,
+                       folds: Sequence[Any], options: dict) -> tuple[Any, Any | None]:
+    """One weighting's :class:`RidgeFactors` and, on the scaled-design path with
+    kept weights and a test set, its centred scaled test design (n_test, feature)
+    for the split."""
+    xp, alpha_grid = setup.xp, np.asarray(alphas, dtype=np.float64)
+    options = dict(options)
+    eigh_dtype = options.pop("eigh_dtype", None)
+    if setup.kernels is not None:
+        factors = eigen_factors(
+            setup.kernels, gamma, check_alphas(alpha_grid), check_folds(
+                folds, int(setup.Xs_train[0].shape[0])),
+            n_features=setup.slices[-1].stop, dtype=setup.compute,
+            device=options["device"], xp=xp, keep_basis=setup.keep,
+            operator_form=options["operator_form"],
+            max_dense_bytes=options["max_dense_bytes"], eigh_dtype=eigh_dtype)
+        return factors, None
+    if len(setup.slices) > 1 and options["decomposition"] == "auto":
+        options["decomposition"] = "eigh"  # one eigh per fold for every alpha
+    x_train = _scaled_design(setup.Xs_train, gamma, xp)
+    x_test = None if setup.Xs_test is None else _scaled_design(setup.Xs_test, gamma, xp)
+    factors = factorize_ridge(x_train, x_test, alpha_grid, folds, dtype=setup.compute,
+                              solver=setup.regime, keep_weight_factors=setup.keep,
+                              **options)
     centred_test = None
-    if keep and x_test is not None:
+    if setup.keep and x_test is not None:
         centred_test = (x_test.astype(xp.float64) - factors.x_mean).astype(factors.dtype)
     return factors, centred_test
 
 
-def _finish(best: _RunningBest, gammas: np.ndarray) -> dict[str, np.ndarray]:
+def _scan(terms: SpaceTerms | None, factors: Any, centred_test: Any | None,
+          gamma: np.ndarray, number: int, Y_train: Any, Y_test: Any | None,
+          best: ChunkBest, slices: list[slice], flags: dict, xp: Any) -> None:
+    """One weighting over every voxel of ``Y_train`` into ``best``: the eigen path
+    (:func:`~._banded_eigen.scan_weighting`) or the scaled-design one."""
+    if terms is not None:
+        scan_weighting(factors, terms, gamma, number, Y_train, Y_test, best, xp=xp,
+                       **flags)
+        return
+    out = _one_weighting(factors, centred_test, Y_train, Y_test, gamma, slices, xp=xp,
+                         **flags)
+    best.update(number, 0, out, factors.alphas)
+
+
+def _finish(best: ChunkBest, gammas: np.ndarray) -> dict[str, np.ndarray]:
     """The best weighting's outputs plus ``best_weighting`` and ``space_alpha``."""
     result = best.arrays
     result["best_weighting"] = best.candidate
@@ -289,12 +303,37 @@ def _finish(best: _RunningBest, gammas: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class SpilledFactors:
+    """One weighting's ``(factors, centred_test)`` pickled at ``path`` (a file every
+    worker can read), loaded by :func:`banded_chunk` one weighting at a time."""
+
+    path: str
+    device: str
+
+    def load(self) -> tuple[Any, Any]:
+        with open(self.path, "rb") as handle:
+            return pickle.load(handle)
+
+
+def _spill(pair: tuple[Any, Any], folder: str | Path, number: int) -> SpilledFactors:
+    """Write one weighting's factors to ``folder`` (whole file or nothing)."""
+    path = Path(folder) / f"weighting-{number:04d}.pkl"
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as handle:
+        pickle.dump(pair, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(partial, path)
+    return SpilledFactors(str(path), pair[0].device)
+
+
+@dataclass(frozen=True)
 class BandedFactors:
     """Every weighting's factors, kept for many voxel chunks (:func:`banded_chunk`).
 
     ``factors``/``centred_tests`` one per weighting (the latter (n_test, feature)
     or None); ``gammas`` the weightings as nested tuples (host values whatever the
-    device); ``widths`` the spaces' feature counts; ``eps`` the tie margin.
+    device); ``widths`` the spaces' feature counts; ``eps`` the tie margin;
+    ``terms`` the eigen path's per-space terms (:class:`~._banded_eigen.
+    SpaceTerms`), None on the scaled-design path.
     """
 
     factors: tuple
@@ -302,6 +341,16 @@ class BandedFactors:
     gammas: tuple
     widths: tuple
     eps: float
+    terms: SpaceTerms | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held (every weighting's factors and the shared terms)."""
+        total = sum(f.nbytes for f in self.factors if not isinstance(f, SpilledFactors))
+        total += sum(int(c.nbytes) for c in self.centred_tests if c is not None)
+        if self.terms is not None:
+            total += sum(int(a.nbytes) for a in (*self.terms.cross, *self.terms.designs))
+        return total
 
 
 def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alphas: Any,
@@ -309,27 +358,34 @@ def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alpha
                    dtype: Any = np.float32, solver: str = "auto",
                    keep_weight_factors: bool = False, operator_form: str = "auto",
                    max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
-                   decomposition: str = "auto") -> BandedFactors:
-    """Factorise every weighting once (memory: one single fit's factors per
-    weighting) for :func:`banded_chunk`; arguments as :func:`banded_ridge`,
-    ``keep_weight_factors`` for weights and the split."""
-    xp = get_array_module(device)
-    Xs_train = _check_spaces(Xs_train, "Xs_train")
-    Xs_test = None if Xs_test is None else _check_spaces(Xs_test, "Xs_test")
-    gammas = check_weightings(weightings, len(Xs_train))
-    compute = np.dtype(dtype)
-    regime, slices, kernels = _regime_and_kernels(Xs_train, Xs_test, gammas, solver,
-                                                  compute, xp)
-    options = dict(device=device, operator_form=operator_form,
-                   max_dense_bytes=max_dense_bytes, decomposition=decomposition)
-    pairs = [_weighting_factors(Xs_train, Xs_test, gamma, kernels,
-                                np.asarray(alphas, dtype=np.float64), folds, compute,
-                                regime, keep_weight_factors, options, xp)
-             for gamma in gammas]
+                   decomposition: str = "auto", eigh_dtype: Any = None,
+                   keep_designs: bool | None = None,
+                   spill_folder: str | Path | None = None) -> BandedFactors:
+    """Factorise every weighting once for :func:`banded_chunk`; arguments as
+    :func:`banded_ridge`, ``keep_weight_factors`` for weights and the split
+    (``keep_designs=False``: the split only, the eigen path then holds no design).
+    With ``spill_folder`` each weighting's factors are written there as soon as they
+    are made (:class:`SpilledFactors`) and only one is in memory at a time, here
+    and in :func:`banded_chunk`.
+    Memory: on the eigen path each weighting holds its fold operators (dense
+    within ``max_dense_bytes`` shared by all weightings, factored beyond), the
+    full fit's test operator and eigenbasis; the centred designs once."""
+    setup = _setup(Xs_train, Xs_test, dtype, weightings, solver, dtype, device,
+                   keep_weight_factors, keep_designs)
+    budget = max_dense_bytes // len(setup.gammas) if setup.kernels is not None \
+        else max_dense_bytes
+    options = dict(device=device, operator_form=operator_form, max_dense_bytes=budget,
+                   decomposition=decomposition, eigh_dtype=eigh_dtype)
+    pairs = []
+    for number, gamma in enumerate(setup.gammas):
+        pair = _weighting_factors(setup, gamma, alphas, folds, options)
+        pairs.append(pair if spill_folder is None else
+                     (_spill(pair, spill_folder, number), None))
+        del pair
     return BandedFactors(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs),
-                         tuple(tuple(float(g) for g in row) for row in gammas),
-                         tuple(s.stop - s.start for s in slices),
-                         float(np.finfo(compute).eps))
+                         tuple(tuple(float(g) for g in row) for row in setup.gammas),
+                         tuple(s.stop - s.start for s in setup.slices),
+                         float(np.finfo(setup.compute).eps), setup.terms)
 
 
 def banded_chunk(banded: BandedFactors, Y_train: Any, Y_test: Any | None, *,
@@ -343,25 +399,16 @@ def banded_chunk(banded: BandedFactors, Y_train: Any, Y_test: Any | None, *,
     xp = get_array_module(banded.factors[0].device)
     gammas = np.asarray(banded.gammas, dtype=np.float64)
     slices = space_slices(banded.widths)
-    best = _RunningBest(int(Y_train.shape[1]), banded.eps)
+    best = ChunkBest(int(Y_train.shape[1]), banded.eps)
+    flags = dict(voxel_chunk=voxel_chunk, return_weights=return_weights,
+                 return_split=return_split, return_predictions=return_predictions)
     for number, (factors, centred_test) in enumerate(zip(banded.factors,
                                                          banded.centred_tests)):
-        out = _one_weighting(factors, centred_test, Y_train, Y_test, gammas[number],
-                             slices, voxel_chunk, return_weights, return_split,
-                             return_predictions, xp)
-        best.update(number, out, factors.alphas)
+        if isinstance(factors, SpilledFactors):
+            factors, centred_test = factors.load()  # one weighting in memory
+        _scan(banded.terms, factors, centred_test, gammas[number], number, Y_train,
+              Y_test, best, slices, flags, xp)
     return _finish(best, gammas)
-
-
-def _weighted_kernels(kernels: list[tuple[Any, Any, Any]], gamma: np.ndarray, xp: Any
-                      ) -> tuple[Any, Any, Any]:
-    """Centred kernels of the scaled design from the per-space ones:
-    ``sum_i gamma_i K_i`` (train and test-by-train) and the scaled mean."""
-    kernel = sum(g * k[0] for g, k in zip(gamma, kernels))
-    cross = None if kernels[0][1] is None else sum(
-        g * k[1] for g, k in zip(gamma, kernels))
-    x_mean = xp.concatenate([np.sqrt(g) * k[2] for g, k in zip(gamma, kernels)])
-    return kernel, cross, x_mean
 
 
 def _one_weighting(factors: Any, centred_test: Any | None, Y_train: Any,

@@ -349,20 +349,46 @@ def _recentre_kernel_block(block: Any, column_means: Any, overall: float) -> Any
 
 
 def _dual_fold_operator(blocks: list, alphas: np.ndarray, form: str,
-                        dtype: np.dtype, xp: Any) -> PredictionOperator:
+                        dtype: np.dtype, xp: Any, eigh_dtype: Any = None
+                        ) -> PredictionOperator:
     """One fold's operator from ``blocks = [K[train, train], K[held, train]]``
     (popped, so that eigh can free the training block as soon as it is
     decomposed). Both are re-centred on the fold's training mean; the
-    held-out rows also on their own mean."""
+    held-out rows also on their own mean. ``eigh_dtype``: decompose the
+    re-centred training block in that dtype (banded ridge's float32 eigh)."""
     rows = blocks.pop()
     column_means = blocks[0].mean(axis=0)
     overall = float(column_means.mean())
     rows = _recentre_kernel_block(rows, column_means, overall)
     rows -= rows.mean(axis=0, keepdims=True)  # centre over held-out block
     _recentre_kernel_block(blocks[0], column_means, overall)
+    if eigh_dtype is not None:
+        blocks[0] = blocks[0].astype(eigh_dtype, copy=False)
     operator, _, _ = _build_operator(blocks.pop(), rows, alphas, form, dtype, xp,
                                      remove_constant=True)
     return operator
+
+
+def _dual_fold_factors(holder: list, folds: Sequence[Any], forms: Sequence[str],
+                       alphas: np.ndarray, dtype: np.dtype, xp: Any,
+                       eigh_dtype: Any = None) -> list[FoldFactors]:
+    """Every fold's factors from the centred training kernel ``holder[0]`` (n, n)
+    float64, sub-blocks re-centred per fold (:func:`_dual_fold_operator`); the
+    kernel is popped from ``holder`` before the last fold's decomposition."""
+    kernel = holder.pop()
+    n_train = int(kernel.shape[0])
+    fold_factors = []
+    for number, (held_out, form) in enumerate(zip(folds, forms)):
+        train = xp.asarray(train_indices(held_out, n_train))
+        held = xp.asarray(held_out)
+        blocks = [kernel[train[:, None], train], kernel[held[:, None], train]]
+        if number == len(folds) - 1:
+            kernel = None  # last fold: release the full kernel before solving
+        operator = _dual_fold_operator(blocks, alphas, form, dtype, xp,
+                                       eigh_dtype=eigh_dtype)
+        fold_factors.append(FoldFactors(held_out=held, train=train,
+                                        x_sum_train=None, operator=operator))
+    return fold_factors
 
 
 def _factorize_dual(X_train, X_test, alphas, folds, *, xp, dtype, device,
@@ -384,16 +410,9 @@ def _factorize_dual(X_train, X_test, alphas, folds, *, xp, dtype, device,
         kernel.copy(), cross, alphas, decomposition=decomposition, dtype=dtype,
         xp=xp, remove_constant=True, keep_weight_factors=keep_weight_factors)
     del cross
-    fold_factors = []
-    for number, (held_out, form) in enumerate(zip(folds, forms)):
-        train = xp.asarray(train_indices(held_out, n_train))
-        held = xp.asarray(held_out)
-        blocks = [kernel[train[:, None], train], kernel[held[:, None], train]]
-        if number == len(folds) - 1:
-            kernel = None  # last fold: release the full kernel before solving
-        operator = _dual_fold_operator(blocks, alphas, form, dtype, xp)
-        fold_factors.append(FoldFactors(held_out=held, train=train,
-                                        x_sum_train=None, operator=operator))
+    holder = [kernel]
+    del kernel
+    fold_factors = _dual_fold_factors(holder, folds, forms, alphas, dtype, xp)
     design_centred = None
     if keep_weight_factors:
         design = xp.asarray(_materialize(X_train))

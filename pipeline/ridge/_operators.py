@@ -172,8 +172,10 @@ def _build_operator(train_matrix: Any, row_matrix: Any, alphas: np.ndarray,
         form = "dense"  # tiny alpha on a singular matrix: eigh clamps instead
     eigenvalues, eigenvectors = eigh_psd(train_matrix, xp)
     del train_matrix  # destroyed by eigh; freed here if the caller passed a temporary
-    rows_in_basis = row_matrix @ eigenvectors
-    shrinkage = _shrinkage(eigenvalues, alphas, xp)
+    # float32 eigenvectors (banded ridge's float32 eigh): float32 products too
+    rows_in_basis = row_matrix.astype(eigenvectors.dtype, copy=False) @ eigenvectors
+    shrinkage = _shrinkage(eigenvalues, alphas, xp).astype(eigenvectors.dtype,
+                                                            copy=False)
     if form == "factored":
         left = rows_in_basis.astype(dtype)
         del rows_in_basis

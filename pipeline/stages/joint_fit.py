@@ -6,9 +6,11 @@ keeps the same BOLD samples (same runs, same times), and fits banded ridge
 (:mod:`voxelflow.pipeline.ridge._banded`): space ``i`` is penalised by ``alpha /
 gamma_i``, the per-voxel (weighting ``gamma``, ``alpha``) chosen by CV over the
 alpha grid times the candidate weightings (seeded simplex draws or a user list).
-Every weighting is factorised once before the voxel loop (memory checked up front:
-one single fit's factors per weighting); voxel blocks then go through the fit
-stage's write protocol (:class:`~voxelflow.pipeline.stages.fit.FitWork`, done
+Every weighting is factorised once before the voxel loop (in the dual regime one
+eigendecomposition per fold and weighting, kept compact: fold operators, test
+operator, eigenbasis; memory and disk checked up front,
+:func:`~voxelflow.pipeline.ridge.banded_factor_bytes`); voxel blocks then go
+through the fit stage's write protocol (:class:`~voxelflow.pipeline.stages.fit.FitWork`, done
 flags, resume).
 
 Writes ``/fits/<name>/lags-...`` with a single fit's variables plus, per voxel,
@@ -35,14 +37,14 @@ import xarray as xr
 from voxelflow.pipeline import ridge
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.execution.cluster import active_client, require_shared_path
-from voxelflow.pipeline.execution.resources import check_memory
 from voxelflow.pipeline.ridge.partition import subsets, variance_partition
 from voxelflow.pipeline.stages import _fit_stats
 from voxelflow.pipeline.stages.feature_arrays import feature_labels
 from voxelflow.pipeline.stages._fit_work import BoldBlockReader, FitWork, stored_outputs
+from voxelflow.pipeline.stages._joint_request import _check_joint_request
 from voxelflow.pipeline.stages.fit import (
     VOXEL_BLOCK, FitSummary, _check_fit_options, _fit_template, bold_validity, finish_fit,
-    fit_group, fit_memory, make_folds, open_bold, open_design, run_fit_blocks)
+    fit_group, make_folds, open_bold, open_design, run_fit_blocks)
 from voxelflow.pipeline.stats.per_block import StatisticsOptions, TestStatistics
 from voxelflow.stores.names import check_name
 from voxelflow.stores.workspace import RunTemplate, Workspace
@@ -255,28 +257,6 @@ def _weight_columns(opened: list[tuple], names: Sequence[str], lags: Sequence[fl
     return spaces, column_lags, features
 
 
-def _check_joint_memory(widths: list[int], n_train: int, n_test: int,
-                        n_alphas: int, n_folds: int, voxel_block: int,
-                        n_factorisations: int, n_weightings: int, save_weights: bool,
-                        save_predictions: bool) -> None:
-    """Refuse (one line naming --weightings) factors of every weighting and
-    sub-model that cannot be held in memory together with two voxel blocks."""
-    n, p = n_train + n_test, sum(widths)
-    design, block = fit_memory(n, n_test, p, n_alphas, n_folds, voxel_block,
-                               save_weights, save_predictions)
-    q = min(p, n)
-    # per weighting: the eigh/Cholesky factors (float64), the scaled design and its
-    # centred test rows, and the dense held-out operators (all folds, every alpha,
-    # float32) up to the engine's budget for them
-    dense = min(ridge.DEFAULT_MAX_DENSE_BYTES, n_alphas * n_train * q * 4)
-    per_factorisation = (n_folds + 1) * q * q * 8 + n_test * p * 4 + n * p * 8 + dense
-    check_memory(f"joint fit of {len(widths)} spaces ({p:,} lagged features) x "
-                 f"{n_weightings} weightings", design + block + n_factorisations
-                 * per_factorisation,
-                 f"use fewer --weightings (gave {n_weightings}), fewer spaces or lags, "
-                 f"leave out --partition, or lower --voxel-block")
-
-
 def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str,
                         lags: Sequence[float], alphas: Sequence[float], *,
                         weightings: int | str | np.ndarray = DEFAULT_WEIGHTINGS,
@@ -317,10 +297,11 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
                       save_predictions, plan, repeats=groups is not None),
         names, n_voxels, _weight_columns(opened, names, lags) if save_weights else None,
         parts)
-    _check_joint_memory([int(d.X.shape[1]) for _, d in opened], train.size, test.size,
-                        alphas_arr.size, len(folds), min(voxel_block, n_voxels),
-                        len(gammas) + sum(len(g) for g in sub_gammas), len(gammas),
-                        save_weights, save_predictions)
+    spill = _check_joint_request(workspace, group, [int(d.X.shape[1]) for _, d in opened],
+                                 train.size, test.size, alphas_arr.size, folds,
+                                 min(voxel_block, n_voxels),
+                                 [len(gammas), *(len(g) for g in sub_gammas)], n_voxels,
+                                 len(parts), save_weights, save_predictions)
     params = _joint_params(workspace, names, bgroup, lags, alphas_arr, gammas, partition,
                            test_samples, test_runs, groups, cv, aggregate, stats_options,
                            save_weights, save_predictions, voxel_block)
@@ -333,14 +314,18 @@ def run_joint_fit_stage(workspace: Workspace, features: Sequence[str], bold: str
         client = active_client()
         require_shared_path(client, workspace.path)
         spaces = _space_arrays(opened)
+        folder = workspace.scratch_folder(group, "factors") if spill else None
         factors = _factorize_joint(spaces, train, test, alphas_arr, folds, gammas,
-                                   sub_columns, sub_gammas, device, names, bgroup)
+                                   sub_columns, sub_gammas, device, names, bgroup,
+                                   save_weights, folder)
         repeats = (BoldBlockReader.for_repeats(workspace, bgroup, design, groups)
                    if groups else ())
         work = JointFitWork(factors, BoldBlockReader.from_design(workspace, bgroup, design),
                             writer, train, test, valid, save_weights, save_predictions,
                             stats=plan, repeats=repeats, names=tuple(names))
         run_fit_blocks(work, writer, pending, client, n_voxels, lags, progress)
+        if spill:
+            workspace.remove_scratch(group)
     summary = finish_fit(workspace, group, writer, len(pending),
                          template.n_blocks - len(pending))
     summary.statistics.append(_split_line(workspace.open_node(group)))
@@ -422,17 +407,29 @@ def _split_line(fit: xr.Dataset) -> str:
 def _factorize_joint(spaces: list[np.ndarray], train: np.ndarray, test: np.ndarray,
                      alphas: np.ndarray, folds: list[np.ndarray], gammas: np.ndarray,
                      sub_columns: list[tuple[int, ...]], sub_gammas: list[np.ndarray],
-                     device: str, names: Sequence[str], bgroup: str
+                     device: str, names: Sequence[str], bgroup: str,
+                     save_weights: bool = True, folder: Path | None = None
                      ) -> JointFactors:
-    """Every weighting's factors of the joint model and of each sub-model."""
+    """Every weighting's factors of the joint model and of each sub-model (the
+    joint model's centred designs only with ``save_weights``); with ``folder`` they
+    are spilled there, one file per weighting (:class:`ridge.SpilledFactors`)."""
+    if folder is not None:
+        (folder / "joint").mkdir()
     try:
         joint = ridge.banded_factors([x[train] for x in spaces], [x[test] for x in spaces],
                                      alphas, gammas, folds, device=device,
-                                     keep_weight_factors=True)
-        subs = tuple((c, ridge.banded_factors([spaces[i][train] for i in c],
-                                              [spaces[i][test] for i in c], alphas, g,
-                                              folds, device=device))
-                     for c, g in zip(sub_columns, sub_gammas))
+                                     keep_weight_factors=True, keep_designs=save_weights,
+                                     spill_folder=None if folder is None
+                                     else folder / "joint")
+        subs = []
+        for c, g in zip(sub_columns, sub_gammas):
+            sub_folder = None if folder is None else folder / "-".join(map(str, c))
+            if sub_folder is not None:
+                sub_folder.mkdir()
+            subs.append((c, ridge.banded_factors(
+                [spaces[i][train] for i in c], [spaces[i][test] for i in c], alphas, g,
+                folds, device=device, spill_folder=sub_folder)))
+        subs = tuple(subs)
     except ValueError as exc:
         raise InputError(f"--features {' '.join(names)} x /{bgroup}: {exc}") from None
     return JointFactors(joint, subs)

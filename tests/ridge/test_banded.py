@@ -103,8 +103,55 @@ def test_banded_matches_himalaya(regime, himalaya_numpy):
     np.testing.assert_allclose(ours["r2_split"][:, same], np.asarray(expected)[:, same],
                                atol=1e-6)
     if regime == "primal":
-        np.testing.assert_allclose(ours["weights"][:, same],
-                                   np.asarray(model.coef_)[:, same], atol=1e-6)
+        coef = np.asarray(model.coef_)
+    else:  # primal weights of the dual model: exp(delta_i) Xc_i^T dual_coef
+        coef = np.concatenate([np.exp(delta)[None] * ((x - x.mean(axis=0)).T
+                                                      @ np.asarray(model.dual_coef_))
+                               for x, delta in zip(xs, np.asarray(model.deltas_))])
+    np.testing.assert_allclose(ours["weights"][:, same], coef[:, same], atol=1e-6)
+
+
+def test_float32_dual_eigen_path_matches_himalaya_float32(himalaya_numpy):
+    """float32 data: one float32 eigendecomposition per (fold, weighting), as
+    himalaya's numpy backend does; alphas and test r still agree."""
+    xs, y, xs_test, y_test = spaces_problem(80, (60, 90, 40), 300)
+    xs, xs_test = [x.astype(np.float32) for x in xs], [x.astype(np.float32) for x in xs_test]
+    y, y_test = y.astype(np.float32), y_test.astype(np.float32)
+    gammas = ridge.simplex_weightings(3, 10, seed=1)
+    folds = contiguous_folds(80, 4)
+    cv = [(train_indices(fold, 80), fold) for fold in folds]
+    model, split = _himalaya_dual(xs, y, xs_test, gammas.astype(np.float32), cv)
+    ours = ridge.banded_ridge(xs, y, xs_test, y_test, ALPHAS, gammas, folds)
+    same = np.isclose(ours["space_alpha"], np.exp(-np.asarray(model.deltas_, np.float64)),
+                      rtol=1e-4).all(axis=0)
+    assert same.mean() >= 0.99, same.mean()
+    np.testing.assert_allclose(ours["r_test_cv"][same],
+                               column_r(split.sum(axis=0), y_test)[same], atol=1e-3)
+
+
+def test_chunked_banded_factors_equal_banded_ridge_on_the_eigen_path():
+    """The stage's API (every weighting factorised once, then voxel chunks) gives
+    banded_ridge's outputs, and its predictions are the chosen model's."""
+    xs, y, xs_test, y_test = spaces_problem(60, (50, 70), 40)
+    y[:, 0] = 3.0  # a constant voxel: undefined, flagged, still filled
+    gammas = ridge.simplex_weightings(2, 5, seed=3)
+    folds = contiguous_folds(60, 3)
+    whole = ridge.banded_ridge(xs, y, xs_test, y_test, ALPHAS, gammas, folds,
+                               return_weights=True, voxel_chunk=7)
+    banded = ridge.banded_factors(xs, xs_test, ALPHAS, gammas, folds, dtype=np.float64,
+                                  keep_weight_factors=True)
+    assert banded.terms is not None and banded.nbytes > 0  # the eigen path
+    parts = [ridge.banded_chunk(banded, y[:, v:v + 15], y_test[:, v:v + 15],
+                                voxel_chunk=4, return_weights=True,
+                                return_predictions=True) for v in range(0, 40, 15)]
+    for key, value in whole.items():
+        np.testing.assert_allclose(np.concatenate([p[key] for p in parts], axis=-1),
+                                   value, rtol=1e-10, atol=1e-12, err_msg=key)
+    assert whole["constant_voxel"][0] and whole["best_weighting"][0] == -1
+    assert whole["intercept"][0] == 3.0 and not whole["constant_voxel"][1:].any()
+    predictions = np.concatenate([p["predictions"] for p in parts], axis=-1)
+    np.testing.assert_allclose(column_r(predictions[:, 1:], y_test[:, 1:]), whole["r_test_cv"][1:],
+                               atol=1e-10)
 
 
 @pytest.mark.parametrize("regime", ["primal", "dual"])

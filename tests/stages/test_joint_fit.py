@@ -206,7 +206,8 @@ def test_weightings_that_cannot_fit_in_memory_are_refused_up_front(joint_ws, cap
     ws, _ = joint_ws
     from voxelflow.pipeline.execution import resources
 
-    monkeypatch.setattr(resources, "available_memory", lambda: (2e6, "available"))
+    # too little even for one weighting at a time (spilling the others cannot help)
+    monkeypatch.setattr(resources, "available_memory", lambda: (2e4, "available"))
     code, _, err = _cli(capsys, ws, "--features", "f", "g", "--weightings", "200",
                         "--name", "big", *NO_STATS)
     assert code == 2 and "fewer --weightings (gave 200)" in err, err
@@ -215,3 +216,29 @@ def test_weightings_that_cannot_fit_in_memory_are_refused_up_front(joint_ws, cap
     code, _, err = _cli(capsys, ws, "--features", "f", "g", "--weightings", "2",
                         "--name", "big", *NO_STATS)
     assert code == 0, err
+
+
+def test_spilled_factors_give_the_same_fit(joint_ws, capsys, monkeypatch):
+    """Weightings whose factors do not fit in memory together go to the store's
+    scratch space, one file per weighting, loaded one at a time per block: same
+    outputs as the in-memory fit; the scratch is removed once the fit is complete."""
+    ws, _ = joint_ws
+    from voxelflow.pipeline.stages import _joint_request, joint_fit
+    args = ("--features", "f", "g", "--weightings", "3", "--partition",
+            "--save-weights", *NO_STATS)
+    code, _, err = _cli(capsys, ws, *args, "--name", "kept")
+    assert code == 0, err
+    loads = []
+    original = joint_fit.ridge.SpilledFactors.load
+    monkeypatch.setattr(_joint_request, "_spill_needed", lambda need: True)
+    monkeypatch.setattr(joint_fit.ridge.SpilledFactors, "load",
+                        lambda self: loads.append(self.path) or original(self))
+    code, _, err = _cli(capsys, ws, *args, "--name", "spilled")
+    assert code == 0, err
+    assert loads and all("/.scratch/" in path for path in loads)
+    assert not (ws.path / ".scratch" / "fits" / "spilled").exists()
+    kept = ws.open_node("fits/kept/lags-4-5")
+    spilled = ws.open_node("fits/spilled/lags-4-5")
+    for var in ("r_cv", "r_test_cv", "best_weighting", "space_alpha", "r2_split",
+                "partition", "weights"):
+        np.testing.assert_array_equal(spilled[var].values, kept[var].values, err_msg=var)

@@ -1,0 +1,262 @@
+"""Banded ridge's eigen path (dual regime, several spaces or weightings).
+
+Per weighting ``gamma`` the centred training kernel of the scaled design is
+``K = sum_i gamma_i K_i`` (per-space kernels computed once). Each CV fold's
+training block of ``K`` is eigendecomposed ONCE (``K_f = U diag(s) U^T``) and the
+held-out predictions of every alpha come from that one decomposition
+(``K_held U diag(1 / (s + alpha)) U^T y``), as in himalaya's random search; the
+full training fit likewise (test predictions and the dual solution). The
+eigendecomposition runs in ``eigh_dtype`` (default: the compute dtype, float32
+for float32 data as himalaya does; float64 on request).
+
+Only what a voxel chunk needs is kept per weighting (:class:`~._factorize.
+RidgeFactors`: fold operators, dense within a byte budget or factored, the full
+fit's test operator, its eigenbasis), never the scaled design: weights and the
+product-measure split are computed from the dual solution
+``c = U diag(1 / (s + alpha_v)) U^T y_v`` and the per-space quantities shared by
+every weighting, for the voxels whose best (weighting, alpha) improves only::
+
+    weights_i = gamma_i Xc_i^T c        (unscaled units, scikit-learn's coef_)
+    test prediction_i = gamma_i Kt_i c   (Kt_i: centred test-by-train kernel)
+
+Arrays are ``(sample, feature)`` per space and ``(sample, voxel)`` for BOLD.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._backend import to_numpy
+from ._factorize import (RidgeFactors, _choose_forms, _dual_fold_factors,
+                         _full_fit_operator)
+from ._select import TIE_BREAK_SLOPE
+from ._solve import _shift_targets, ridge_chunk
+
+
+@dataclass(frozen=True)
+class SpaceTerms:
+    """What every weighting shares, per space (device arrays, compute dtype).
+
+    ``cross``: centred test-by-train kernels (n_test, n_train), one per space, or
+    () without a test set; ``designs``: centred training designs (n_train,
+    feature_i), one per space, or () when weights are not wanted.
+    """
+
+    cross: tuple = ()
+    designs: tuple = ()
+
+
+def space_terms(kernels: Sequence[tuple[Any, Any, Any]], Xs_train: Sequence[Any],
+                dtype: Any, want_weights: bool, xp: Any) -> SpaceTerms:
+    """:class:`SpaceTerms` from the per-space float64 centred kernels
+    (:func:`~._factorize._centred_kernels`: train, cross, mean) and designs."""
+    cross = () if kernels[0][1] is None else tuple(
+        k[1].astype(dtype) for k in kernels)
+    designs = ()
+    if want_weights:
+        designs = tuple((xp.asarray(x).astype(xp.float64) - k[2]).astype(dtype)
+                        for x, k in zip(Xs_train, kernels))
+    return SpaceTerms(cross=cross, designs=designs)
+
+
+def weighted_kernels(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray, xp: Any
+                     ) -> tuple[Any, Any, Any]:
+    """Centred kernels of the scaled design from the per-space ones:
+    ``sum_i gamma_i K_i`` (train (n, n) and test-by-train (n_test, n), float64)
+    and the scaled mean (feature,)."""
+    kernel = sum(g * k[0] for g, k in zip(gamma, kernels))
+    cross = None if kernels[0][1] is None else sum(
+        g * k[1] for g, k in zip(gamma, kernels))
+    x_mean = xp.concatenate([np.sqrt(g) * k[2] for g, k in zip(gamma, kernels)])
+    return kernel, cross, x_mean
+
+
+def eigen_factors(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
+                  alphas: np.ndarray, folds: Sequence[np.ndarray], *, n_features: int,
+                  dtype: Any, device: str, xp: Any, keep_basis: bool,
+                  operator_form: str = "auto", max_dense_bytes: int,
+                  eigh_dtype: Any = None) -> RidgeFactors:
+    """One weighting's factors: one eigendecomposition per fold and one for the
+    full fit, each reused for every alpha.
+
+    Parameters
+    ----------
+    kernels : per space, float64 (train kernel (n, n), test-by-train (n_test, n) or
+        None, mean (feature_i,)), centred on the training mean
+    gamma : (space,) the weighting; alphas : float64 (n_alphas,)
+    folds : held-out index arrays; n_features : columns of the joint design
+    dtype : compute dtype; keep_basis : keep the full fit's eigenbasis (for the
+        dual solution: weights and split)
+    operator_form, max_dense_bytes : dense fold operators within the budget
+        (see :func:`~._factorize.factorize_ridge`)
+    eigh_dtype : dtype of the eigendecompositions (default ``dtype``)
+    """
+    eigh_dtype = np.dtype(dtype if eigh_dtype is None else eigh_dtype)
+    kernel, cross, x_mean = weighted_kernels(kernels, gamma, xp)
+    n_train = int(kernel.shape[0])
+    forms = _choose_forms(len(alphas), [(len(f), n_train - len(f)) for f in folds],
+                          np.dtype(dtype).itemsize, operator_form, max_dense_bytes,
+                          "eigh")
+    test_operator, eigenvalues, basis = _full_fit_operator(
+        kernel.astype(eigh_dtype), cross, alphas, decomposition="eigh", dtype=dtype,
+        xp=xp, remove_constant=True, keep_weight_factors=keep_basis)
+    holder = [kernel]
+    del kernel  # released before the last fold's eigh
+    fold_factors = _dual_fold_factors(holder, folds, forms, alphas, dtype, xp,
+                                      eigh_dtype=eigh_dtype)
+    return RidgeFactors(
+        regime="dual", alphas=alphas, dtype=np.dtype(dtype), device=device,
+        n_train=n_train, n_test=0 if cross is None else int(cross.shape[0]),
+        n_features=n_features, folds=tuple(fold_factors), test=test_operator,
+        basis=basis, eigenvalues=None if eigenvalues is None
+        else eigenvalues.astype(xp.float64), x_mean=x_mean,
+        fold_sizes=tuple(len(f) for f in folds))
+
+
+def split_r2(y_test: Any, space_predictions: Sequence[Any], xp: Any) -> Any:
+    """Product-measure split of test R^2 (himalaya's ``r2_score_split``).
+
+    ``y_test`` (n_test, voxel) and each space's prediction (n_test, voxel) are
+    centred on the test samples here; per space ``i``::
+
+        r2_i = sum_t (2 y_t p_it - p_it sum_j p_jt) / sum_t y_t^2
+
+    so ``sum_i r2_i = 1 - ||y - sum_i p_i||^2 / ||y||^2`` (R^2 of the joint
+    prediction once its mean offset on the test set is removed). Float64
+    (n_spaces, voxel), NaN where the test BOLD is constant.
+    """
+    y = xp.asarray(y_test, dtype=xp.float64)
+    y = y - y.mean(axis=0)
+    parts = [xp.asarray(p, dtype=xp.float64) for p in space_predictions]
+    parts = [p - p.mean(axis=0) for p in parts]
+    total = sum(parts[1:], parts[0])
+    sst = (y * y).sum(axis=0)
+    defined = sst > 0
+    out = xp.empty((len(parts), y.shape[1]), dtype=xp.float64)
+    for index, p in enumerate(parts):
+        value = ((2.0 * y - total) * p).sum(axis=0)
+        out[index] = xp.where(defined, value / xp.where(defined, sst, 1.0), xp.nan)
+    return out
+
+
+class ChunkBest:
+    """Per-voxel best (weighting, alpha) over the weightings seen so far, for the
+    voxels ``[0, n_voxels)`` of one call; host arrays filled chunk by chunk.
+
+    A later weighting replaces the best where its score (mean CV r at its best
+    alpha plus ``1e-10 log(alpha)``) beats the best by more than ``eps`` (the
+    compute dtype's epsilon), as in himalaya's random search.
+    """
+
+    def __init__(self, n_voxels: int, eps: float):
+        self.n_voxels, self.eps = int(n_voxels), float(eps)
+        self.score = np.full(self.n_voxels, -np.inf)
+        self.candidate = np.full(self.n_voxels, -1, dtype=np.int64)
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def update(self, number: int, start: int, out: dict[str, Any],
+               alphas: np.ndarray) -> np.ndarray:
+        """Take chunk ``[start, start + voxels)``'s outputs where this weighting
+        wins (every voxel for the first); returns that chunk-local bool mask."""
+        out = {key: to_numpy(value) for key, value in out.items()}
+        index = out["best_alpha_index"]
+        slope = TIE_BREAK_SLOPE * np.log(alphas)
+        safe = np.maximum(index, 0)
+        picked = np.take_along_axis(out["r_cv"], safe[None], 0)[0]
+        score = np.where(index >= 0, picked + slope[safe], -np.inf)
+        stop = start + index.shape[0]
+        wins = score > self.score[start:stop] + self.eps
+        self.score[start:stop][wins] = score[wins]
+        self.candidate[start:stop][wins] = number
+        # the first weighting fills every voxel (undefined ones too), later
+        # ones only those they win
+        mask = wins if number else np.ones_like(wins)
+        for key, value in out.items():
+            self.put(key, start, mask, value[..., mask], value)
+        return mask
+
+    def put(self, key: str, start: int, mask: np.ndarray, values: np.ndarray,
+            like: np.ndarray | None = None) -> None:
+        """Store ``values`` (..., masked voxels) of the chunk at ``start``."""
+        if key not in self.arrays:
+            like = values if like is None else like
+            fill = -1 if like.dtype.kind in "iu" else (False if like.dtype == bool
+                                                      else np.nan)
+            self.arrays[key] = np.full((*like.shape[:-1], self.n_voxels), fill,
+                                       dtype=like.dtype)
+        target = self.arrays[key][..., start:start + mask.shape[0]]
+        target[..., mask] = values
+
+
+def scan_weighting(factors: RidgeFactors, terms: SpaceTerms, gamma: np.ndarray,
+                   number: int, Y_train: Any, Y_test: Any | None, best: ChunkBest,
+                   *, voxel_chunk: int, return_weights: bool, return_split: bool,
+                   return_predictions: bool, xp: Any) -> None:
+    """Every voxel of ``Y_train`` (n_train, voxel) through one weighting's factors,
+    chunk by chunk, into ``best``; the dual solution (weights, split) only for the
+    voxels this weighting wins."""
+    want_split = return_split and Y_test is not None
+    for start in range(0, int(Y_train.shape[1]), int(voxel_chunk)):
+        stop = start + int(voxel_chunk)
+        y_train = xp.asarray(Y_train[:, start:stop])
+        y_test = None if Y_test is None else xp.asarray(Y_test[:, start:stop])
+        out = ridge_chunk(factors, y_train, y_test,
+                          return_predictions=return_predictions and y_test is not None)
+        mask = best.update(number, start, out, factors.alphas)
+        if not mask.any() or not (return_weights or want_split):
+            continue
+        device_mask = xp.asarray(mask)
+        shifted, _ = _shift_targets(y_train[:, device_mask], factors.dtype, xp)
+        solution = dual_solution(factors, shifted,
+                                 xp.asarray(out["best_alpha_index"])[device_mask], xp)
+        if want_split:
+            parts = [float(g) * (k @ solution) for g, k in zip(gamma, terms.cross)]
+            best.put("r2_split", start, mask,
+                     to_numpy(split_r2(y_test[:, device_mask], parts, xp)))
+        if return_weights:
+            weights = xp.concatenate([float(g) * (x.T @ solution)
+                                      for g, x in zip(gamma, terms.designs)])
+            best.put("weights", start, mask, to_numpy(weights))
+
+
+def dual_solution(factors: RidgeFactors, shifted: Any, best: Any, xp: Any) -> Any:
+    """``U diag(1 / (s + alpha_v)) U^T y_v`` (n_train, voxel) in the compute dtype,
+    from the full fit's eigenbasis; zero for voxels without an alpha (best -1)."""
+    alphas = xp.asarray(factors.alphas)
+    chosen = alphas[xp.maximum(best, 0)]
+    shrink = 1.0 / (xp.asarray(factors.eigenvalues)[:, None] + chosen[None, :])
+    shrink = xp.where((best >= 0)[None, :], shrink, 0.0).astype(factors.dtype)
+    return factors.basis @ ((factors.basis.T @ shifted) * shrink)
+
+
+def banded_factor_bytes(widths: Sequence[int], n_train: int, n_test: int,
+                        n_alphas: int, fold_sizes: Sequence[int], n_weightings: int,
+                        keep_basis: bool, keep_designs: bool,
+                        max_dense_bytes: int) -> tuple[int, int]:
+    """``(held, transient)`` bytes of :func:`~._banded.banded_factors` (float32).
+
+    ``held``: what stays alive for the voxel blocks. Eigen path (dual regime,
+    several spaces), per weighting: the fold operators counted factored
+    (``q^2 + held q`` per fold, ``q`` the fold's training samples), the dense
+    ones within ``max_dense_bytes`` once for all weightings, the test operator
+    (alpha, n_test, n_train) and the eigenbasis (n_train^2, ``keep_basis``);
+    once: the per-space test-by-train kernels and, with ``keep_designs``, the
+    centred designs. Scaled-design path: per weighting one single fit's factors
+    (float64 Gram per fold, the scaled design). ``transient``: the peak extra
+    while factorising (float64 per-space kernels, the weighted kernel and its
+    eigendecomposition).
+    """
+    n, p, spaces = int(n_train), int(sum(widths)), len(widths)
+    if p > n and spaces > 1:
+        folds = sum((n - h) ** 2 + h * (n - h) for h in fold_sizes)
+        per_weighting = 4 * (folds + n_alphas * n_test * n + (n * n if keep_basis else 0))
+        held = (n_weightings * per_weighting + max_dense_bytes + 4 * spaces * n_test * n
+                + (4 * n * p if keep_designs else 0))
+        return held, 8 * (spaces + 4) * n * n
+    q = min(p, n)
+    dense = min(max_dense_bytes, n_alphas * n * q * 4)
+    per_weighting = (len(fold_sizes) + 1) * q * q * 8 + n_test * p * 4 + n * p * 8 + dense
+    return n_weightings * per_weighting, 0
