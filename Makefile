@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIPFLAGS ?= -q
+# Test processes: one per core (pytest-xdist); whole modules stay on one process so
+# their module fixtures are built once.
+TEST_WORKERS ?= auto
 
 .PHONY: demo test install bench clean
 
@@ -25,7 +28,7 @@ demo: $(VENV)/.installed-base
 	$(VENV)/bin/voxelflow demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 clean:
 	rm -rf demo_workspace .pytest_cache
