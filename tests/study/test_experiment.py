@@ -19,7 +19,7 @@ from voxelflow.pipeline.study.plan import build_plan
 from voxelflow.pipeline.study.run import run_experiment
 from voxelflow.pipeline.study.report import ranking
 
-SMALL = dict(seconds=100.0, fps=2.0, n_voxels=400, progress=False)
+SMALL = dict(seconds=100.0, fps=1.0, n_voxels=400, progress=False)
 
 
 @pytest.fixture(scope="module")
