@@ -12,6 +12,7 @@ and counted.  Runs are matched by index.  Selection is lazy (dask fancy indexing
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import dask.array as da
 import numpy as np

@@ -19,7 +19,6 @@ import torch
 import torchvision
 
 from conftest import ROOT, cli_error, cli_main
-from voxelflow.pipeline.design.needed import MissingTimes
 from voxelflow.pipeline.errors import WorkspaceConflict
 from voxelflow.pipeline.stages.features import run_features_stage
 from voxelflow.pipeline.stages.frames import run_frames_stage
