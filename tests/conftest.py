@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -56,6 +58,26 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "voxelflow.cli", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def cli_here(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """What :func:`run_cli` returns, from the CLI's entry point ``cli.main`` run in this
+    process, in ``cwd`` (default the repository, as run_cli), with sys.stdout/stderr
+    captured: no new interpreter, so no ~4 s of imports per command.  argparse's
+    usage errors give their exit status; any other exception propagates (a subprocess
+    would exit 1 with the traceback: the test fails either way).  Kill tests and the
+    console script itself (tests/test_packaging.py) still need a real process."""
+    from voxelflow import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd or ROOT), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse: usage errors (2)
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["voxelflow", *args], int(code or 0), out.getvalue(),
+                                       err.getvalue())
 
 
 def cli_main(capsys, *args: str) -> tuple[int, str, str]:

@@ -6,8 +6,14 @@ non-blank line is ``<!-- runnable -->`` is run, in page order, in one folder per
 (holding a generated ``clip.mp4`` and seeing the real data at ``../shared/data``);
 options after the word: ``exit=N`` (expected exit status), ``needs=haxby`` (skipped
 without the Haxby runs), ``file=NAME`` (write the block to NAME instead of running
-it). Shell blocks run in ``bash -e`` with ``voxelflow`` = ``python -m voxelflow.cli``;
-Python blocks are exec'd in that folder, one namespace per page. Every other block is
+it). Shell blocks run in ``bash -e``; their ``voxelflow`` is a shell function that
+hands its arguments, the shell's folder and the variables the block set to this
+process, which runs the CLI's entry point ``voxelflow.cli.main(argv)`` (no new
+interpreter: ~4 s of imports saved per command; the console script in its own process
+is checked by tests/test_packaging.py); the function then prints the command's output
+and returns its exit status, so pipes, ``$(...)``, redirections and ``set -e`` work as
+with the real program. Python blocks are exec'd in that folder, one namespace per page.
+Every other block is
 checked statically: ``voxelflow`` command lines parse with the CLI's own argparse
 parser, ``toml`` blocks load as experiment files, Python blocks compile and their
 ``voxelflow`` imports exist, ``make`` targets exist. Plus: every CLI option appears in
@@ -27,13 +33,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conftest import HAXBY, ROOT, SHARED_DATA
+from conftest import HAXBY, ROOT, SHARED_DATA, THREAD_VARS, cli_here
 
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md")), ROOT / "benchmarks" / "README.md"]
@@ -316,18 +323,114 @@ def page_runs(tmp_path_factory):
     return get
 
 
-def _shell_env() -> dict:
-    env = dict(os.environ, VOXELFLOW_TEST_PYTHON=sys.executable, VOXELFLOW_OFFLINE="1")
-    env.setdefault("OMP_NUM_THREADS", "1")  # no spinning BLAS/torch threads on a shared CPU
-    return env
+# ``voxelflow ARGS``: the arguments, folder and environment go into files of a folder
+# per call, whose name is a line on the request pipe; this process runs the command,
+# writes its output there and answers the exit status through the call's FIFO; the
+# function prints the output (in the shell's place: pipes, ``$(...)`` and redirections
+# see it) and returns the status. Calls made at once (``a | b``, ``&``) queue.
+_SHELL_PRELUDE = """set -e
+voxelflow() {
+  local c status
+  c=$(mktemp -d "$VOXELFLOW_TEST_CHANNEL/call.XXXXXX")
+  printf '%s\\0' "$@" > "$c/argv"
+  env -0 > "$c/env"
+  printf '%s' "$PWD" > "$c/cwd"
+  mkfifo "$c/status"
+  printf '%s\\n' "$c" >&"$VOXELFLOW_TEST_REQUESTS"
+  read -r status < "$c/status" || exit 98
+  cat "$c/stdout"
+  cat "$c/stderr" >&2
+  rm -r "$c"
+  return "$status"
+}
+python() { "$VOXELFLOW_TEST_PYTHON" "$@"; }
+"""
+# Variables bash sets itself, and the thread counts (read once, when torch or a BLAS
+# loads: set in this process they would change every later module's in-process runs).
+_NOT_PASSED = {"PWD", "OLDPWD", "SHLVL", "_", *THREAD_VARS}
+
+
+def _fields(path: Path) -> list[str]:
+    return [os.fsdecode(f) for f in path.read_bytes().split(b"\0")[:-1]]
+
+
+def _serve_one(call: Path) -> None:
+    """Run the requested ``voxelflow ARGV`` here, in the shell's folder, seeing the
+    shell's environment (less :data:`_NOT_PASSED`); answer its output and status."""
+    env = dict(f.split("=", 1) for f in _fields(call / "env") if "=" in f)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            if key not in _NOT_PASSED and os.environ.get(key) != value:
+                mp.setenv(key, value)
+        for key in os.environ.keys() - env.keys() - _NOT_PASSED:
+            mp.delenv(key)
+        done = cli_here(*_fields(call / "argv"), cwd=Path((call / "cwd").read_text()))
+    (call / "stdout").write_text(done.stdout)
+    (call / "stderr").write_text(done.stderr)
+    with open(call / "status", "w") as fifo:  # the shell is waiting on its end
+        fifo.write(f"{done.returncode}\n")
 
 
 def _run_shell(block: Block, work: Path) -> subprocess.CompletedProcess:
-    script = ('set -e\n'
-              'voxelflow() { "$VOXELFLOW_TEST_PYTHON" -m voxelflow.cli "$@"; }\n'
-              'python() { "$VOXELFLOW_TEST_PYTHON" "$@"; }\n' + block.text)
-    return subprocess.run(["bash", "-c", script], cwd=work, env=_shell_env(),
-                          capture_output=True, text=True, timeout=600)
+    """Run the block in ``bash -e``; serve its ``voxelflow`` calls in this process."""
+    req_r, req_w = os.pipe()
+    with tempfile.TemporaryDirectory() as channel:
+        env = dict(os.environ, VOXELFLOW_TEST_PYTHON=sys.executable, VOXELFLOW_OFFLINE="1",
+                   VOXELFLOW_TEST_CHANNEL=channel, VOXELFLOW_TEST_REQUESTS=str(req_w))
+        env.setdefault("OMP_NUM_THREADS", "1")  # no spinning BLAS/torch threads here
+        # the block's output into files: a full pipe could block bash while this
+        # process waits for its next request
+        with open(Path(channel) / "block.out", "w+") as out, \
+                open(Path(channel) / "block.err", "w+") as err:
+            try:
+                proc = subprocess.Popen(["bash", "-c", _SHELL_PRELUDE + block.text], cwd=work,
+                                        env=env, stdout=out, stderr=err, pass_fds=(req_w,))
+            finally:
+                os.close(req_w)
+            try:
+                with os.fdopen(req_r) as requests:
+                    for line in requests:  # until bash exits (its end of the pipe closes)
+                        _serve_one(Path(line.rstrip("\n")))
+            except BaseException:
+                proc.kill()  # it would wait for the answer forever
+                raise
+            finally:
+                returncode = proc.wait(timeout=600)
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(proc.args, returncode, out.read(), err.read())
+
+
+def test_shell_voxelflow_behaves_like_the_program(tmp_path, monkeypatch):
+    """The in-process ``voxelflow`` of shell blocks: its output goes through pipes and
+    ``$(...)``, it runs in the shell's folder with the variables the block sets, and
+    its exit status reaches ``set -e`` and the block's status."""
+    (tmp_path / "sub").mkdir()
+    block = Block(tmp_path / "x.md", 1, "", (
+        "voxelflow frames --help | head -n 1\n"
+        "cd sub\n"
+        "line=$(FOO=bar voxelflow frames missing.mp4 --name x 2>&1 || true)\n"
+        "echo \"[$line]\"\n"
+        "voxelflow frames missing.mp4 --name x\n"
+        "echo not reached\n"), True)
+    seen = []
+    real = cli_here
+
+    def spy(*args, cwd):
+        seen.append((args[0], cwd, os.environ.get("FOO")))
+        return real(*args, cwd=cwd)
+
+    monkeypatch.setitem(globals(), "cli_here", spy)
+    done = _run_shell(block, tmp_path)
+    assert done.returncode == 2, done
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("usage: voxelflow frames"), done.stdout
+    assert lines[1] == "[voxelflow: error: missing.mp4: no such file; check the path]"
+    assert "not reached" not in done.stdout
+    assert done.stderr == "voxelflow: error: missing.mp4: no such file; check the path\n"
+    assert seen == [("frames", tmp_path, None), ("frames", tmp_path / "sub", "bar"),
+                    ("frames", tmp_path / "sub", None)]
+    assert "FOO" not in os.environ
 
 
 @pytest.mark.slow
