@@ -20,7 +20,7 @@ import pytest
 import zarr
 from sklearn.linear_model import Ridge
 
-from conftest import ROOT, cli_error, run_cli
+from conftest import ROOT, cli_error, cli_here
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.plan import build_plan
 from voxelflow.pipeline.synthetic.movies import write_moving_video
@@ -79,10 +79,12 @@ def _write_inputs(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    """The folder of the tiny experiment, run once (uninterrupted) through the CLI."""
+    """The folder of the tiny experiment, run once (uninterrupted) through the CLI's
+    entry point, in this process (as the resume of the SIGKILL test: the same torch
+    threads, so the same bits)."""
     folder = tmp_path_factory.mktemp("tiny")
     _write_inputs(folder)
-    res = run_cli("run", str(folder / "experiment.toml"), "--no-progress")
+    res = cli_here("run", str(folder / "experiment.toml"), "--no-progress")
     assert res.returncode == 0, res.stderr
     return folder
 
@@ -255,7 +257,7 @@ def test_sigkill_mid_stage_then_rerun_equals_the_uninterrupted_run(tiny):
         ("frames", "resume"), ("bold", "run"), ("features", "run"), ("fit", "run"),
         ("fit", "run")]
 
-    res = run_cli("run", str(exp_file), "--no-progress", timeout=600)
+    res = cli_here("run", str(exp_file), "--no-progress")  # the resume, in this process
     assert res.returncode == 0, res.stderr
     arrays, attrs = _workspace_contents(store)
     ref_arrays, ref_attrs = _workspace_contents(tiny / "voxelflow.zarr")
@@ -311,7 +313,7 @@ def test_report_command_rebuilds_the_report_from_stored_fits_alone(tiny, tmp_pat
     expected = pd.read_csv(tiny / "reports" / "tiny" / "table.csv")
     for source, out in [(store, tmp_path / "from_store"),
                         (tiny / "experiment.toml", tmp_path / "from_toml")]:
-        res = run_cli("report", str(source), "--out", str(out))
+        res = cli_here("report", str(source), "--out", str(out))
         assert res.returncode == 0, res.stderr
         assert f"report: {out / 'index.html'}" in res.stdout
         pd.testing.assert_frame_equal(pd.read_csv(out / "table.csv"), expected)
@@ -327,6 +329,6 @@ def test_report_command_rebuilds_the_report_from_stored_fits_alone(tiny, tmp_pat
     assert _store_files(store) == before  # nothing written into the workspace
     empty = tmp_path / "empty.zarr"
     zarr.open_group(empty, mode="w", zarr_format=3)
-    res = run_cli("report", str(empty))
+    res = cli_here("report", str(empty))
     assert res.returncode == 2 and res.stderr.startswith("voxelflow: error: ")
     assert "no complete fits" in res.stderr and len(res.stderr.strip().splitlines()) == 1
