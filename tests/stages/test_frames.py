@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_here
 from voxelflow.pipeline.stages.frames import run_frames_stage
 from voxelflow.pipeline.synthetic.movies import read_index, write_index_video, write_moving_video
 from voxelflow.stores import Workspace
@@ -110,15 +110,15 @@ def test_sel_time_slice_returns_each_runs_second(tmp_path, index_videos):
 def test_rerun_with_other_parameters_is_refused_then_overwritten(tmp_path, index_videos):
     store = tmp_path / "ws.zarr"
     video = str(index_videos[0][0])
-    ok = run_cli("frames", video, "--name", "a", "--fps", "20", "--size", "32",
+    ok = cli_here("frames", video, "--name", "a", "--fps", "20", "--size", "32",
                  "--store", str(store), "--no-progress")
     assert ok.returncode == 0, ok.stderr
-    bad = run_cli("frames", video, "--name", "a", "--fps", "2", "--size", "32",
+    bad = cli_here("frames", video, "--name", "a", "--fps", "2", "--size", "32",
                   "--store", str(store), "--no-progress")
     assert bad.returncode == 2
     assert "--overwrite" in bad.stderr and "fps: 20.0 -> 2.0" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
-    again = run_cli("frames", video, "--name", "a", "--fps", "2", "--size", "32",
+    again = cli_here("frames", video, "--name", "a", "--fps", "2", "--size", "32",
                     "--store", str(store), "--no-progress", "--overwrite")
     assert again.returncode == 0, again.stderr
     ds = Workspace(store).open_run("frames/a", 0)
@@ -140,7 +140,7 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted(tmp_path):
     write_moving_video(video, seconds=90, size=(96, 128))
     args = ["frames", str(video), "--name", "m", "--fps", "20", "--size", "160",
             "--no-progress"]
-    ref = run_cli(*args, "--store", str(tmp_path / "ref.zarr"))
+    ref = cli_here(*args, "--store", str(tmp_path / "ref.zarr"))
     assert ref.returncode == 0, ref.stderr
     n_blocks = int(np.ceil(1800 / 128))
 
@@ -159,7 +159,7 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted(tmp_path):
     assert 0 < done_at_kill < n_blocks, "kill must land mid-stage"
     assert Workspace(store).state("frames/m") == "writing"
 
-    resumed = run_cli(*args, "--store", str(store))
+    resumed = cli_here(*args, "--store", str(store))
     assert resumed.returncode == 0, resumed.stderr
     skipped = int(resumed.stdout.split("blocks written, ")[1].split(" already")[0])
     assert skipped >= done_at_kill
@@ -205,7 +205,7 @@ def bad_inputs(tmp_path, index_videos) -> dict[str, Path]:
 def test_bad_video_gives_one_line_error_and_no_complete_group(tmp_path, bad_inputs, kind):
     store = tmp_path / "ws.zarr"
     bad = bad_inputs[kind]
-    res = run_cli("frames", str(bad), "--name", "x", "--store", str(store), "--no-progress")
+    res = cli_here("frames", str(bad), "--name", "x", "--store", str(store), "--no-progress")
     assert res.returncode == 2, (kind, res.stdout, res.stderr)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("voxelflow: error:"), res.stderr
@@ -216,7 +216,7 @@ def test_bad_video_gives_one_line_error_and_no_complete_group(tmp_path, bad_inpu
 @pytest.mark.parametrize("fps", ["0", "-2"])
 def test_non_positive_fps_is_refused(tmp_path, index_videos, fps):
     store = tmp_path / "ws.zarr"
-    res = run_cli("frames", str(index_videos[0][0]), "--name", "x", f"--fps={fps}",
+    res = cli_here("frames", str(index_videos[0][0]), "--name", "x", f"--fps={fps}",
                   "--store", str(store))
     assert res.returncode == 2
     assert "--fps must be a positive" in res.stderr and len(res.stderr.strip().splitlines()) == 1
