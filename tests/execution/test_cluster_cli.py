@@ -18,7 +18,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from conftest import ROOT, run_cli
+from conftest import cli_here
 from voxelflow.stores import RunTemplate, Workspace
 
 DASK = Path(sys.executable).with_name("dask")
@@ -124,10 +124,12 @@ def _scheduler_task_prefixes(address: str) -> list[str]:
 
 
 def _fit(store: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("fit", "--features", "f", "--bold", "s", "--lags", "2", "--alphas",
+    """``voxelflow fit`` through the CLI's entry point in this process (the client of
+    ``--scheduler``; the scheduler and workers are separate processes)."""
+    return cli_here("fit", "--features", "f", "--bold", "s", "--lags", "2", "--alphas",
                    "0.1,10,1000,1e5", "--test-samples", "40", "--cv", "4", "--save-weights",
                    "--save-predictions", "--voxel-block", str(VOXEL_BLOCK), "--store",
-                   str(store), "--name", name, "--no-progress", *extra, timeout=120)
+                   str(store), "--name", name, "--no-progress", *extra)
 
 
 def test_fit_on_separate_scheduler_and_workers_equals_local(tmp_path):
@@ -176,9 +178,8 @@ def test_fit_on_separate_scheduler_and_workers_equals_local(tmp_path):
 def test_unreachable_or_malformed_scheduler_is_a_one_line_error(tmp_path, address):
     if address == "unreachable":  # nothing listens there: refused until the 20 s timeout
         address = f"tcp://127.0.0.1:{_free_port()}"
-    res = run_cli("fit", "--features", "f", "--bold", "s", "--lags", "2", "--test-samples",
-                  "40", "--store", str(tmp_path / "ws.zarr"), "--scheduler", address,
-                  timeout=60)
+    res = cli_here("fit", "--features", "f", "--bold", "s", "--lags", "2", "--test-samples",
+                   "40", "--store", str(tmp_path / "ws.zarr"), "--scheduler", address)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("voxelflow: error: --scheduler "), res.stderr
