@@ -51,7 +51,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ridge import PAPER_ALPHAS, make_design  # noqa: E402
+from ridge import (FEATURE_BLOCK, PAPER_ALPHAS, design_block, lazy_design,  # noqa: E402
+                   make_design)
 
 GIB = 2 ** 30
 
@@ -59,14 +60,17 @@ GIB = 2 ** 30
 def make_problem(args, n_voxels: int):
     """Per-space designs (train, test) and BOLD (train, test), float32."""
     n = args.train + args.test
-    xs = [make_design(n, width * args.lags, args.seed + index)
+    make = lazy_design if args.lazy_designs else make_design
+    xs = [make(n, width * args.lags, args.seed + index)
           for index, width in enumerate(args.spaces)]
     rng = np.random.default_rng(args.seed)
     mix = rng.dirichlet([0.5] * len(xs), n_voxels).T.astype(np.float32)
     y = rng.standard_normal((n, n_voxels), dtype=np.float32)
-    for x, share in zip(xs, mix):
+    for index, share in enumerate(mix):
         planted = rng.standard_normal((8, n_voxels), dtype=np.float32) / np.sqrt(8)
-        y += (x[:, :8] @ planted) * share
+        width = min(FEATURE_BLOCK, args.spaces[index] * args.lags)
+        first = design_block(n, args.seed + index, 0, width)[:, :8]  # the first 8 columns
+        y += (first @ planted) * share
     return ([x[:args.train] for x in xs], [x[args.train:] for x in xs],
             y[:args.train], y[args.train:])
 
@@ -111,8 +115,10 @@ def run_voxelflow(args, problem, weightings, folds) -> dict:
     setup = _banded._setup = Timed(_banded._setup)  # the per-space kernels (once)
     try:
         start = time.perf_counter()
+        dense = {} if args.max_dense_mib is None else {
+            "max_dense_bytes": int(args.max_dense_mib * 2 ** 20)}
         out = ridge.banded_ridge(xs, y, xs_test, y_test, PAPER_ALPHAS, weightings, folds,
-                                 device=args.device, voxel_chunk=4096)
+                                 device=args.device, voxel_chunk=args.voxel_chunk, **dense)
         _sync(args.device)
         wall = time.perf_counter() - start
     finally:
@@ -134,6 +140,8 @@ def run_himalaya(args, problem, weightings, folds) -> dict:
     decompose = _random_search._decompose_kernel_ridge = Timed(
         _random_search._decompose_kernel_ridge)
     xs, xs_test, y, y_test = problem
+    xs = [np.asarray(x) for x in xs]  # Dask designs (--lazy-designs) computed here
+    xs_test = [np.asarray(x) for x in xs_test]
     try:
         start = time.perf_counter()
         kernels = backend.stack([backend.asarray(x) @ backend.asarray(x).T for x in xs])
@@ -237,6 +245,13 @@ def parse_args(argv=None):
     parser.add_argument("--voxels", type=int, default=1024)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--methods", nargs="+", default=["voxelflow", "himalaya"])
+    parser.add_argument("--max-dense-mib", type=float, default=None,
+                        help="voxelflow's budget for dense fold operators (default 512)")
+    parser.add_argument("--voxel-chunk", type=int, default=4096,
+                        help="voxelflow's voxels per chunk")
+    parser.add_argument("--lazy-designs", action="store_true",
+                        help="designs as Dask arrays generated chunk by chunk (as the "
+                        "stage reads features from Zarr): voxelflow never holds them")
     parser.add_argument("--marginal", action="store_true",
                         help="with --run-weightings 1: also run 2 weightings and "
                         "extrapolate each further weighting at the second's marginal cost")

@@ -15,7 +15,8 @@ Prints, for one model on one device with one batch size:
   on CPU; contiguous is measured once and printed too); for a video model
   (``--clip-frames``) the clips of the same frames, in channels_last_3d;
 * their ratio, paired: bare and pipeline run back to back on the same frames,
-  ``--repeats`` times, and the median of the per-pair ratios is the figure (on a
+  ``--repeats`` times (bare first in even pairs, the pipeline first in odd ones, so
+  a drift within a pair favours neither), and the median of the per-pair ratios is the figure (on a
   shared machine the load changes from minute to minute; a pair sees about the same
   load, so the median pair ratio is robust where best-of-each is not);
 * the forward share of the stage's loop: time in the forward passes over the loop's
@@ -220,10 +221,16 @@ def main(argv: list[str] | None = None) -> int:
             clip_fps = 1.0 / float(np.median(np.diff(run["time"].values)))
         bare, pipe, ratios, shares = [], [], [], []
         for r in range(args.repeats):
-            bare.append(bare_fps(args.model, frames, args.batch_size, True,
-                                 args.clip_frames))
+            # alternate which half runs first, so that a drift of the CPU's speed
+            # within a pair favours neither
+            if r % 2 == 0:
+                bare.append(bare_fps(args.model, frames, args.batch_size, True,
+                                     args.clip_frames))
             summary = pipeline_fps(store, "bench", args.model, args.batch_size, args.device,
                                    args.clip_frames, clip_fps)
+            if r % 2 == 1:
+                bare.append(bare_fps(args.model, frames, args.batch_size, True,
+                                     args.clip_frames))
             pipe.append(summary["frames_per_s"])
             shares.append(summary["forward_s"] / summary["compute_s"])
             ratios.append(pipe[-1] / bare[-1])

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import _compute_dtype, get_array_module, to_numpy
+from ._backend import _compute_dtype, _is_dask, get_array_module, to_numpy
 from ._banded_eigen import (ChunkBest, SpaceTerms, eigen_factors, scan_weighting,
                             space_terms, split_r2)
 from ._checks import _resolve_regime, check_alphas
@@ -178,7 +178,7 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
     Y_train = np.asarray(Y_train) if not hasattr(Y_train, "shape") else Y_train
     setup = _setup(Xs_train, Xs_test, Y_train.dtype, weightings, solver, dtype, device,
                    return_weights or (return_split and Xs_test is not None),
-                   eigh_dtype=eigh_dtype)
+                   keep_designs=return_weights, eigh_dtype=eigh_dtype)  # split: no designs
     if (Xs_test is None) != (Y_test is None):
         raise ValueError("Give both Xs_test and Y_test, or neither.")
     options = dict(device=device, operator_form=operator_form,
@@ -246,14 +246,21 @@ def _setup(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, y_dtype: Any,
         kept = np.promote_types(compute, compute if eigh_dtype is None else eigh_dtype)
         kernels = []
         for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train)):
-            train, cross, mean = _centred_kernels(
-                xp.asarray(x), None if Xs_test is None else xp.asarray(xt), compute, xp)
+            train, cross, mean = _centred_kernels(  # a Dask design is streamed
+                _device_or_dask(x, xp), None if xt is None else _device_or_dask(xt, xp),
+                compute, xp)
             kernels.append((train.astype(kept), cross, mean))
             del train  # one float64 kernel alive at a time
         terms = space_terms(kernels, Xs_train, compute,
                             keep if keep_designs is None else keep_designs, xp)
     return _Setup(Xs_train, Xs_test, gammas, compute, regime, slices, kernels, terms,
                   keep, xp)
+
+
+def _device_or_dask(x: Any, xp: Any) -> Any:
+    """``x`` on the device, or left as it is when it is a Dask array (the kernels
+    then read it one feature chunk at a time and it is never held whole)."""
+    return x if _is_dask(x) else xp.asarray(x)
 
 
 def _weighting_factors(setup: _Setup, gamma: np.ndarray, alphas: Any,
