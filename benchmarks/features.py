@@ -155,7 +155,6 @@ def child(args: argparse.Namespace) -> None:
     import torchvision  # noqa: F401
 
     import voxelflow.pipeline.stages.features  # noqa: F401
-    from voxelflow.stores import Workspace
 
     after_imports = _vm("VmRSS")
     summary = pipeline_fps(Path(args.store), args.child, args.model, args.batch_size,

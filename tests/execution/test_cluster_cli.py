@@ -18,7 +18,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from voxelflow.stores import RunTemplate, Workspace
 
 DASK = Path(sys.executable).with_name("dask")
