@@ -197,6 +197,54 @@ def test_shuffle_stream_is_bounded_and_resumable():
     assert [next(resumed)[0] for _ in range(50)] == out[61:111]
 
 
+# --------------------------------------------------------- sparse (needed) frames
+# Times kept of each of two runs (the same 6 s clip twice; grid k / 5 fps, 30 frames).
+SPARSE_TIMES = {0: [0.0, 0.4, 1.0, 2.2, 3.0, 5.0], 1: [0.2, 0.6, 1.0, 1.4, 3.6, 5.8]}
+SPARSE_UNTIL = SECONDS + 1.1  # run 1 starts at 6 s (its grid), not at 6 stored frames / fps
+
+
+def test_sparse_group_trains_on_the_stored_frames_before_train_until(frames_store, tmp_path,
+                                                                     capsys, monkeypatch):
+    """``voxelflow train-autoencoder`` on a group made with ``frames --times FILE``: the
+    frames read (baseline, batches, preview) are exactly the stored frames shown before
+    ``--train-until`` (the runs played one after another, each lasting its video's 6 s)."""
+    store = tmp_path / "ws.zarr"
+    times = tmp_path / "times.txt"
+    times.write_text("".join(f"{r},{t}\n" for r, ts in SPARSE_TIMES.items() for t in ts))
+    clip = str(frames_store.parent / "clip.mp4")
+    status, _, err = cli_main(capsys, "frames", clip, clip, "--name", "few", "--fps",
+                              str(FPS), "--size", str(SIZE), "--times", str(times),
+                              "--store", str(store), "--no-progress")
+    assert status == 0, err
+    ws = Workspace(store)
+    stored = [ws.open_run("frames/few", r)["time"].values for r in (0, 1)]
+    np.testing.assert_allclose(stored[0], SPARSE_TIMES[0])
+    expected = {(r, i) for r in (0, 1) for i, t in enumerate(stored[r])
+                if r * SECONDS + t < SPARSE_UNTIL}
+    assert len(expected) == 6 + 3
+    reads: list[tuple[str, slice]] = []
+    original = Workspace.read_array
+
+    def spy(self, node, name, index=slice(None)):
+        if name == "frames":
+            reads.append((node, index))
+        return original(self, node, name, index)
+
+    monkeypatch.setattr(Workspace, "read_array", spy)
+    out = tmp_path / "ae.pt"
+    status, _, err = cli_main(capsys, "train-autoencoder", "--frames", "few", "--store",
+                              str(store), "--train-until", str(SPARSE_UNTIL), "--steps", "2",
+                              "--batch-size", "3", "--weights", "random:0", "--out",
+                              str(out), "--no-progress")
+    assert status == 0, err
+    read = {(int(node[-3:]), i) for node, index in reads
+            for i in range(index.start, index.stop)}
+    assert read == expected
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert ckpt["n_train"] == 9 and ckpt["train_frames"] == [[0, 0, 6], [1, 0, 3]]
+    assert ckpt["config"]["train_until"] == SPARSE_UNTIL
+
+
 # ------------------------------------------------------------------ kill and resume
 def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tmp_path,
                                                         capsys):
