@@ -75,14 +75,6 @@ def trained(frames_store, tmp_path_factory):
     d = tmp_path_factory.mktemp("ae_train")
     store = d / "ws.zarr"
     shutil.copytree(frames_store, store)
-    reads: list[tuple[str, slice]] = []
-    original = Workspace.read_array
-
-    def spy(self, node, name, index=slice(None)):
-        if name == "frames":
-            reads.append((node, index))
-        return original(self, node, name, index)
-
     save = ae._save_atomic
     kept = d / f"ae.step{KEPT_STEP}.pt"
 
@@ -92,7 +84,7 @@ def trained(frames_store, tmp_path_factory):
             os.link(path, kept)  # the next save replaces ``path`` by a rename
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(Workspace, "read_array", spy)
+    reads = _record_frame_reads(mp)
     mp.setattr(ae, "_save_atomic", keep_step)
     try:
         summary = train_autoencoder(Workspace(store), "clip", d / "ae.pt", progress=False,
@@ -102,6 +94,20 @@ def trained(frames_store, tmp_path_factory):
     assert kept.is_file(), f"no checkpoint at step {KEPT_STEP}"
     return {"summary": summary, "reads": reads, "ckpt": d / "ae.pt", "store": store,
             "kept": kept}
+
+
+def _record_frame_reads(mp: pytest.MonkeyPatch) -> list[tuple[str, slice]]:
+    """``(node, index)`` of every read of a frames array from any workspace, from now on."""
+    reads: list[tuple[str, slice]] = []
+    original = Workspace.read_array
+
+    def spy(self, node, name, index=slice(None)):
+        if name == "frames":
+            reads.append((node, index))
+        return original(self, node, name, index)
+
+    mp.setattr(Workspace, "read_array", spy)
+    return reads
 
 
 def _normalised(frames: np.ndarray) -> np.ndarray:
@@ -222,15 +228,7 @@ def test_sparse_group_trains_on_the_stored_frames_before_train_until(frames_stor
     expected = {(r, i) for r in (0, 1) for i, t in enumerate(stored[r])
                 if r * SECONDS + t < SPARSE_UNTIL}
     assert len(expected) == 6 + 3
-    reads: list[tuple[str, slice]] = []
-    original = Workspace.read_array
-
-    def spy(self, node, name, index=slice(None)):
-        if name == "frames":
-            reads.append((node, index))
-        return original(self, node, name, index)
-
-    monkeypatch.setattr(Workspace, "read_array", spy)
+    reads = _record_frame_reads(monkeypatch)
     out = tmp_path / "ae.pt"
     status, _, err = cli_main(capsys, "train-autoencoder", "--frames", "few", "--store",
                               str(store), "--train-until", str(SPARSE_UNTIL), "--steps", "2",

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from bold_inputs import write_nifti
 from conftest import cli_error
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.plan import build_plan
@@ -63,13 +63,10 @@ def trained(tmp_path_factory) -> dict:
     inputs = base / "inputs"
     inputs.mkdir()
     write_moving_video(inputs / "movie.mp4", 40, rate=8, size=(32, 32), seed=2)
-    rng = np.random.default_rng(1)
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
-    img = nib.Nifti1Image(rng.normal(100, 5, size=(2, 2, 2, N_VOLUMES)).astype(np.float32),
-                          affine)
-    img.header["pixdim"][4] = TR
-    nib.save(img, str(inputs / "bold.nii.gz"))
-    nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.uint8), affine), str(inputs / "mask.nii.gz"))
+    bold = np.random.default_rng(1).normal(100, 5, size=(2, 2, 2, N_VOLUMES))
+    write_nifti(inputs / "bold.nii.gz", bold.astype(np.float32), affine, tr=TR)
+    write_nifti(inputs / "mask.nii.gz", np.ones((2, 2, 2), np.uint8), affine)
     path = _experiment(base, inputs)
     exp = load_experiment(path)
     ws = Workspace(exp.store)
