@@ -4,9 +4,9 @@
   (the runs played one after another, frames strictly before ``SECONDS`` of that
   movie time; with one run, ``time < SECONDS``) or ``train_runs=[r, ...]`` (whole
   runs); in a sparse group (only some frame times stored) the stored frames of that
-  part, by their ``time``.  Every frame the trainer reads goes through :func:`read_training_frames`,
-  which refuses a range outside the training frames (the batches, the preview and the
-  mean-frame baseline all read through it).
+  part, by their ``time``.  Every frame the trainer reads goes through
+  :func:`read_training_frames`, which refuses a range outside the training frames
+  (the batches, the preview and the mean-frame baseline all read through it).
 * Data order: frames stream from the Zarr store in *pieces* (:func:`make_pieces`: the
   training frames of one Zarr chunk, 16 frames).  Per epoch, the pieces are visited in
   a random order and fed into a shuffle buffer of ``buffer`` frames; a frame is drawn
