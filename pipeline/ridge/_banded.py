@@ -177,7 +177,8 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
     """
     Y_train = np.asarray(Y_train) if not hasattr(Y_train, "shape") else Y_train
     setup = _setup(Xs_train, Xs_test, Y_train.dtype, weightings, solver, dtype, device,
-                   return_weights or (return_split and Xs_test is not None))
+                   return_weights or (return_split and Xs_test is not None),
+                   eigh_dtype=eigh_dtype)
     if (Xs_test is None) != (Y_test is None):
         raise ValueError("Give both Xs_test and Y_test, or neither.")
     options = dict(device=device, operator_form=operator_form,
@@ -218,9 +219,14 @@ class _Setup:
 
 def _setup(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, y_dtype: Any,
            weightings: Any, solver: str, dtype: Any, device: str, keep: bool,
-           keep_designs: bool | None = None) -> _Setup:
+           keep_designs: bool | None = None, eigh_dtype: Any = None) -> _Setup:
     """Check the spaces and weightings; the regime; in the dual regime with several
-    spaces or weightings, each space's centred kernels (once) and shared terms."""
+    spaces or weightings, each space's centred kernels (once) and shared terms.
+
+    The kernels are accumulated in float64 (:func:`~._factorize._centred_kernels`)
+    and kept in the dtype the eigendecompositions use (``eigh_dtype``, default the
+    compute dtype): float32 for float32 data, half the memory of float64 and what
+    the decompositions read anyway."""
     xp = get_array_module(device)
     Xs_train = _check_spaces(Xs_train, "Xs_train")
     if Xs_test is not None:
@@ -237,9 +243,13 @@ def _setup(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, y_dtype: Any,
     if regime == "dual" and len(slices) > 1:
         # one centred kernel per space, once; a weighting's is their weighted sum
         # (a single space keeps today's engine, bit-equal to a single fit)
-        kernels = [_centred_kernels(xp.asarray(x), None if Xs_test is None
-                                    else xp.asarray(xt), compute, xp)
-                   for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train))]
+        kept = np.promote_types(compute, compute if eigh_dtype is None else eigh_dtype)
+        kernels = []
+        for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train)):
+            train, cross, mean = _centred_kernels(
+                xp.asarray(x), None if Xs_test is None else xp.asarray(xt), compute, xp)
+            kernels.append((train.astype(kept), cross, mean))
+            del train  # one float64 kernel alive at a time
         terms = space_terms(kernels, Xs_train, compute,
                             keep if keep_designs is None else keep_designs, xp)
     return _Setup(Xs_train, Xs_test, gammas, compute, regime, slices, kernels, terms,
@@ -371,7 +381,7 @@ def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alpha
     within ``max_dense_bytes`` shared by all weightings, factored beyond), the
     full fit's test operator and eigenbasis; the centred designs once."""
     setup = _setup(Xs_train, Xs_test, dtype, weightings, solver, dtype, device,
-                   keep_weight_factors, keep_designs)
+                   keep_weight_factors, keep_designs, eigh_dtype=eigh_dtype)
     budget = max_dense_bytes // len(setup.gammas) if setup.kernels is not None \
         else max_dense_bytes
     options = dict(device=device, operator_form=operator_form, max_dense_bytes=budget,
