@@ -20,6 +20,7 @@ from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.study._fit_table import STUDY_ALPHAS, check_mean_window, fit_options
 from voxelflow.pipeline.study.sources import check_source_keys, check_sources
 from voxelflow.pipeline.study.toml_checks import _Checker
+from voxelflow.pipeline.study.train_frames import check_train_frames
 
 __all__ = ["AUTOENCODER_KEYS", "Experiment", "ModelSpec", "SCHEMA", "STUDY_ALPHAS",
            "check_mean_window", "load_experiment"]
@@ -47,6 +48,7 @@ class ModelSpec:
     train_batch_size: int | None = None
     lr: float | None = None
     freeze_encoder: bool = False
+    train_frames: str = "all"  # or "needed": train on the stored needed frames (train_frames.py)
     # source = "events" | "import" (default "cnn": the keys above); their keys are
     # checked and resolved by voxelflow.pipeline.study.sources.
     source: str = "cnn"
@@ -164,6 +166,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
                "checkpoint": (str, False), "train": (bool, False), "epochs": (int, False),
                "train_steps": (int, False), "train_batch_size": (int, False),
                "lr": ((int, float), False), "freeze_encoder": (bool, False),
+               "train_frames": (str, False),
                "source": (str, False), "events": (list, False), "files": (list, False),
                "rate": ((int, float), False), "columns": ((list, str), False),
                "amplitude": (str, False), "duration_from": (str, False),
@@ -207,6 +210,7 @@ def load_experiment(path: str | Path) -> Experiment:
     fitted = fit_options(check, fit, n_runs=len(runs))
     resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
     frames = check.choice(stim, "stimulus", "frames", ("needed", "all"))
+    check_train_frames(check, models, data["models"], frames)
     fps, size = _fps(check, stim), _size(check, stim)
     tr = _tr(check, bold)
     if stim and tr is not None and fitted["aggregate"] == "mean":
