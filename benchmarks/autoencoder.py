@@ -165,7 +165,7 @@ def main() -> None:
         n = make_frames(store, args.frames, "timed", args.size)
         frames = Workspace(store).read_array("frames/timed/run-000", "frames",
                                              slice(0, args.batch))
-        ratios, ratios_fb, rows = [], [], []
+        ratios, rows = [], []
         for rep in range(args.repeats):
             bare = bare_fps(frames, args.batch, args.steps, with_step=True)
             s = pipeline_run(store, "timed", tmp / "ae.pt", args.batch, args.steps,

@@ -15,24 +15,29 @@ weightings (the first ``--run-weightings`` of the 20; all of them by default):
   the full fit, every alpha from it, the voxel chunks, the running best), with the
   product-measure split;
 * ``himalaya``: ``MultipleKernelRidgeCV(kernels="precomputed", fit_intercept=True)``,
-  ``solver="random_search"``, numpy (or cupy) backend, float32, the same weightings,
+  ``solver="random_search"``, numpy (``--himalaya-backend torch``: torch; cupy on
+  CUDA) backend, float32, the same weightings,
   alphas, folds and score (Pearson r), then ``predict`` on the test kernels; its
   kernels are computed in the same process (timed with it).
 
-Each run's time is split into ``once`` (the per-space kernels; voxelflow's are timed
-alone beforehand, as an estimate of that part of its run, which builds them again), ``fixed`` (the per
+Each run's time is split into ``once`` (the per-space kernels: voxelflow's ``_setup``,
+timed by a wrapper; himalaya's kernel products), ``fixed`` (the per
 (fold, weighting) decompositions: voxelflow's ``eigen_factors``, himalaya's
 ``_decompose_kernel_ridge``, timed by a wrapper) and ``per_voxel`` (the rest divided
 by the voxels), so the whole fit is extrapolated, and labelled so, as::
 
     once + (20 / run_weightings) x (fixed + 65,665 x per_voxel)
 
+or, with ``--marginal --run-weightings 1``, from the first weighting as measured plus
+19 times the second weighting's marginal cost (:func:`marginal_total`), so what a tool
+does once at the end (himalaya's refit) is not counted 20 times.
+
 The per-voxel part's rate is compared with a float32 matmul of the same shape as the
 held-out products (measured here, in this process); peak RSS (``getrusage``, the
 process's peak after each tool: voxelflow runs first) with the BOLD matrix at the
 study's shape (4,797 x 65,665 x 4 bytes). ``--device cuda`` runs both on CuPy.
 
-    .venv/bin/python benchmarks/banded.py --voxels 1024 --run-weightings 2
+    .venv/bin/python benchmarks/banded.py --voxels 1024 --run-weightings 1 --marginal
     .venv/bin/python benchmarks/banded.py --train 1500 --lags 2  # smaller shape
 """
 from __future__ import annotations
@@ -46,7 +51,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ridge import PAPER_ALPHAS, make_design  # noqa: E402
+from ridge import (FEATURE_BLOCK, PAPER_ALPHAS, design_block, lazy_design,  # noqa: E402
+                   make_design)
 
 GIB = 2 ** 30
 
@@ -54,14 +60,17 @@ GIB = 2 ** 30
 def make_problem(args, n_voxels: int):
     """Per-space designs (train, test) and BOLD (train, test), float32."""
     n = args.train + args.test
-    xs = [make_design(n, width * args.lags, args.seed + index)
+    make = lazy_design if args.lazy_designs else make_design
+    xs = [make(n, width * args.lags, args.seed + index)
           for index, width in enumerate(args.spaces)]
     rng = np.random.default_rng(args.seed)
     mix = rng.dirichlet([0.5] * len(xs), n_voxels).T.astype(np.float32)
     y = rng.standard_normal((n, n_voxels), dtype=np.float32)
-    for x, share in zip(xs, mix):
+    for index, share in enumerate(mix):
         planted = rng.standard_normal((8, n_voxels), dtype=np.float32) / np.sqrt(8)
-        y += (x[:, :8] @ planted) * share
+        width = min(FEATURE_BLOCK, args.spaces[index] * args.lags)
+        first = design_block(n, args.seed + index, 0, width)[:, :8]  # the first 8 columns
+        y += (first @ planted) * share
     return ([x[:args.train] for x in xs], [x[args.train:] for x in xs],
             y[:args.train], y[args.train:])
 
@@ -101,25 +110,23 @@ def _sync(device: str) -> None:
 def run_voxelflow(args, problem, weightings, folds) -> dict:
     from voxelflow.pipeline import ridge
     from voxelflow.pipeline.ridge import _banded
-    from voxelflow.pipeline.ridge._factorize import _centred_kernels
     xs, xs_test, y, y_test = problem
-    xp = ridge.get_array_module(args.device)
     factorize = _banded.eigen_factors = Timed(_banded.eigen_factors)
+    setup = _banded._setup = Timed(_banded._setup)  # the per-space kernels (once)
     try:
         start = time.perf_counter()
-        for x, xt in zip(xs, xs_test):  # the part done once (timed alone)
-            _centred_kernels(xp.asarray(x), xp.asarray(xt), np.float32, xp)
-        _sync(args.device)
-        once = time.perf_counter() - start
-        start = time.perf_counter()  # banded_ridge builds its kernels again inside:
+        dense = {} if args.max_dense_mib is None else {
+            "max_dense_bytes": int(args.max_dense_mib * 2 ** 20)}
         out = ridge.banded_ridge(xs, y, xs_test, y_test, PAPER_ALPHAS, weightings, folds,
-                                 device=args.device, voxel_chunk=4096)
+                                 device=args.device, voxel_chunk=args.voxel_chunk, **dense)
         _sync(args.device)
-        wall = time.perf_counter() - start  # ... so ``once`` is already in it
+        wall = time.perf_counter() - start
     finally:
         _banded.eigen_factors = factorize.function
-    return {"wall": wall, "once": once, "fixed": factorize.seconds,
-            "space_alpha": out["space_alpha"], "r_test_cv": out["r_test_cv"]}
+        _banded._setup = setup.function
+    return {"wall": wall, "once": setup.seconds, "fixed": factorize.seconds,
+            "space_alpha": out["space_alpha"], "r_test_cv": out["r_test_cv"],
+            "r_cv": out["r_cv"], "best_alpha": out["best_alpha"]}
 
 
 def run_himalaya(args, problem, weightings, folds) -> dict:
@@ -128,10 +135,13 @@ def run_himalaya(args, problem, weightings, folds) -> dict:
     from himalaya.scoring import correlation_score
 
     from voxelflow.pipeline.ridge.scoring import train_indices
-    backend = set_backend("numpy" if args.device == "cpu" else "cupy", on_error="raise")
+    backend = set_backend(args.himalaya_backend if args.device == "cpu" else "cupy",
+                          on_error="raise")
     decompose = _random_search._decompose_kernel_ridge = Timed(
         _random_search._decompose_kernel_ridge)
     xs, xs_test, y, y_test = problem
+    xs = [np.asarray(x) for x in xs]  # Dask designs (--lazy-designs) computed here
+    xs_test = [np.asarray(x) for x in xs_test]
     try:
         start = time.perf_counter()
         kernels = backend.stack([backend.asarray(x) @ backend.asarray(x).T for x in xs])
@@ -156,7 +166,8 @@ def run_himalaya(args, problem, weightings, folds) -> dict:
     r = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
     return {"wall": wall, "once": once, "fixed": decompose.seconds,
             "space_alpha": np.exp(-backend.to_numpy(model.deltas_).astype(np.float64)),
-            "r_test_cv": r}
+            "r_test_cv": r,
+            "best_alpha": backend.to_numpy(model.best_alphas_).astype(np.float64)}
 
 
 def held_out_gflops(args) -> tuple[float, float]:
@@ -180,6 +191,40 @@ def _timed_matmul(a, b) -> float:
     return time.perf_counter() - start
 
 
+def marginal_total(args, two: dict, one: dict) -> float:
+    """The whole fit from a run of one weighting and one of two: the first weighting
+    as measured (with what a tool does once per voxel at the end, e.g. himalaya's
+    refit), each further weighting at the second one's marginal cost::
+
+        once + fixed_1 + V x per_voxel_1 + (W - 1) x (fixed_2 - fixed_1
+                                                    + V x (per_voxel_2 - per_voxel_1))
+    """
+    def per_voxel(run: dict) -> float:
+        return (run["wall"] - run["once"] - run["fixed"]) / args.voxels
+
+    marginal = (two["fixed"] - one["fixed"]
+                + (per_voxel(two) - per_voxel(one)) * args.total_voxels)
+    print(f"    second weighting's marginal cost: decompositions "
+          f"{two['fixed'] - one['fixed']:.1f} s, per voxel "
+          f"{1e3 * (per_voxel(two) - per_voxel(one)):.2f} ms", flush=True)
+    return (one["once"] + one["fixed"] + per_voxel(one) * args.total_voxels
+            + (args.weightings - 1) * marginal)
+
+
+def alpha_ties(ours: dict, theirs: dict) -> tuple[int, float]:
+    """One weighting run: voxels whose alpha differs between the tools, and the
+    largest difference of voxelflow's mean CV r between its alpha and himalaya's
+    there (a near-tie when it is at the float32 noise of the scores)."""
+    grid = np.asarray(PAPER_ALPHAS, dtype=np.float64)
+    mine = np.searchsorted(grid, ours["best_alpha"] * (1 - 1e-6))
+    other = np.searchsorted(grid, theirs["best_alpha"] * (1 - 1e-6))
+    differ = np.flatnonzero((mine != other) & np.isfinite(ours["best_alpha"]))
+    if not differ.size:
+        return 0, 0.0
+    gap = ours["r_cv"][mine[differ], differ] - ours["r_cv"][other[differ], differ]
+    return int(differ.size), float(np.nanmax(np.abs(gap)))
+
+
 def agreement(ours: dict, theirs: dict) -> tuple[float, float]:
     same = np.isclose(ours["space_alpha"], theirs["space_alpha"], rtol=1e-3).all(axis=0)
     diff = np.abs(ours["r_test_cv"] - theirs["r_test_cv"])
@@ -200,6 +245,18 @@ def parse_args(argv=None):
     parser.add_argument("--voxels", type=int, default=1024)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--methods", nargs="+", default=["voxelflow", "himalaya"])
+    parser.add_argument("--max-dense-mib", type=float, default=None,
+                        help="voxelflow's budget for dense fold operators (default 512)")
+    parser.add_argument("--voxel-chunk", type=int, default=4096,
+                        help="voxelflow's voxels per chunk")
+    parser.add_argument("--lazy-designs", action="store_true",
+                        help="designs as Dask arrays generated chunk by chunk (as the "
+                        "stage reads features from Zarr): voxelflow never holds them")
+    parser.add_argument("--marginal", action="store_true",
+                        help="with --run-weightings 1: also run 2 weightings and "
+                        "extrapolate each further weighting at the second's marginal cost")
+    parser.add_argument("--himalaya-backend", default="numpy", choices=["numpy", "torch"],
+                        help="himalaya's CPU backend (numpy: scipy's eigh; torch: MKL's)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -211,8 +268,8 @@ def main(argv=None) -> None:
     from voxelflow.pipeline.ridge.scoring import contiguous_folds
     args = parse_args(argv)
     run_weightings = args.run_weightings or args.weightings
-    weightings = ridge.simplex_weightings(len(args.spaces), args.weightings,
-                                          args.seed)[:run_weightings]
+    drawn = ridge.simplex_weightings(len(args.spaces), args.weightings, args.seed)
+    weightings, weightings_two = drawn[:run_weightings], drawn[:2]
     folds = contiguous_folds(args.train, args.folds)
     flops, gflops = held_out_gflops(args)
     bold_gib = (args.train + args.test) * args.total_voxels * 4 / GIB
@@ -226,8 +283,8 @@ def main(argv=None) -> None:
     scale = args.weightings / run_weightings
     results = {}
     for method in args.methods:
-        run = (run_voxelflow if method == "voxelflow" else run_himalaya)(
-            args, problem, weightings, folds)
+        tool = run_voxelflow if method == "voxelflow" else run_himalaya
+        run = tool(args, problem, weightings, folds)
         run["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         per_voxel = (run["wall"] - run["once"] - run["fixed"]) / args.voxels
         run["total"] = run["once"] + scale * (run["fixed"] + per_voxel * args.total_voxels)
@@ -241,6 +298,11 @@ def main(argv=None) -> None:
               f"{args.weightings} weightings x {args.total_voxels} voxels: "
               f"{run['total']:.0f} s; process peak RSS after it {run['rss']:.2f} GiB "
               f"({run['rss'] / bold_gib:.2f} x the BOLD matrix)", flush=True)
+        if args.marginal and run_weightings == 1:
+            run["total"] = marginal_total(args, tool(args, problem, weightings_two, folds),
+                                          run)
+            print(f"{method:>10}: with a second weighting's marginal cost, EXTRAPOLATED "
+                  f"to the study {run['total']:.0f} s", flush=True)
     if {"voxelflow", "himalaya"} <= results.keys():
         ours, theirs = results["voxelflow"], results["himalaya"]
         same, worst = agreement(ours, theirs)
@@ -248,6 +310,10 @@ def main(argv=None) -> None:
               f"; EXTRAPOLATED to the study {theirs['total'] / ours['total']:.2f}")
         print(f"  per-space alphas identical on {100 * same:.2f}% of the slice's voxels; "
               f"max |r_test difference| there {worst:.2e}")
+        if run_weightings == 1:
+            count, gap = alpha_ties(ours, theirs)
+            print(f"  where the alphas differ ({count} voxels), voxelflow's mean CV r at "
+                  f"its alpha and at himalaya's differ by at most {gap:.1e} (near-ties)")
 
 
 if __name__ == "__main__":

@@ -101,9 +101,6 @@ def generate(workdir: Path, n_volumes: int) -> tuple[Path, Path]:
 # ------------------------------------------------------------------ child steps
 def step_read(run: Path, mask_path: Path) -> dict:
     """Baseline: the stage's block reads and masking, nothing written."""
-    import nibabel as nib
-    import numpy as np
-
     from voxelflow.pipeline.stages.nifti import RunReader, load_mask, mask_voxels, probe_run
 
     rss0 = _status_mib("VmRSS")

@@ -23,8 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-import numpy as np  # noqa: E402
-
 from voxelflow.pipeline.stages.frames import frame_index_at, iter_sampled_frames, probe_video, run_frames_stage, sample_times  # noqa: E402
 from voxelflow.pipeline.synthetic.movies import write_moving_video  # noqa: E402
 from voxelflow.stores import Workspace  # noqa: E402

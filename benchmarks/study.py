@@ -9,7 +9,15 @@ of each network (random weights; the same work as trained ones) at 224 px, and t
 autoencoder's training step.  The fit is the same in (a) and (b) (same design rows)
 and left out of the ratio.
 
-    .venv/bin/python benchmarks/study.py [--frames 16]
+The autoencoder trains for 10 epochs on its training split (the frames before the
+earliest frame any of the 300 test samples reads, :func:`first_test_frame`): in (a)
+every frame of it, in (b) with ``train_frames = "needed"`` the needed frames of it
+(exact counts).  With the default ``train_frames = "all"`` the plan keeps every frame
+while the autoencoder trains, for every model, so (b) is then (a).  The study's total
+is decoding + the three models' forward passes (the autoencoder's code is a ResNet-50
+trunk forward: ResNet-50's rate) + the training.
+
+    .venv/bin/python benchmarks/study.py [--frames 16] [--counts-only]
 """
 
 from __future__ import annotations
@@ -29,12 +37,25 @@ STUDY_S, FPS, TR = 4797.0, 20.0, 1.0
 LAG_SETS = [[4.0], [4.0, 5.0, 6.0, 7.0], [4.0, 5.0, 6.0], [4.0, 4.5, 5.0, 5.5]]
 CLIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "big_buck_bunny_0_30.webm"
 AE_EPOCHS = 10
+TEST_SAMPLES = 300
 
 
 def needed_count() -> tuple[int, int]:
     grid = sample_times(STUDY_S, FPS)
     bold = np.arange(int(STUDY_S / TR)) * TR
     return grid.size, needed_frame_indices(grid, bold, LAG_SETS, TR).size
+
+
+def training_counts() -> tuple[int, int]:
+    """Frames the autoencoder trains on: every frame of its training split, and the
+    needed frames of it (``train_frames = "needed"``); exact, from the design's rules."""
+    from voxelflow.pipeline.design.lags import first_test_frame
+
+    grid = sample_times(STUDY_S, FPS)
+    bold = np.arange(int(STUDY_S / TR)) * TR
+    _, first = first_test_frame([grid], [bold], LAG_SETS, TR, test_samples=TEST_SAMPLES)
+    needed = needed_frame_indices(grid, bold, LAG_SETS, TR)
+    return first, int((needed < first).sum())
 
 
 def decode_rates() -> tuple[float, float]:
@@ -93,10 +114,18 @@ def train_rate(n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=16, help="frames per measured forward")
+    ap.add_argument("--counts-only", action="store_true",
+                    help="print the exact frame counts only (no timing: seconds)")
     args = ap.parse_args()
     n_all, n_needed = needed_count()
+    train_all, train_needed = training_counts()
     print(f"study grid {n_all} frames; needed by the 4 lag sets: {n_needed} "
           f"({n_all / n_needed:.1f}x fewer forward passes)")
+    print(f"autoencoder training split ({TEST_SAMPLES} test samples): {train_all} frames, "
+          f"{train_needed} of them needed ({train_all / train_needed:.1f}x fewer steps "
+          f"per epoch with train_frames = \"needed\")")
+    if args.counts_only:
+        return
     dec_all, dec_needed = decode_rates()
     print(f"decode (real clip, 224 px): all kept {dec_all:.0f}, needed kept "
           f"{dec_needed:.0f} grid frames/s")
@@ -107,9 +136,18 @@ def main() -> None:
         print(f"{model:>22}: {rate:6.2f} frames/s -> (a) {a / 3600:7.2f} h  (b) "
               f"{b / 3600:6.2f} h  ratio {a / b:5.1f}x")
     ae = train_rate(max(2, args.frames // 2))
-    hours = AE_EPOCHS * n_all / ae / 3600
-    print(f"autoencoder training: {ae:.2f} frames/s, {AE_EPOCHS} epochs over every frame "
-          f"{hours:.1f} h in (a) and (b) alike (training keeps every frame)")
+    train_a, train_b = (AE_EPOCHS * n / ae / 3600 for n in (train_all, train_needed))
+    print(f"autoencoder training: {ae:.2f} frames/s, {AE_EPOCHS} epochs -> (a) every "
+          f"frame {train_a:.1f} h  (b) needed frames {train_b:.1f} h  ratio "
+          f"{train_a / train_b:.1f}x")
+    # the three models' forward passes (the autoencoder's code: a ResNet-50 trunk)
+    per_frame = 2 / rates["resnet50"] + 1 / rates["vgg16"]
+    total_a = (n_all / dec_all + n_all * per_frame) / 3600 + train_a
+    total_b = (n_all / dec_needed + n_needed * per_frame) / 3600 + train_b
+    print(f"study total, default train_frames = \"all\" (every frame kept while the "
+          f"autoencoder trains): (a) {total_a:.1f} h  (b) {total_a:.1f} h  ratio 1.0x")
+    print(f"study total, train_frames = \"needed\": (a) {total_a:.1f} h  (b) "
+          f"{total_b:.1f} h  ratio {total_a / total_b:.1f}x")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import _compute_dtype, get_array_module, to_numpy
+from ._backend import _compute_dtype, _is_dask, get_array_module, to_numpy
 from ._banded_eigen import (ChunkBest, SpaceTerms, eigen_factors, scan_weighting,
                             space_terms, split_r2)
 from ._checks import _resolve_regime, check_alphas
@@ -177,7 +177,8 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
     """
     Y_train = np.asarray(Y_train) if not hasattr(Y_train, "shape") else Y_train
     setup = _setup(Xs_train, Xs_test, Y_train.dtype, weightings, solver, dtype, device,
-                   return_weights or (return_split and Xs_test is not None))
+                   return_weights or (return_split and Xs_test is not None),
+                   keep_designs=return_weights, eigh_dtype=eigh_dtype)  # split: no designs
     if (Xs_test is None) != (Y_test is None):
         raise ValueError("Give both Xs_test and Y_test, or neither.")
     options = dict(device=device, operator_form=operator_form,
@@ -218,9 +219,14 @@ class _Setup:
 
 def _setup(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, y_dtype: Any,
            weightings: Any, solver: str, dtype: Any, device: str, keep: bool,
-           keep_designs: bool | None = None) -> _Setup:
+           keep_designs: bool | None = None, eigh_dtype: Any = None) -> _Setup:
     """Check the spaces and weightings; the regime; in the dual regime with several
-    spaces or weightings, each space's centred kernels (once) and shared terms."""
+    spaces or weightings, each space's centred kernels (once) and shared terms.
+
+    The kernels are accumulated in float64 (:func:`~._factorize._centred_kernels`)
+    and kept in the dtype the eigendecompositions use (``eigh_dtype``, default the
+    compute dtype): float32 for float32 data, half the memory of float64 and what
+    the decompositions read anyway."""
     xp = get_array_module(device)
     Xs_train = _check_spaces(Xs_train, "Xs_train")
     if Xs_test is not None:
@@ -237,13 +243,24 @@ def _setup(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, y_dtype: Any,
     if regime == "dual" and len(slices) > 1:
         # one centred kernel per space, once; a weighting's is their weighted sum
         # (a single space keeps today's engine, bit-equal to a single fit)
-        kernels = [_centred_kernels(xp.asarray(x), None if Xs_test is None
-                                    else xp.asarray(xt), compute, xp)
-                   for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train))]
+        kept = np.promote_types(compute, compute if eigh_dtype is None else eigh_dtype)
+        kernels = []
+        for x, xt in zip(Xs_train, Xs_test or [None] * len(Xs_train)):
+            train, cross, mean = _centred_kernels(  # a Dask design is streamed
+                _device_or_dask(x, xp), None if xt is None else _device_or_dask(xt, xp),
+                compute, xp)
+            kernels.append((train.astype(kept), cross, mean))
+            del train  # one float64 kernel alive at a time
         terms = space_terms(kernels, Xs_train, compute,
                             keep if keep_designs is None else keep_designs, xp)
     return _Setup(Xs_train, Xs_test, gammas, compute, regime, slices, kernels, terms,
                   keep, xp)
+
+
+def _device_or_dask(x: Any, xp: Any) -> Any:
+    """``x`` on the device, or left as it is when it is a Dask array (the kernels
+    then read it one feature chunk at a time and it is never held whole)."""
+    return x if _is_dask(x) else xp.asarray(x)
 
 
 def _weighting_factors(setup: _Setup, gamma: np.ndarray, alphas: Any,
@@ -371,7 +388,7 @@ def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alpha
     within ``max_dense_bytes`` shared by all weightings, factored beyond), the
     full fit's test operator and eigenbasis; the centred designs once."""
     setup = _setup(Xs_train, Xs_test, dtype, weightings, solver, dtype, device,
-                   keep_weight_factors, keep_designs)
+                   keep_weight_factors, keep_designs, eigh_dtype=eigh_dtype)
     budget = max_dense_bytes // len(setup.gammas) if setup.kernels is not None \
         else max_dense_bytes
     options = dict(device=device, operator_form=operator_form, max_dense_bytes=budget,

@@ -65,9 +65,11 @@ def space_terms(kernels: Sequence[tuple[Any, Any, Any]], Xs_train: Sequence[Any]
 def weighted_kernels(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray, xp: Any
                      ) -> tuple[Any, Any, Any]:
     """Centred kernels of the scaled design from the per-space ones:
-    ``sum_i gamma_i K_i`` (train (n, n) and test-by-train (n_test, n), float64)
-    and the scaled mean (feature,)."""
-    kernel = sum(g * k[0] for g, k in zip(gamma, kernels))
+    ``sum_i gamma_i K_i`` (train (n, n) in the per-space kernels' dtype, and
+    test-by-train (n_test, n) float64) and the scaled mean (feature,)."""
+    kernel = xp.zeros_like(kernels[0][0])
+    for g, k in zip(gamma, kernels):
+        kernel += float(g) * k[0]  # a Python float keeps the kernels' dtype
     cross = None if kernels[0][1] is None else sum(
         g * k[1] for g, k in zip(gamma, kernels))
     x_mean = xp.concatenate([np.sqrt(g) * k[2] for g, k in zip(gamma, kernels)])
@@ -84,8 +86,9 @@ def eigen_factors(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
 
     Parameters
     ----------
-    kernels : per space, float64 (train kernel (n, n), test-by-train (n_test, n) or
-        None, mean (feature_i,)), centred on the training mean
+    kernels : per space (train kernel (n, n) in the eigendecompositions' dtype,
+        float64 test-by-train (n_test, n) or None, float64 mean (feature_i,)),
+        centred on the training mean
     gamma : (space,) the weighting; alphas : float64 (n_alphas,)
     folds : held-out index arrays; n_features : columns of the joint design
     dtype : compute dtype; keep_basis : keep the full fit's eigenbasis (for the
@@ -246,8 +249,9 @@ def banded_factor_bytes(widths: Sequence[int], n_train: int, n_test: int,
     once: the per-space test-by-train kernels and, with ``keep_designs``, the
     centred designs. Scaled-design path: per weighting one single fit's factors
     (float64 Gram per fold, the scaled design). ``transient``: the peak extra
-    while factorising (float64 per-space kernels, the weighted kernel and its
-    eigendecomposition).
+    while factorising (the float32 per-space kernels, one float64 kernel while
+    accumulating, the weighted kernel, its copy, the divide-and-conquer
+    eigendecomposition's workspace and eigenvectors, a fold's blocks).
     """
     n, p, spaces = int(n_train), int(sum(widths)), len(widths)
     if p > n and spaces > 1:
@@ -255,7 +259,7 @@ def banded_factor_bytes(widths: Sequence[int], n_train: int, n_test: int,
         per_weighting = 4 * (folds + n_alphas * n_test * n + (n * n if keep_basis else 0))
         held = (n_weightings * per_weighting + max_dense_bytes + 4 * spaces * n_test * n
                 + (4 * n * p if keep_designs else 0))
-        return held, 8 * (spaces + 4) * n * n
+        return held, 4 * (spaces + 8) * n * n
     q = min(p, n)
     dense = min(max_dense_bytes, n_alphas * n * q * 4)
     per_weighting = (len(fold_sizes) + 1) * q * q * 8 + n_test * p * 4 + n * p * 8 + dense

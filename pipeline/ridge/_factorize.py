@@ -331,7 +331,9 @@ def _centred_kernels(X_train: Any, X_test: Any | None, dtype, xp: Any,
         part = part.astype(xp.float64)
         kernel += part @ part.T
         if cross is not None:
-            cross += (X_test[:, columns].astype(xp.float64) - x_mean[columns]) @ part.T
+            test_part = X_test[:, columns]
+            test_part = xp.asarray(test_part.compute() if _is_dask(test_part) else test_part)
+            cross += (test_part.astype(xp.float64) - x_mean[columns]) @ part.T
     return kernel, cross, x_mean
 
 

@@ -119,8 +119,6 @@ def ridge_over_voxels(X_train: Any, Y_train: Any, X_test: Any | None,
         Float outputs have the compute dtype. ``attrs`` record alphas,
         regime, folds and dtype.
     """
-    import dask.array as da  # noqa: PLC0415
-
     Y_train, Y_test = _lazy_targets(X_train, Y_train, X_test, Y_test)
     compute = (np.dtype(dtype) if dtype is not None
                else _compute_dtype(X_train.dtype, Y_train.dtype))

@@ -3,9 +3,10 @@
 * :func:`training_ranges`: the *training part* of the stimulus, ``train_until=SECONDS``
   (the runs played one after another, frames strictly before ``SECONDS`` of that
   movie time; with one run, ``time < SECONDS``) or ``train_runs=[r, ...]`` (whole
-  runs).  Every frame the trainer reads goes through :func:`read_training_frames`,
-  which refuses a range outside the training frames (the batches, the preview and the
-  mean-frame baseline all read through it).
+  runs); in a sparse group (only some frame times stored) the stored frames of that
+  part, by their ``time``.  Every frame the trainer reads goes through
+  :func:`read_training_frames`, which refuses a range outside the training frames
+  (the batches, the preview and the mean-frame baseline all read through it).
 * Data order: frames stream from the Zarr store in *pieces* (:func:`make_pieces`: the
   training frames of one Zarr chunk, 16 frames).  Per epoch, the pieces are visited in
   a random order and fed into a shuffle buffer of ``buffer`` frames; a frame is drawn
@@ -43,12 +44,19 @@ class Piece:
 
 
 def training_ranges(run_lengths: Sequence[int], fps: float, *, train_until: float | None,
-                    train_runs: Sequence[int] | None, group: str) -> list[tuple[int, int, int]]:
+                    train_runs: Sequence[int] | None, group: str,
+                    stored: Sequence[np.ndarray] | None = None) -> list[tuple[int, int, int]]:
     """``[(run, start, stop), ...]``: the training frames, from exactly one selection.
 
     ``train_until``: the runs played one after another (run ``r`` starts at the sum of
     the earlier runs' durations, ``n_frames / fps``); frames strictly before ``train_until``
     seconds of that movie time.  ``train_runs``: whole runs.
+
+    ``stored`` (a sparse group, ``frames --times-from-bold`` / ``--times``): per run, the
+    grid index (n_stored_r,), sorted, of each stored frame; ``run_lengths`` are then the
+    runs' full grid lengths (``k / fps``, k < n), and ``start``/``stop`` are positions
+    among the stored frames: those whose grid time is before ``train_until`` (the same
+    frames as in a group of every frame, less those not stored).
     """
     if (train_until is None) == (not train_runs):
         raise InputError("give exactly one of --train-until SECONDS or --train-runs R[,R...] "
@@ -60,7 +68,8 @@ def training_ranges(run_lengths: Sequence[int], fps: float, *, train_until: floa
         if bad:
             raise InputError(f"--train-runs {','.join(map(str, bad))}: /{group} has runs "
                              f"0..{n_runs - 1}")
-        ranges = [(r, 0, int(run_lengths[r])) for r in sorted({int(r) for r in train_runs})]
+        ranges = [(r, 0, int(run_lengths[r] if stored is None else stored[r].size))
+                  for r in sorted({int(r) for r in train_runs})]
     else:
         if not math.isfinite(train_until):
             raise InputError(f"--train-until must be a number of seconds (got {train_until})")
@@ -69,6 +78,8 @@ def training_ranges(run_lengths: Sequence[int], fps: float, *, train_until: floa
         for r, n in enumerate(run_lengths):
             # frame k of run r is shown at offset + k / fps; keep those < train_until
             stop = int(np.clip(math.ceil((train_until - offset) * fps - 1e-9), 0, n))
+            if stored is not None:  # the stored frames of grid index < stop
+                stop = int(np.searchsorted(stored[r], stop))
             if stop > 0:
                 ranges.append((r, 0, stop))
             offset += n / fps
@@ -76,9 +87,11 @@ def training_ranges(run_lengths: Sequence[int], fps: float, *, train_until: floa
     if not ranges:
         what = (f"--train-until {train_until:g}" if train_until is not None
                 else f"--train-runs {','.join(map(str, train_runs))}")
+        held = (f"{sum(run_lengths)} frames" if stored is None else
+                f"{sum(int(s.size) for s in stored)} of {sum(run_lengths)} grid frames stored")
         raise InputError(
             f"training range is empty: {what} keeps no frame of /{group} ({n_runs} run(s), "
-            f"{sum(run_lengths)} frames, {total_s:g} s at {fps:g} fps); give the seconds "
+            f"{held}, {total_s:g} s at {fps:g} fps); give the seconds "
             f"(or runs) of the stimulus to train on, before the test samples")
     return ranges
 

@@ -231,12 +231,14 @@ def _joint_designs(workspace: Workspace, features: Sequence[str], bgroup: str,
     return opened
 
 
-def _space_arrays(opened: list[tuple]) -> list[np.ndarray]:
-    """Each space's design (sample, lag_feature) float32, refusing non-finite values."""
+def _space_arrays(opened: list[tuple]) -> list[Any]:
+    """Each space's design (sample, lag_feature) float32 as a Dask array over its
+    Zarr features (the kernels read it one feature chunk at a time, never whole),
+    refusing non-finite values (one streamed pass)."""
     arrays = []
     for fgroup, design in opened:
-        X = np.asarray(design.X.compute(), np.float32)
-        if not np.isfinite(X).all():
+        X = design.X.astype(np.float32)
+        if not bool(da.isfinite(X).all().compute()):
             raise InputError(f"/{fgroup}: features contain NaN or infinite values; check "
                              f"them with: voxelflow verify {fgroup}")
         arrays.append(X)

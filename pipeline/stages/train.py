@@ -1,6 +1,7 @@
 """The train-autoencoder stage: the ResNet-50 autoencoder trained on the training frames.
 
-Reads ``/frames/<name>`` (only its training part, :mod:`._stream`) and writes one
+Reads ``/frames/<name>`` (only its training part, :mod:`._stream`; of a sparse,
+needed-frames group the stored frames of that part, chosen by their ``time``) and writes one
 checkpoint file (format: :mod:`voxelflow.pipeline.models.autoencoder`) plus a
 preview PNG; the network itself is :class:`~voxelflow.pipeline.models.autoencoder.
 ResNetAutoencoder`.
@@ -250,11 +251,10 @@ def _plan(workspace: Workspace, frames_name: str, *, train_until, train_runs, ep
             f"/{group}: frames are {height}x{width}; the autoencoder reconstructs sides that "
             f"are multiples of {STRIDE}; remake them with: voxelflow frames ... --name "
             f"{frames_name} --size 224")
-    lengths = [int(ds.sizes["time"]) for ds in runs]
-    fps = float(frames_attrs.get("fps") or 0) or 1.0 / float(runs[0]["time"].values[1])
+    lengths, fps, stored = _frame_grid(runs, frames_attrs, group)
     chunk = int(runs[0]["frames"].encoding.get("chunks", (16,))[0])
     ranges = training_ranges(lengths, fps, train_until=train_until, train_runs=train_runs,
-                             group=group)
+                             group=group, stored=stored)
     pieces = make_pieces(ranges, chunk)
     stream = ShuffleStream(pieces, seed, shuffle_buffer)
     n_train = stream.n
@@ -277,6 +277,28 @@ def _plan(workspace: Workspace, frames_name: str, *, train_until, train_runs, ep
     })
     return _Plan(workspace, group, ranges, pieces, stream, (height, width), batch_size,
                  total_steps, config)
+
+
+def _frame_grid(runs: list, frames_attrs: dict, group: str
+                ) -> tuple[list[int], float, list[np.ndarray] | None]:
+    """``(per-run grid lengths, fps, stored)`` of a frames group: a group of every frame
+    has ``stored`` None (its positions are its grid indices); a sparse one (needed
+    frames) gives, per run, the grid index (n_stored,) of each stored frame, found from
+    its ``time`` coordinate and the full grid kept in that coordinate's attrs."""
+    from voxelflow.pipeline.design.needed import GRID_FPS, SPARSE, design_grid
+    from voxelflow.pipeline.stages.needed_frames import stored_grid_indices
+
+    if not any(ds["time"].attrs.get(SPARSE) for ds in runs):  # dense: as it always was
+        lengths = [int(ds.sizes["time"]) for ds in runs]
+        fps = float(frames_attrs.get("fps") or 0) or 1.0 / float(runs[0]["time"].values[1])
+        return lengths, fps, None
+    grids = [design_grid(ds["time"].attrs, ds["time"].values) for ds in runs]
+    stored = [stored_grid_indices(ds["time"].values.astype(np.float64), g)
+              for ds, g in zip(runs, grids)]
+    if any(s.size != ds.sizes["time"] for s, ds in zip(stored, runs)):
+        raise InputError(f"/{group}: a stored frame time is off the group's frame grid; "
+                         f"remake it with voxelflow frames ... --overwrite")
+    return [int(g.size) for g in grids], float(runs[0]["time"].attrs[GRID_FPS]), stored
 
 
 def _existing_checkpoint(target: SteppedFile, config: dict, overwrite: bool

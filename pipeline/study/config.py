@@ -11,17 +11,19 @@ built (:mod:`voxelflow.pipeline.study.inputs`), with the same ``FILE:LINE`` form
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from voxelflow.pipeline.errors import InputError
-from voxelflow.pipeline.study.toml_checks import _Checker
+from voxelflow.pipeline.study._fit_table import STUDY_ALPHAS, check_mean_window, fit_options
 from voxelflow.pipeline.study.sources import check_source_keys, check_sources
+from voxelflow.pipeline.study.toml_checks import _Checker
+from voxelflow.pipeline.study.train_frames import check_train_frames
 
-STUDY_ALPHAS = [0.5, 1, 5, 10, 1e2, 1e3, 1e4, 2.5e4, 5e4, 1e5, 1e6, 1e7]
+__all__ = ["AUTOENCODER_KEYS", "Experiment", "ModelSpec", "SCHEMA", "STUDY_ALPHAS",
+           "check_mean_window", "load_experiment"]
 
 
 @dataclass
@@ -46,6 +48,7 @@ class ModelSpec:
     train_batch_size: int | None = None
     lr: float | None = None
     freeze_encoder: bool = False
+    train_frames: str = "all"  # or "needed": train on the stored needed frames (train_frames.py)
     # source = "events" | "import" (default "cnn": the keys above); their keys are
     # checked and resolved by voxelflow.pipeline.study.sources.
     source: str = "cnn"
@@ -163,6 +166,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
                "checkpoint": (str, False), "train": (bool, False), "epochs": (int, False),
                "train_steps": (int, False), "train_batch_size": (int, False),
                "lr": ((int, float), False), "freeze_encoder": (bool, False),
+               "train_frames": (str, False),
                "source": (str, False), "events": (list, False), "files": (list, False),
                "rate": ((int, float), False), "columns": ((list, str), False),
                "amplitude": (str, False), "duration_from": (str, False),
@@ -203,12 +207,13 @@ def load_experiment(path: str | Path) -> Experiment:
     check.name(bold["subject"], "bold", "subject")
     check_sources(check, models, data["models"], base, len(runs))
     # checked in this order: the first error is reported
-    fit_options = _fit_options(check, fit, n_runs=len(runs))
+    fitted = fit_options(check, fit, n_runs=len(runs))
     resize = check.choice(stim, "stimulus", "resize", ("squash", "crop"))
     frames = check.choice(stim, "stimulus", "frames", ("needed", "all"))
+    check_train_frames(check, models, data["models"], frames)
     fps, size = _fps(check, stim), _size(check, stim)
     tr = _tr(check, bold)
-    if stim and tr is not None and fit_options["aggregate"] == "mean":
+    if stim and tr is not None and fitted["aggregate"] == "mean":
         check_mean_window(check.fail, fps, tr)
     detrend = check.choice(bold, "bold", "detrend", ("none", "linear"))
     bids_tr, bold_options = _bold_options(check, bold, base)
@@ -223,7 +228,7 @@ def load_experiment(path: str | Path) -> Experiment:
         videos=videos, fps=fps, size=size, resize=resize,
         frames=frames, subject=bold["subject"], bold_runs=runs, mask=mask,
         tr=tr, zscore=bool(bold.get("zscore", True)), bold_options=bold_options,
-        detrend=detrend, models=models, device=device, joint=joint, **fit_options,
+        detrend=detrend, models=models, device=device, joint=joint, **fitted,
         atlas=check.existing("report", "atlas", base, report["atlas"]) if "atlas" in report else None,
         atlas_labels=(check.existing("report", "atlas_labels", base, report["atlas_labels"])
                       if "atlas_labels" in report else None),
@@ -364,107 +369,6 @@ def _tr(check: _Checker, bold: dict) -> float | None:
     tr = float(bold["tr"])
     check.number(tr, "bold", "tr")
     return tr
-
-
-def check_mean_window(fail, fps: float, tr: float) -> None:
-    """``aggregate = "mean"`` averages the frames of one TR: at ``fps * tr < 1`` some
-    windows hold no frame.  ``fail(section, key, message)`` reports it."""
-    if fps * tr < 1:
-        fail("fit", "aggregate", f"\"mean\" averages the frames of one TR ({tr:g} s), but "
-             f"at {fps:g} fps some TRs hold no frame; use \"last\" or a higher "
-             f"stimulus.fps")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _fit_options(check: _Checker, fit: dict, n_runs: int) -> dict:
-    """``lag_sets``, ``alphas``, ``test_samples``, ``test_runs``, ``cv`` and ``aggregate``
-    of the ``[fit]`` table, checked (``n_runs``: the experiment's BOLD runs)."""
-    lag_sets = []
-    for lags in fit["lag_sets"]:
-        if not isinstance(lags, list) or not lags or not all(_is_number(x) for x in lags):
-            check.fail("fit", "lag_sets", f"each lag set is a list of seconds, got {lags!r}")
-        if not all(math.isfinite(x) and x >= 0 for x in lags):
-            check.fail("fit", "lag_sets", f"lags must be finite seconds >= 0, got {lags!r}")
-        lag_sets.append([float(x) for x in lags])
-    alphas = fit.get("alphas", STUDY_ALPHAS)
-    if not alphas or not all(_is_number(a) and math.isfinite(a) and a > 0 for a in alphas):
-        check.fail("fit", "alphas", f"alphas must be finite numbers > 0, got {alphas!r}")
-    test_samples = fit.get("test_samples")
-    test_runs = fit.get("test_runs")
-    test_repeats = _test_repeats(check, fit.get("test_repeats"))
-    if sum(x is not None for x in (test_samples, test_runs, test_repeats)) != 1:
-        check.fail("fit", None, "give exactly one of test_samples, test_runs or test_repeats")
-    if test_samples is not None and test_samples <= 0:
-        check.fail("fit", "test_samples", f"must be positive, got {test_samples}")
-    cv = fit.get("cv", 5)
-    if isinstance(cv, str) and cv != "runs" or isinstance(cv, int) and cv < 2:
-        check.fail("fit", "cv", f"cv is a number of folds >= 2 or \"runs\", got {cv!r}")
-    if test_runs is not None:
-        test_runs = _test_runs(check, test_runs, n_runs)
-    beyond = [r for g in test_repeats or [] for r in g if r >= n_runs]
-    if beyond:
-        check.fail("fit", "test_repeats", f"runs {beyond} do not exist: bold.runs lists "
-                   f"{n_runs} run(s), numbered from 0")
-    training_runs = n_runs - len(test_runs or []) - sum(len(g) for g in test_repeats or [])
-    if cv == "runs" and training_runs < 2:
-        check.fail("fit", "cv", f"\"runs\" needs at least two training runs, and there "
-                   f"{'is' if training_runs == 1 else 'are'} {training_runs}; give a number "
-                   f"of folds")
-    return {"lag_sets": lag_sets, "alphas": [float(a) for a in alphas],
-            "test_samples": test_samples, "test_runs": test_runs,
-            "test_repeats": test_repeats,
-            "cv": cv, "aggregate": check.choice(fit, "fit", "aggregate", ("last", "mean")),
-            **_statistics_options(check, fit)}
-
-
-def _test_repeats(check: _Checker, value: Any) -> list[list[int]] | None:
-    """``[[10, 11, 12], ...]``: groups of at least two distinct run indices (>= 0)."""
-    if value is None:
-        return None
-    ok = isinstance(value, list) and value and all(
-        isinstance(g, list) and len(g) >= 2 and all(
-            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in g)
-        for g in value)
-    if not ok:
-        check.fail("fit", "test_repeats", f"a list of groups of at least two 0-based BOLD run "
-                   f"indices that showed the same clip, e.g. [[10, 11, 12]]; got {value!r}")
-    flat = [r for g in value for r in g]
-    if len(set(flat)) != len(flat):
-        check.fail("fit", "test_repeats", f"a run appears twice in {value!r}")
-    return [list(g) for g in value]
-
-
-def _statistics_options(check: _Checker, fit: dict) -> dict:
-    """``permutations``, ``bootstrap`` (>= 0), ``block_length`` (>= 1), ``null`` and
-    ``seed`` of the ``[fit]`` table, checked."""
-    out = {}
-    for key, default, least in (("permutations", 1000, 0), ("bootstrap", 1000, 0),
-                                ("block_length", 10, 1), ("seed", 0, 0)):
-        out[key] = int(fit.get(key, default))
-        if out[key] < least:
-            check.fail("fit", key, f"must be >= {least}, got {out[key]}")
-    out["null"] = check.choice(fit, "fit", "null", ("blocks", "shifts"))
-    return out
-
-
-def _test_runs(check: _Checker, test_runs: list, n_runs: int) -> list[int]:
-    """Whole runs held out: 0-based indices of ``bold.runs``, unique, leaving one to train."""
-    if not test_runs or not all(isinstance(r, int) and not isinstance(r, bool)
-                                for r in test_runs):
-        check.fail("fit", "test_runs", f"expected a non-empty list of run indices (0-based), "
-                   f"got {test_runs!r}")
-    unknown = [r for r in test_runs if not 0 <= r < n_runs]
-    if unknown:
-        check.fail("fit", "test_runs", f"{unknown} not among the runs 0..{n_runs - 1} of "
-                   f"bold.runs (0-based)")
-    if len(set(test_runs)) != len(test_runs):
-        check.fail("fit", "test_runs", f"a run is listed twice: {test_runs!r}")
-    if len(test_runs) >= n_runs:
-        check.fail("fit", "test_runs", "holds out every run: leave at least one to train on")
-    return [int(r) for r in test_runs]
 
 
 AUTOENCODER_KEYS = ("checkpoint", "train", "epochs", "train_steps", "train_batch_size", "lr",

@@ -156,14 +156,16 @@ def _fingerprint(request: dict) -> str:
 def _frames_stage(exp: Experiment, ws: Workspace, bold: PlannedStage,
                   progress: bool) -> PlannedStage:
     """Every sample (``frames = "all"``), or only those the fits' lag sets read
-    (``"needed"``, the default; every sample while an autoencoder is trained on them)."""
+    (``"needed"``, the default; every sample while an autoencoder is trained on every
+    frame, ``train_frames = "all"``, its default)."""
     from voxelflow.pipeline.stages.frames import run_frames_stage
     from voxelflow.pipeline.stages.needed_frames import NeededFrames
 
     request = {"videos": [_file_id(v) for v in exp.videos], "fps": exp.fps,
                "size": exp.size, "resize": exp.resize}
     needed, upstream = None, []
-    training = any(spec.is_autoencoder and spec.train for spec in exp.models)
+    training = any(spec.is_autoencoder and spec.train and spec.train_frames == "all"
+                   for spec in exp.models)
     if exp.frames == "needed" and not training:
         clip = next(({"clip_frames": m.clip_frames, "clip_fps": m.clip_fps}
                      for m in exp.models if m.clip_frames), {})  # video models' clips
@@ -346,6 +348,8 @@ def _train_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, frames_request
                "aggregate": exp.aggregate, "options": options, "device": exp.device}
     if exp.test_repeats is not None:  # absent otherwise: earlier checkpoints stay valid
         request["test_repeats"] = exp.test_repeats
+    if spec.train_frames != "all":  # likewise: only when set to "needed"
+        request["train_frames"] = spec.train_frames
     stage = PlannedStage("train", str(spec.checkpoint), request,
                          upstream=[f"frames/{exp.stimulus_name}", f"bold/{exp.subject}"])
 
@@ -363,8 +367,12 @@ def _train_stage(exp: Experiment, ws: Workspace, spec: ModelSpec, frames_request
 def training_split(exp: Experiment, ws: Workspace) -> dict:
     """``{"train_until": s}`` or ``{"train_runs": [...]}``: the stimulus frames before the
     earliest frame any test sample of any lag set uses (runs played in order), read
-    from the stored frames and BOLD time coordinates."""
+    from the stored frames and BOLD time coordinates.  The test frames are found on
+    each run's full frame grid (a sparse, needed-frames group keeps it in its ``time``
+    attrs), as the lagged design finds them, so ``train_until`` is the same for a
+    sparse group as for one of every frame."""
     from voxelflow.pipeline.design.lags import first_test_frame
+    from voxelflow.pipeline.design.needed import design_grid
 
     frames = ws.open_runs(f"frames/{exp.stimulus_name}")
     if exp.test_runs is not None:
@@ -374,7 +382,7 @@ def training_split(exp: Experiment, ws: Workspace) -> dict:
         return {"train_runs": [r for r in range(len(frames)) if r not in held_out]}
     bold_group = f"bold/{exp.subject}"
     tr = float(ws.attrs(bold_group)["tr"])
-    frame_times = [ds["time"].values for ds in frames]
+    frame_times = [design_grid(ds["time"].attrs, ds["time"].values) for ds in frames]
     run, index = first_test_frame(frame_times,
                                   [ds["time"].values for ds in ws.open_runs(bold_group)],
                                   exp.lag_sets, tr, aggregate=exp.aggregate,

@@ -29,7 +29,7 @@ SOURCES = ("cnn", "events", "import")
 SOURCE_KEYS = {
     "cnn": ("model", "layer", "weights", "pool", "batch_size", "checkpoint", "train",
             "epochs", "train_steps", "train_batch_size", "lr", "freeze_encoder",
-            "clip_frames", "clip_fps"),
+            "train_frames", "clip_frames", "clip_fps"),
     "events": ("events", "rate", "columns", "amplitude", "duration_from", "categories"),
     "import": ("files", "rate", "times_column", "variable"),
 }

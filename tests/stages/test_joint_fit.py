@@ -242,3 +242,29 @@ def test_spilled_factors_give_the_same_fit(joint_ws, capsys, monkeypatch):
     for var in ("r_cv", "r_test_cv", "best_weighting", "space_alpha", "r2_split",
                 "partition", "weights"):
         np.testing.assert_array_equal(spilled[var].values, kept[var].values, err_msg=var)
+
+
+def test_joint_fit_on_a_dask_cluster_equals_the_threaded_fit(joint_ws, capsys):
+    """``--scheduler``: the voxel blocks run as tasks on 2 process workers with the
+    work object (every weighting's factors) scattered once; same outputs as here."""
+    distributed = pytest.importorskip("distributed")
+    ws, _ = joint_ws
+    args = ("--features", "f", "g", "--weightings", "3", "--partition", "--save-weights",
+            "--voxel-block", "10", *NO_STATS)
+    code, _, err = _cli(capsys, ws, *args, "--name", "here")
+    assert code == 0, err
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", silence_logs=50) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        code, _, err = _cli(capsys, ws, *args, "--name", "cluster", "--scheduler",
+                            cluster.scheduler_address)
+        assert code == 0, err
+        prefixes = client.run_on_scheduler(
+            lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    assert {"voxelflow", "JointFitWork"} <= set(prefixes), prefixes
+    here, there = ws.open_node("fits/here/lags-4-5"), ws.open_node("fits/cluster/lags-4-5")
+    np.testing.assert_array_equal(there["best_weighting"].values,
+                                  here["best_weighting"].values)
+    for var in ("r_cv", "r_test_cv", "space_alpha", "r2_split", "partition", "weights"):
+        np.testing.assert_allclose(there[var].values, here[var].values, rtol=1e-5,
+                                   atol=1e-6, err_msg=var)

@@ -75,14 +75,6 @@ def trained(frames_store, tmp_path_factory):
     d = tmp_path_factory.mktemp("ae_train")
     store = d / "ws.zarr"
     shutil.copytree(frames_store, store)
-    reads: list[tuple[str, slice]] = []
-    original = Workspace.read_array
-
-    def spy(self, node, name, index=slice(None)):
-        if name == "frames":
-            reads.append((node, index))
-        return original(self, node, name, index)
-
     save = ae._save_atomic
     kept = d / f"ae.step{KEPT_STEP}.pt"
 
@@ -92,7 +84,7 @@ def trained(frames_store, tmp_path_factory):
             os.link(path, kept)  # the next save replaces ``path`` by a rename
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(Workspace, "read_array", spy)
+    reads = _record_frame_reads(mp)
     mp.setattr(ae, "_save_atomic", keep_step)
     try:
         summary = train_autoencoder(Workspace(store), "clip", d / "ae.pt", progress=False,
@@ -102,6 +94,20 @@ def trained(frames_store, tmp_path_factory):
     assert kept.is_file(), f"no checkpoint at step {KEPT_STEP}"
     return {"summary": summary, "reads": reads, "ckpt": d / "ae.pt", "store": store,
             "kept": kept}
+
+
+def _record_frame_reads(mp: pytest.MonkeyPatch) -> list[tuple[str, slice]]:
+    """``(node, index)`` of every read of a frames array from any workspace, from now on."""
+    reads: list[tuple[str, slice]] = []
+    original = Workspace.read_array
+
+    def spy(self, node, name, index=slice(None)):
+        if name == "frames":
+            reads.append((node, index))
+        return original(self, node, name, index)
+
+    mp.setattr(Workspace, "read_array", spy)
+    return reads
 
 
 def _normalised(frames: np.ndarray) -> np.ndarray:
@@ -195,6 +201,46 @@ def test_shuffle_stream_is_bounded_and_resumable():
     assert out == list(stream.ids(0, 2 * n))
     resumed = stream.frames(read, 61)  # a resume mid-epoch continues the same stream
     assert [next(resumed)[0] for _ in range(50)] == out[61:111]
+
+
+# --------------------------------------------------------- sparse (needed) frames
+# Times kept of each of two runs (the same 6 s clip twice; grid k / 5 fps, 30 frames).
+SPARSE_TIMES = {0: [0.0, 0.4, 1.0, 2.2, 3.0, 5.0], 1: [0.2, 0.6, 1.0, 1.4, 3.6, 5.8]}
+SPARSE_UNTIL = SECONDS + 1.1  # run 1 starts at 6 s (its grid), not at 6 stored frames / fps
+
+
+def test_sparse_group_trains_on_the_stored_frames_before_train_until(frames_store, tmp_path,
+                                                                     capsys, monkeypatch):
+    """``voxelflow train-autoencoder`` on a group made with ``frames --times FILE``: the
+    frames read (baseline, batches, preview) are exactly the stored frames shown before
+    ``--train-until`` (the runs played one after another, each lasting its video's 6 s)."""
+    store = tmp_path / "ws.zarr"
+    times = tmp_path / "times.txt"
+    times.write_text("".join(f"{r},{t}\n" for r, ts in SPARSE_TIMES.items() for t in ts))
+    clip = str(frames_store.parent / "clip.mp4")
+    status, _, err = cli_main(capsys, "frames", clip, clip, "--name", "few", "--fps",
+                              str(FPS), "--size", str(SIZE), "--times", str(times),
+                              "--store", str(store), "--no-progress")
+    assert status == 0, err
+    ws = Workspace(store)
+    stored = [ws.open_run("frames/few", r)["time"].values for r in (0, 1)]
+    np.testing.assert_allclose(stored[0], SPARSE_TIMES[0])
+    expected = {(r, i) for r in (0, 1) for i, t in enumerate(stored[r])
+                if r * SECONDS + t < SPARSE_UNTIL}
+    assert len(expected) == 6 + 3
+    reads = _record_frame_reads(monkeypatch)
+    out = tmp_path / "ae.pt"
+    status, _, err = cli_main(capsys, "train-autoencoder", "--frames", "few", "--store",
+                              str(store), "--train-until", str(SPARSE_UNTIL), "--steps", "2",
+                              "--batch-size", "3", "--weights", "random:0", "--out",
+                              str(out), "--no-progress")
+    assert status == 0, err
+    read = {(int(node[-3:]), i) for node, index in reads
+            for i in range(index.start, index.stop)}
+    assert read == expected
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert ckpt["n_train"] == 9 and ckpt["train_frames"] == [[0, 0, 6], [1, 0, 3]]
+    assert ckpt["config"]["train_until"] == SPARSE_UNTIL
 
 
 # ------------------------------------------------------------------ kill and resume

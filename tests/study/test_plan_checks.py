@@ -12,7 +12,6 @@ import pytest
 
 from conftest import cli_error
 from input_files import write_inputs
-from store_snapshot import snapshot
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.plan import build_plan
 

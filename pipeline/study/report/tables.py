@@ -19,10 +19,8 @@ best cell with every other (:mod:`voxelflow.pipeline.stats.compare`); definition
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
