@@ -3,16 +3,17 @@ features equal a direct encoder forward, bad input.
 
 One small configuration is trained once, uninterrupted (module fixture, in this
 process): 64x64 generated frames, 16 training frames of 30, batch 8, 32 steps,
-random:0 weights, one intermediate checkpoint at step 24 (kept aside, by a hard
+random:0 weights, one intermediate checkpoint at step 30 (kept aside, by a hard
 link: a checkpoint is ~0.5 GB and is replaced by a rename, never rewritten).
 The SIGKILL test continues the same run through the CLI in a subprocess from that
-step-24 checkpoint with a checkpoint every 4 steps (``--checkpoint-every`` is not
-part of the training's configuration: it changes when the state is saved, not what
-is trained), SIGKILLs it right after its step-28 checkpoint, resumes it with the
-same command (in this process, through ``cli.main``), and compares the whole loss
-curve and the final weights with the uninterrupted run.  (Starting the killed run
-at step 24 rather than 0 saves 24 training steps of test time; steps 24-28 are then
-trained across a process boundary and 28-32 across a SIGKILL.)
+step-30 checkpoint with a checkpoint every step (``--checkpoint-every`` is not part
+of the training's configuration: it changes when the state is saved, not what is
+trained), SIGKILLs it right after its step-31 checkpoint, resumes it with the same
+command (in this process, through ``cli.main``), and compares the whole loss curve
+and the final weights with the uninterrupted run.  (Starting the killed run at step
+30 rather than 0 saves 30 training steps of test time; step 30-31 is then trained
+across a process boundary and 31-32 across a SIGKILL, resumed mid-epoch: at frame
+248 of the stream, half-way through the 16th pass over the 16 training frames.)
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ SECONDS = 6  # 30 frames
 TRAIN_UNTIL = 3.2  # -> frames 0..15 train, 16..29 are the "test samples"
 N_TRAIN = 16
 STEPS = 32
-KEPT_STEP = 24  # the uninterrupted run's checkpoint the killed run starts from
-KILL_STEP = 28  # the killed run's checkpoint after which it is SIGKILLed
+KEPT_STEP = 30  # the uninterrupted run's checkpoint the killed run starts from
+KILL_STEP = 31  # the killed run's checkpoint after which it is SIGKILLed (mid-epoch)
 TRAIN = dict(train_until=TRAIN_UNTIL, steps=STEPS, batch_size=8, lr=3e-3, warmup_steps=4,
              weights="random:0", seed=0, checkpoint_every=KEPT_STEP)
 CLI_TRAIN = ["--train-until", str(TRAIN_UNTIL), "--steps", str(STEPS), "--batch-size", "8",
@@ -249,7 +250,7 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tm
     store = tmp_path / "ws.zarr"
     shutil.copytree(frames_store, store)
     out = tmp_path / "ae.pt"
-    # The uninterrupted run's checkpoint at step 24, hard-linked: every save replaces
+    # The uninterrupted run's checkpoint at step KEPT_STEP, hard-linked: every save replaces
     # ``out`` by a rename, so the kept file is never written to.
     os.link(trained["kept"], out)
     assert torch.load(out, map_location="cpu", weights_only=True)["step"] == KEPT_STEP
