@@ -246,7 +246,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--methods", nargs="+", default=["voxelflow", "himalaya"])
     parser.add_argument("--max-dense-mib", type=float, default=None,
-                        help="voxelflow's budget for dense fold operators (default 512)")
+                        help="voxelflow's budget for dense fold operators, MiB (default: banded_ridge's, 128 on the eigen path)")
     parser.add_argument("--voxel-chunk", type=int, default=4096,
                         help="voxelflow's voxels per chunk")
     parser.add_argument("--lazy-designs", action="store_true",

@@ -46,6 +46,11 @@ from ._factorize import DEFAULT_MAX_DENSE_BYTES, _centred_kernels, factorize_rid
 from ._solve import ridge_chunk
 from .scoring import check_folds
 
+#: :func:`banded_ridge`'s default budget for dense fold operators on the eigen
+#: path (one weighting's factors alive at a time): at the study's shape 128 MiB
+#: keeps the fit's peak RSS below the BOLD matrix (benchmarks/banded.py).
+EIGEN_DENSE_BYTES = 128 << 20
+
 #: Dirichlet concentrations cycled through by :func:`simplex_weightings`
 #: (himalaya's default): 0.1 favours one dominant space, 1 is uniform.
 DEFAULT_CONCENTRATION = (0.1, 1.0)
@@ -136,7 +141,7 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
                  solver: str = "auto", voxel_chunk: int = 4096,
                  return_weights: bool = False, return_split: bool = True,
                  operator_form: str = "auto",
-                 max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
+                 max_dense_bytes: int | None = None,
                  decomposition: str = "auto", eigh_dtype: Any = None
                  ) -> dict[str, np.ndarray]:
     """Banded ridge over every voxel of in-memory BOLD, weighting-outer: one
@@ -157,7 +162,10 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
         order, in the units of the unscaled design (scikit-learn's ``coef_``)
     return_split : with a test set, ``r2_split`` (space, voxel)
     solver, operator_form, max_dense_bytes : see
-        :func:`~._factorize.factorize_ridge`
+        :func:`~._factorize.factorize_ridge`; ``max_dense_bytes`` None: the
+        eigen path keeps dense fold operators within :data:`EIGEN_DENSE_BYTES`
+        (the others factored: ``q^2`` more flops per voxel and fold, far less
+        memory), the other paths within ``DEFAULT_MAX_DENSE_BYTES``
     decomposition : one space with weighting 1 (today's single fit, bit-equal):
         as :func:`~._factorize.factorize_ridge`; several spaces: one
         eigendecomposition per (fold, weighting) reused for every alpha
@@ -181,6 +189,9 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
                    keep_designs=return_weights, eigh_dtype=eigh_dtype)  # split: no designs
     if (Xs_test is None) != (Y_test is None):
         raise ValueError("Give both Xs_test and Y_test, or neither.")
+    if max_dense_bytes is None:
+        max_dense_bytes = (EIGEN_DENSE_BYTES if setup.kernels is not None
+                           else DEFAULT_MAX_DENSE_BYTES)
     options = dict(device=device, operator_form=operator_form,
                    max_dense_bytes=max_dense_bytes, decomposition=decomposition,
                    eigh_dtype=eigh_dtype)
