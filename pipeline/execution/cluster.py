@@ -62,6 +62,33 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
     if not scheduler and workers is None:
         yield None
         return
+    with _scheduler_config_restored():
+        yield from _open_client(scheduler, workers, memory_limit, threads_per_worker)
+
+
+@contextlib.contextmanager
+def _scheduler_config_restored() -> Iterator[None]:
+    """Put dask's ``scheduler`` setting back as it was: a default client sets it to
+    "dask.distributed" and leaves it so when another client is still open, and a
+    later ``compute()`` in the same process would then wait on a closed cluster."""
+    import dask
+
+    before = dask.config.config.get("scheduler", _MISSING)
+    try:
+        yield
+    finally:
+        if before is _MISSING:
+            dask.config.config.pop("scheduler", None)
+        else:
+            dask.config.config["scheduler"] = before
+
+
+_MISSING = object()
+
+
+def _open_client(scheduler: str | None, workers: int | None, memory_limit: str | None,
+                 threads_per_worker: int) -> Iterator[Any]:
+    """:func:`dask_client`'s body: connect to ``scheduler`` or start a LocalCluster."""
     from distributed import Client, LocalCluster
 
     if scheduler:

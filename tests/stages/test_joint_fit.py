@@ -254,13 +254,15 @@ def test_joint_fit_on_a_dask_cluster_equals_the_threaded_fit(joint_ws, capsys):
     code, _, err = _cli(capsys, ws, *args, "--name", "here")
     assert code == 0, err
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0", silence_logs=50) as cluster, \
-            distributed.Client(cluster, set_as_default=False) as client:
+                                  dashboard_address=":0", silence_logs=50) as cluster:
         code, _, err = _cli(capsys, ws, *args, "--name", "cluster", "--scheduler",
                             cluster.scheduler_address)
         assert code == 0, err
-        prefixes = client.run_on_scheduler(
-            lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+        with distributed.Client(cluster, set_as_default=False) as client:
+            prefixes = client.run_on_scheduler(
+                lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    import dask
+    assert dask.config.get("scheduler", None) != "dask.distributed"  # no stale client
     assert {"voxelflow", "JointFitWork"} <= set(prefixes), prefixes
     here, there = ws.open_node("fits/here/lags-4-5"), ws.open_node("fits/cluster/lags-4-5")
     np.testing.assert_array_equal(there["best_weighting"].values,
