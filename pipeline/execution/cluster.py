@@ -86,15 +86,28 @@ def _scheduler_config_restored() -> Iterator[None]:
 _MISSING = object()
 
 
+def _forget_failed_client(before: Any) -> None:
+    """A ``Client`` that failed to connect has already registered itself as the
+    default client (distributed does so before connecting) and is never closed: drop
+    it, so that a later ``compute()`` in this process does not wait on it forever."""
+    from distributed.client import _del_global_client  # no public way to unregister
+
+    failed = active_client()
+    if failed is not None and failed is not before:
+        _del_global_client(failed)
+
+
 def _open_client(scheduler: str | None, workers: int | None, memory_limit: str | None,
                  threads_per_worker: int) -> Iterator[Any]:
     """:func:`dask_client`'s body: connect to ``scheduler`` or start a LocalCluster."""
     from distributed import Client, LocalCluster
 
     if scheduler:
+        before = active_client()
         try:
             client = Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=True)
         except (OSError, TimeoutError, ValueError) as exc:  # ValueError: unknown scheme
+            _forget_failed_client(before)
             raise InputError(f"--scheduler {scheduler}: cannot connect ({exc}); start one "
                              f"with `dask scheduler` and `dask worker ADDRESS`") from None
         try:

@@ -234,3 +234,17 @@ def test_fit_with_cuda_on_local_cluster_equals_cuda_and_cpu_here(tmp_path):
                                    rtol=0, atol=1e-6, equal_nan=True, err_msg=var)
         np.testing.assert_allclose(out["gpu-cluster"][var].values, out["cpu-here"][var].values,
                                    rtol=0, atol=1e-4, equal_nan=True, err_msg=var)
+
+
+def test_a_failed_scheduler_connection_leaves_no_default_client(tmp_path):
+    """distributed registers a Client as the default before it connects; the failed
+    one must not stay registered (a later compute() in the process would hang)."""
+    import dask
+
+    from voxelflow.pipeline.execution.cluster import active_client
+    res = cli_here("fit", "--features", "f", "--bold", "s", "--lags", "2", "--test-samples",
+                   "40", "--store", str(tmp_path / "ws.zarr"), "--scheduler",
+                   "bogus://host:1")
+    assert res.returncode == 2, res.stderr
+    assert active_client() is None
+    assert dask.config.get("scheduler", None) != "dask.distributed"
