@@ -332,7 +332,7 @@ def _centred_kernels(X_train: Any, X_test: Any | None, dtype, xp: Any,
         kernel += part @ part.T
         if cross is not None:
             test_part = X_test[:, columns]
-            test_part = xp.asarray(test_part.compute() if _is_dask(test_part) else test_part)
+            test_part = xp.asarray(_materialize(test_part))
             cross += (test_part.astype(xp.float64) - x_mean[columns]) @ part.T
     return kernel, cross, x_mean
 
