@@ -32,8 +32,10 @@ import numpy as np
 from ._backend import to_numpy
 from ._factorize import (RidgeFactors, _choose_forms, _dual_fold_factors,
                          _full_fit_operator)
-from ._select import TIE_BREAK_SLOPE
-from ._solve import _shift_targets, ridge_chunk
+from ._operators import PredictionOperator, _shrinkage, eigh_psd
+from ._checks import _check_targets
+from ._select import TIE_BREAK_SLOPE, _pick_best
+from ._solve import _shift_targets, _test_outputs, ridge_chunk
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,14 @@ def eigen_factors(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
     forms = _choose_forms(len(alphas), [(len(f), n_train - len(f)) for f in folds],
                           np.dtype(dtype).itemsize, operator_form, max_dense_bytes,
                           "eigh")
-    test_operator, eigenvalues, basis = _full_fit_operator(
-        kernel.astype(eigh_dtype), cross, alphas, decomposition="eigh", dtype=dtype,
-        xp=xp, remove_constant=True, keep_weight_factors=keep_basis)
+    space_test: tuple = ()
+    if keep_basis and cross is not None:
+        test_operator, eigenvalues, basis, space_test = _factored_test_operator(
+            kernel.astype(eigh_dtype), kernels, gamma, alphas, dtype, xp)
+    else:
+        test_operator, eigenvalues, basis = _full_fit_operator(
+            kernel.astype(eigh_dtype), cross, alphas, decomposition="eigh",
+            dtype=dtype, xp=xp, remove_constant=True, keep_weight_factors=keep_basis)
     holder = [kernel]
     del kernel  # released before the last fold's eigh
     fold_factors = _dual_fold_factors(holder, folds, forms, alphas, dtype, xp,
@@ -116,7 +123,33 @@ def eigen_factors(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
         n_features=n_features, folds=tuple(fold_factors), test=test_operator,
         basis=basis, eigenvalues=None if eigenvalues is None
         else eigenvalues.astype(xp.float64), x_mean=x_mean,
-        fold_sizes=tuple(len(f) for f in folds))
+        fold_sizes=tuple(len(f) for f in folds), space_test=space_test)
+
+
+def _factored_test_operator(kernel: Any, kernels: Sequence[tuple[Any, Any, Any]],
+                            gamma: np.ndarray, alphas: np.ndarray, dtype: Any, xp: Any
+                            ) -> tuple[PredictionOperator, Any, Any, tuple]:
+    """The full fit's test operator in factored form over its eigenbasis ``U``.
+
+    ``kernel`` (n, n), the weighted centred training kernel, is destroyed. Returns
+    the operator (rows ``sum_i gamma_i Kt_i U`` (n_test, n), ``right`` = ``U``),
+    the eigenvalues (n,), ``U`` (n, n) in ``dtype`` (the same array as the
+    operator's ``right``) and the per-space rows ``gamma_i Kt_i U``. A voxel's
+    ``U^T y`` then serves its test predictions at every alpha, its dual solution
+    and the split (:func:`scan_weighting`).
+    """
+    eigenvalues, eigenvectors = eigh_psd(kernel, xp)
+    del kernel
+    basis = eigenvectors.astype(dtype, copy=False)
+    del eigenvectors
+    space_test = tuple((float(g) * k[1]).astype(dtype) @ basis
+                       for g, k in zip(gamma, kernels))
+    rows = space_test[0].copy()
+    for part in space_test[1:]:
+        rows += part
+    shrinkage = _shrinkage(eigenvalues, alphas, xp).astype(dtype)
+    return (PredictionOperator(left=rows, right=basis, shrinkage=shrinkage),
+            eigenvalues, basis, space_test)
 
 
 def split_r2(y_test: Any, space_predictions: Sequence[Any], xp: Any) -> Any:
@@ -199,40 +232,82 @@ def scan_weighting(factors: RidgeFactors, terms: SpaceTerms, gamma: np.ndarray,
                    *, voxel_chunk: int, return_weights: bool, return_split: bool,
                    return_predictions: bool, xp: Any) -> None:
     """Every voxel of ``Y_train`` (n_train, voxel) through one weighting's factors,
-    chunk by chunk, into ``best``; the dual solution (weights, split) only for the
-    voxels this weighting wins."""
+    chunk by chunk, into ``best``.
+
+    Every voxel gets its CV scores; only the voxels this weighting wins (all of
+    them for the first) get the rest, from one ``U^T y`` each when the eigenbasis
+    is kept: the test scores at every alpha, the dual solution (weights) and the
+    split. A voxel another weighting wins costs no test-set work."""
     want_split = return_split and Y_test is not None
     for start in range(0, int(Y_train.shape[1]), int(voxel_chunk)):
         stop = start + int(voxel_chunk)
         y_train = xp.asarray(Y_train[:, start:stop])
-        y_test = None if Y_test is None else xp.asarray(Y_test[:, start:stop])
-        out = ridge_chunk(factors, y_train, y_test,
-                          return_predictions=return_predictions and y_test is not None)
+        y_test = None if Y_test is None else _checked_test(Y_test[:, start:stop],
+                                                           factors, y_train, xp)
+        out = ridge_chunk(factors, y_train)  # CV scores and the alpha, every voxel
         mask = best.update(number, start, out, factors.alphas)
-        if not mask.any() or not (return_weights or want_split):
+        if not mask.any() or (y_test is None and not return_weights):
             continue
         device_mask = xp.asarray(mask)
-        shifted, _ = _shift_targets(y_train[:, device_mask], factors.dtype, xp)
-        solution = dual_solution(factors, shifted,
-                                 xp.asarray(out["best_alpha_index"])[device_mask], xp)
+        shifted, y_mean = _shift_targets(y_train[:, device_mask], factors.dtype, xp)
+        chosen = xp.asarray(out["best_alpha_index"])[device_mask]
+        projected = None if factors.basis is None else factors.basis.T @ shifted
+        if y_test is not None:
+            y_test = y_test[:, device_mask]
+            _put_test_outputs(best, start, mask, factors, shifted, y_mean, y_test,
+                              chosen, projected, return_predictions, xp)
+        if projected is None:
+            continue
+        scaled = projected * _chosen_shrinkage(factors, chosen, xp)
         if want_split:
-            parts = [float(g) * (k @ solution) for g, k in zip(gamma, terms.cross)]
-            best.put("r2_split", start, mask,
-                     to_numpy(split_r2(y_test[:, device_mask], parts, xp)))
+            parts = [rows @ scaled for rows in factors.space_test]
+            best.put("r2_split", start, mask, to_numpy(split_r2(y_test, parts, xp)))
         if return_weights:
+            solution = factors.basis @ scaled  # the dual solution (n_train, voxel)
             weights = xp.concatenate([float(g) * (x.T @ solution)
                                       for g, x in zip(gamma, terms.designs)])
             best.put("weights", start, mask, to_numpy(weights))
 
 
-def dual_solution(factors: RidgeFactors, shifted: Any, best: Any, xp: Any) -> Any:
-    """``U diag(1 / (s + alpha_v)) U^T y_v`` (n_train, voxel) in the compute dtype,
-    from the full fit's eigenbasis; zero for voxels without an alpha (best -1)."""
+def _checked_test(y_test: Any, factors: RidgeFactors, y_train: Any, xp: Any) -> Any:
+    """One chunk's test BOLD (n_test, voxel) on the device, checked as
+    :func:`~._solve.ridge_chunk` checks it."""
+    if factors.test is None:
+        raise ValueError("Y_test given but the factors were made without X_test.")
+    y_test = xp.asarray(y_test)
+    _check_targets(y_test, "Y_test", factors.n_test, xp)
+    if y_test.shape[1] != y_train.shape[1]:
+        raise ValueError(f"Y_test has {y_test.shape[1]} voxels but Y_train has "
+                         f"{y_train.shape[1]} in this chunk.")
+    return y_test
+
+
+def _put_test_outputs(best: ChunkBest, start: int, mask: np.ndarray,
+                      factors: RidgeFactors, shifted: Any, y_mean: Any, y_test: Any,
+                      chosen: Any, projected: Any | None, want_predictions: bool,
+                      xp: Any) -> None:
+    """Test scores of the won voxels (``mask`` True in the chunk at ``start``):
+    ``r_test``/``r2_test`` (alpha, voxel), at the chosen alpha ``r_test_cv``/
+    ``r2_test_cv`` and, when asked, ``predictions`` (n_test, voxel);
+    ``projected`` is ``U^T shifted`` when the test operator is factored over U."""
+    r_test, r2_test, predictions = _test_outputs(
+        factors, shifted, y_mean, y_test, chosen, want_predictions, xp,
+        projected=projected if factors.test.right is factors.basis else None)
+    outputs = {"r_test": r_test, "r_test_cv": _pick_best(r_test, chosen, xp),
+               "r2_test": r2_test, "r2_test_cv": _pick_best(r2_test, chosen, xp)}
+    if predictions is not None:
+        outputs["predictions"] = predictions
+    for key, value in outputs.items():
+        best.put(key, start, mask, to_numpy(value))
+
+
+def _chosen_shrinkage(factors: RidgeFactors, chosen: Any, xp: Any) -> Any:
+    """``1 / (s + alpha_v)`` (n_train, voxel) in the compute dtype at each voxel's
+    chosen alpha; zero for voxels without one (index -1)."""
     alphas = xp.asarray(factors.alphas)
-    chosen = alphas[xp.maximum(best, 0)]
-    shrink = 1.0 / (xp.asarray(factors.eigenvalues)[:, None] + chosen[None, :])
-    shrink = xp.where((best >= 0)[None, :], shrink, 0.0).astype(factors.dtype)
-    return factors.basis @ ((factors.basis.T @ shifted) * shrink)
+    picked = alphas[xp.maximum(chosen, 0)]
+    shrink = 1.0 / (xp.asarray(factors.eigenvalues)[:, None] + picked[None, :])
+    return xp.where((chosen >= 0)[None, :], shrink, 0.0).astype(factors.dtype)
 
 
 def banded_factor_bytes(widths: Sequence[int], n_train: int, n_test: int,
@@ -245,7 +320,8 @@ def banded_factor_bytes(widths: Sequence[int], n_train: int, n_test: int,
     several spaces), per weighting: the fold operators counted factored
     (``q^2 + held q`` per fold, ``q`` the fold's training samples), the dense
     ones within ``max_dense_bytes`` once for all weightings, the test operator
-    (alpha, n_test, n_train) and the eigenbasis (n_train^2, ``keep_basis``);
+    (alpha, n_test, n_train) or, with ``keep_basis``, the eigenbasis (n_train^2)
+    and the test rows factored over it, summed and per space;
     once: the per-space test-by-train kernels and, with ``keep_designs``, the
     centred designs. Scaled-design path: per weighting one single fit's factors
     (float64 Gram per fold, the scaled design). ``transient``: the peak extra
@@ -256,7 +332,9 @@ def banded_factor_bytes(widths: Sequence[int], n_train: int, n_test: int,
     n, p, spaces = int(n_train), int(sum(widths)), len(widths)
     if p > n and spaces > 1:
         folds = sum((n - h) ** 2 + h * (n - h) for h in fold_sizes)
-        per_weighting = 4 * (folds + n_alphas * n_test * n + (n * n if keep_basis else 0))
+        test = ((spaces + 1) * n_test * n + n * n if keep_basis  # factored over U
+                else n_alphas * n_test * n)
+        per_weighting = 4 * (folds + test)
         held = (n_weightings * per_weighting + max_dense_bytes + 4 * spaces * n_test * n
                 + (4 * n * p if keep_designs else 0))
         return held, 4 * (spaces + 8) * n * n

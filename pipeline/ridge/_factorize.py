@@ -93,6 +93,9 @@ class RidgeFactors(FitShape):
     design_centred : dual with weights: centred training design (n, feature)
     x_mean : float64 (feature,), training mean of the design
     fold_sizes : held-out samples per fold
+    space_test : banded ridge's eigen path with a test set and ``basis``: per
+        space ``gamma_i Kt_i U`` (n_test, n_train), compute dtype, whose sum is
+        the factored test operator's rows (its ``right`` is ``basis``)
     """
 
     regime: str
@@ -106,14 +109,17 @@ class RidgeFactors(FitShape):
     design_centred: Any = None
     x_mean: Any = None
     fold_sizes: tuple[int, ...] = field(default=())
+    space_test: tuple[Any, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held by the factors."""
+        """Device bytes held by the factors (an array shared by two fields once)."""
         total = sum(fold.operator.nbytes for fold in self.folds)
         if self.test is not None:
             total += self.test.nbytes
-        for part in (*self.group_design, self.basis, self.design_centred):
+        basis = None if self.test is not None and self.test.right is self.basis \
+            else self.basis
+        for part in (*self.group_design, basis, self.design_centred, *self.space_test):
             if part is not None:
                 total += int(part.nbytes)
         return total

@@ -25,6 +25,8 @@ def ridge_flops(factors: RidgeFactors, n_voxels: int, *,
         total += n_alphas * (2.0 * n_held * q + 4.0 * n_held) * n_voxels
     if factors.test is not None:
         q = p if factors.regime == "primal" else n
+        if factors.test.dense is None:
+            total += 2.0 * q * q * n_voxels  # B = U^T rhs
         total += n_alphas * (2.0 * factors.n_test * q + 4.0 * factors.n_test) * n_voxels
     if include_factorization:
         total += _factorization_flops(factors)

@@ -68,14 +68,16 @@ def _cv_scores_dual(factors: RidgeFactors, shifted: Any, xp: Any
 
 
 def _test_outputs(factors: RidgeFactors, rhs: Any, y_mean: Any, Y_test: Any,
-                  best: Any, want_predictions: bool, xp: Any
-                  ) -> tuple[Any, Any, Any | None]:
+                  best: Any, want_predictions: bool, xp: Any,
+                  projected: Any | None = None) -> tuple[Any, Any, Any | None]:
     """r_test and r2_test (n_alphas, voxel) float64, and predictions at the best
     alpha.  R^2 is scikit-learn's ``r2_score`` per voxel on the test samples,
     ``1 - sum (y - yhat)^2 / sum (y - mean y)^2`` with ``yhat`` in BOLD units
-    (intercept included); NaN where the test BOLD is constant."""
+    (intercept included); NaN where the test BOLD is constant. ``projected``:
+    the test operator's ``right.T @ rhs`` when the caller has it already."""
     operator = factors.test
-    projected = _project(operator, rhs)
+    if projected is None:
+        projected = _project(operator, rhs)
     y_offset = Y_test.astype(xp.float64) - y_mean  # yhat - y_mean is the prediction
     y_centred = Y_test.astype(xp.float64)
     y_centred -= y_centred.mean(axis=0)

@@ -154,6 +154,37 @@ def test_chunked_banded_factors_equal_banded_ridge_on_the_eigen_path():
                                atol=1e-10)
 
 
+@pytest.mark.parametrize("weights", [False, True])
+def test_every_alphas_test_scores_at_the_chosen_weighting_equal_sklearn(weights):
+    """``r_test``/``r2_test`` at every alpha and ``predictions`` of voxels won by a
+    later weighting (computed for the winners only, from the factored test operator)
+    equal scikit-learn's Ridge on that weighting's scaled design, refitted."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    xs, y, xs_test, y_test = spaces_problem(70, (60, 90, 40), 30)
+    gammas = ridge.simplex_weightings(3, 6, seed=2)
+    folds = contiguous_folds(70, 3)
+    banded = ridge.banded_factors(xs, xs_test, ALPHAS, gammas, folds, dtype=np.float64,
+                                  keep_weight_factors=weights)
+    ours = ridge.banded_chunk(banded, y, y_test, return_weights=weights,
+                              return_predictions=True)
+    later = np.flatnonzero(ours["best_weighting"] > 0)
+    assert later.size >= 10 and ours["r_test"].shape == (len(ALPHAS), 30)
+    for v in later:
+        gamma = gammas[ours["best_weighting"][v]]
+        scaled = [np.hstack([np.sqrt(g) * x for g, x in zip(gamma, part)])
+                  for part in (xs, xs_test)]
+        for a, alpha in enumerate(ALPHAS):
+            predicted = Ridge(alpha=alpha).fit(scaled[0], y[:, v]).predict(scaled[1])
+            assert ours["r_test"][a, v] == pytest.approx(
+                np.corrcoef(predicted, y_test[:, v])[0, 1], abs=1e-8)
+            assert ours["r2_test"][a, v] == pytest.approx(
+                r2_score(y_test[:, v], predicted), abs=1e-8)
+            if a == ours["best_alpha_index"][v]:
+                np.testing.assert_allclose(ours["predictions"][:, v], predicted,
+                                           rtol=1e-8, atol=1e-8)
+
+
 @pytest.mark.parametrize("regime", ["primal", "dual"])
 def test_single_space_is_todays_fit_bit_equal(regime):
     n_train, widths = (120, (12,)) if regime == "primal" else (60, (150,))
