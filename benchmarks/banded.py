@@ -30,14 +30,18 @@ by the voxels), so the whole fit is extrapolated, and labelled so, as::
 
 or, with ``--marginal --run-weightings 1``, from the first weighting as measured plus
 19 times the second weighting's marginal cost (:func:`marginal_total`), so what a tool
-does once at the end (himalaya's refit) is not counted 20 times.
+does once at the end (himalaya's refit) is not counted 20 times. The per-voxel part
+is a difference of wall times, multiplied by 65,665 / voxels: use 4,096 voxels or more
+(at 1,024, a few seconds of noise move it by 1-3 ms). voxelflow's voxel scan is also
+timed directly inside the call and printed (not used in the extrapolation, which
+treats both tools alike).
 
 The per-voxel part's rate is compared with a float32 matmul of the same shape as the
 held-out products (measured here, in this process); peak RSS (``getrusage``, the
 process's peak after each tool: voxelflow runs first) with the BOLD matrix at the
 study's shape (4,797 x 65,665 x 4 bytes). ``--device cuda`` runs both on CuPy.
 
-    .venv/bin/python benchmarks/banded.py --voxels 1024 --run-weightings 1 --marginal
+    .venv/bin/python benchmarks/banded.py --voxels 4096 --run-weightings 1 --marginal --lazy-designs
     .venv/bin/python benchmarks/banded.py --train 1500 --lags 2  # smaller shape
 """
 from __future__ import annotations
@@ -113,6 +117,7 @@ def run_voxelflow(args, problem, weightings, folds) -> dict:
     xs, xs_test, y, y_test = problem
     factorize = _banded.eigen_factors = Timed(_banded.eigen_factors)
     setup = _banded._setup = Timed(_banded._setup)  # the per-space kernels (once)
+    scan = _banded._scan = Timed(_banded._scan)  # the voxel chunks (for the printout)
     try:
         start = time.perf_counter()
         dense = {} if args.max_dense_mib is None else {
@@ -124,7 +129,9 @@ def run_voxelflow(args, problem, weightings, folds) -> dict:
     finally:
         _banded.eigen_factors = factorize.function
         _banded._setup = setup.function
+        _banded._scan = scan.function
     return {"wall": wall, "once": setup.seconds, "fixed": factorize.seconds,
+            "scan": scan.seconds,
             "space_alpha": out["space_alpha"], "r_test_cv": out["r_test_cv"],
             "r_cv": out["r_cv"], "best_alpha": out["best_alpha"]}
 
@@ -204,6 +211,10 @@ def marginal_total(args, two: dict, one: dict) -> float:
 
     marginal = (two["fixed"] - one["fixed"]
                 + (per_voxel(two) - per_voxel(one)) * args.total_voxels)
+    if "scan" in two:
+        print(f"    second weighting's voxel scan timed inside the call: "
+              f"{1e3 * (two['scan'] - one['scan']) / args.voxels:.2f} ms per voxel",
+              flush=True)
     print(f"    second weighting's marginal cost: decompositions "
           f"{two['fixed'] - one['fixed']:.1f} s, per voxel "
           f"{1e3 * (per_voxel(two) - per_voxel(one)):.2f} ms", flush=True)
@@ -298,6 +309,10 @@ def main(argv=None) -> None:
               f"{args.weightings} weightings x {args.total_voxels} voxels: "
               f"{run['total']:.0f} s; process peak RSS after it {run['rss']:.2f} GiB "
               f"({run['rss'] / bold_gib:.2f} x the BOLD matrix)", flush=True)
+        if "scan" in run:  # timed directly, not by subtraction: far less noisy
+            print(f"    voxelflow's voxel scan timed inside the call: "
+                  f"{1e3 * run['scan'] / args.voxels / run_weightings:.2f} ms per voxel "
+                  "and weighting", flush=True)
         if args.marginal and run_weightings == 1:
             run["total"] = marginal_total(args, tool(args, problem, weightings_two, folds),
                                           run)
