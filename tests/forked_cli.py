@@ -22,9 +22,12 @@ import sys
 from pathlib import Path
 
 _HELPER = r"""
-import json, os, sys, threading, time
+import importlib, json, os, sys, threading, time
 from voxelflow import cli
 from voxelflow.stores import faults
+
+for _name in sys.argv[1:]:  # modules every child would import anyway (torch: seconds)
+    importlib.import_module(_name)
 
 def hold_at(spec, folder):
     name, _, nth = spec.partition("@")
@@ -96,12 +99,15 @@ for line in sys.stdin:
 class ForkedCLI:
     """One import of the CLI, a forked child per command (see the module docstring)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, preload: tuple[str, ...] = ()) -> None:
+        """``preload``: modules the helper imports once before forking (e.g. ``torch``
+        for ``voxelflow features`` children); importing starts no thread."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "VOXELFLOW_FAULT"}
-        self._proc = subprocess.Popen([sys.executable, "-c", _HELPER], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, env=env)
+        self._proc = subprocess.Popen([sys.executable, "-c", _HELPER, *preload],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      env=env)
         self._n = 0
 
     def _ask(self, cmd: dict) -> dict:

@@ -18,10 +18,10 @@ import xarray as xr
 import zarr
 
 from bold_inputs import cli_main, haxby_runs, make_synthetic, mask_of, tree_bytes, write_nifti
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_here
 from voxelflow import cli
 from voxelflow.pipeline.errors import WorkspaceConflict
-from voxelflow.pipeline.stages._bold_passes import ChunkWork
+from voxelflow.pipeline.stages._bold_passes import ChunkWork, scratch_time_block
 from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.stores import Workspace
 from voxelflow.stores.scratch import SCRATCH_DIR, TransposeScratch
@@ -287,15 +287,19 @@ def _arrays(store: Path, group: str) -> dict[str, np.ndarray]:
 
 
 def test_sigkill_mid_ingest_then_resume_equals_uninterrupted(tmp_path):
+    # 16^3 voxels x 600 volumes (9.8 MB): two pass-1 time blocks (512 + 88 volumes under
+    # SCRATCH_BUDGET), 64 output chunks; the kill comes from a hook, so size buys nothing.
+    side, n_time = 16, 600
+    assert scratch_time_block(n_time, side ** 3) == 512
     rng = np.random.default_rng(2)
-    data = (500 + 20 * rng.standard_normal((24, 24, 24, 300))).astype(np.float32)
+    data = (500 + 20 * rng.standard_normal((side, side, side, n_time))).astype(np.float32)
     run = write_nifti(tmp_path / "long.nii", data)
-    mask = write_nifti(tmp_path / "m.nii", np.ones((24, 24, 24), np.uint8))
+    mask = write_nifti(tmp_path / "m.nii", np.ones((side, side, side), np.uint8))
     del data
     args = ["bold", str(run), "--subject", "k", "--mask", str(mask), "--chunk-voxels", "64",
             "--no-progress"]
     assert cli.main([*args, "--store", str(tmp_path / "ref.zarr")]) == 0  # in process
-    n_blocks, kill_at = 24 ** 3 // 64, 100
+    n_blocks, kill_at = side ** 3 // 64, 30
 
     store = tmp_path / "killed.zarr"
     run_dir = store / "bold/k/run-000"
@@ -312,7 +316,7 @@ def test_sigkill_mid_ingest_then_resume_equals_uninterrupted(tmp_path):
     assert (store / SCRATCH_DIR).exists()
     stamps = {b: (run_dir / f"bold/c/0/{b}").stat().st_mtime_ns for b in range(kill_at)}
 
-    resumed = run_cli(*args, "--store", str(store))
+    resumed = cli_here(*args, "--store", str(store))  # the resume needs no new process
     assert resumed.returncode == 0, resumed.stderr
     assert f"{n_blocks - kill_at} blocks written, {kill_at} already done" in resumed.stdout
     # Finished chunks were not rewritten ...

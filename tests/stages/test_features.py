@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,8 @@ from voxelflow.stores import Workspace
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
-KILL_FRAMES = 40  # frames (= blocks) of the SIGKILL test, each written and flagged alone
+KILL_FRAMES = 10  # frames (= blocks) of the SIGKILL test, each written and flagged alone
+KILL_AT = 4  # the killed child dies right after the 4th block's data, before its flag
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +144,8 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def small_frames(tmp_path_factory) -> Path:
-    """40 generated frames of 32 px in one run (no real data needed): with blocks of one
-    frame, the stage takes long enough between its first and last block to be killed."""
+    """KILL_FRAMES generated frames of 32 px in one run (no real data needed): with
+    blocks of one frame, one block per frame."""
     d = tmp_path_factory.mktemp("small_frames")
     write_moving_video(d / "clip.mp4", KILL_FRAMES / 20, rate=20, size=(32, 32), seed=1)
     ws = Workspace(d / "ws.zarr")
@@ -154,10 +155,11 @@ def small_frames(tmp_path_factory) -> Path:
 
 
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted(small_frames, tmp_path):
-    # 40 frames in blocks of 1 -> 40 blocks; a small model keeps this fast (blocking and
+    # 10 frames in blocks of 1 -> 10 blocks; a small model keeps this fast (blocking and
     # resume do not depend on the model).  The reference and the rerun run in this
-    # process (the same code as the CLI calls), the killed run in a real one, killed
-    # once at least one block and not every block is flagged done.
+    # process (the same code as the CLI calls), the killed run in a real one that kills
+    # itself (VOXELFLOW_FAULT, stores/faults.py) right after writing the data of block
+    # KILL_AT - 1, before its done flag: an observed state, no polling.
     store_ref, store = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     shutil.copytree(small_frames, store_ref)
     shutil.copytree(small_frames, store)
@@ -169,18 +171,13 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(small_frames, tmp_pa
             "--batch-size", "1", "--block-size", "1", "--no-progress", "--store", str(store)]
     run_dir = store / "features/resnet18/run-000"
     done_dir = run_dir / "block_done/c"
-    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if done_dir.exists() and 0 < len(_finished(done_dir)) < n_blocks:
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the stage finished before it was killed"
+    fault = {**os.environ, "VOXELFLOW_FAULT": f"block:data-written@{KILL_AT}"}
+    proc = subprocess.run([sys.executable, "-m", "voxelflow.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=fault)
+    assert proc.returncode == -signal.SIGKILL, ("the stage was not killed", proc.stderr)
     done = sorted(int(p.name) for p in _finished(done_dir))
     assert 0 < len(done) < n_blocks, "kill must land mid-stage"
+    assert done == list(range(KILL_AT - 1))  # blocks in order; the KILL_AT-th unflagged
     assert Workspace(store).state("features/resnet18") == "writing"
     stamps = {b: (run_dir / f"features/c/{b}/0").stat().st_mtime_ns for b in done}
 

@@ -3,6 +3,8 @@ an independent sklearn reference, planted-lag recovery, chunk exactness, resume,
 
 from __future__ import annotations
 
+import shutil
+
 import dask.array as da
 import nibabel as nib
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import xarray as xr
 from sklearn.linear_model import Ridge
 
-from conftest import run_cli
+from conftest import cli_here
 from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.pipeline.errors import InputError
 from voxelflow.pipeline.stages.fit import fit_weights, run_fit_stage
@@ -65,13 +67,23 @@ def _planted(tmp_path, seed=0, lag=5.0, n_runs=2, n_feat=6):
     return feats, paths
 
 
-@pytest.fixture
-def planted_ws(tmp_path):
-    feats, paths = _planted(tmp_path)
-    ws = Workspace(tmp_path / "ws.zarr")
+@pytest.fixture(scope="module")
+def planted_store(tmp_path_factory):
+    """The planted features and ingested BOLD, built once per module (read-only)."""
+    tmp = tmp_path_factory.mktemp("planted")
+    feats, paths = _planted(tmp)
+    ws = Workspace(tmp / "ws.zarr")
     _write_features(ws, "f", feats)
     run_bold_stage(ws, paths, "s", mask=paths[0].parent / "mask.nii.gz", progress=False)
-    return ws, feats
+    return ws.path, feats
+
+
+@pytest.fixture
+def planted_ws(tmp_path, planted_store):
+    """A private copy of the planted workspace: each test writes its own fits."""
+    path, feats = planted_store
+    shutil.copytree(path, tmp_path / "ws.zarr")
+    return Workspace(tmp_path / "ws.zarr"), feats
 
 
 def test_fit_matches_independent_sklearn_reference(planted_ws):
@@ -181,8 +193,8 @@ def test_bad_fit_inputs(planted_ws):
     with pytest.raises(InputError, match="no group /features/nope"):
         run_fit_stage(ws, "f" if False else "nope", "s", [5], ALPHAS, test_samples=30,
                       progress=False)
-    res = run_cli("fit", "--features", "f", "--bold", "s", "--lags", "5", "--alphas", "1,-1",
-                  "--test-samples", "30", "--store", str(ws.path))
+    res = cli_here("fit", "--features", "f", "--bold", "s", "--lags", "5", "--alphas", "1,-1",
+                   "--test-samples", "30", "--store", str(ws.path))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "--alphas must all be > 0" in res.stderr
 
@@ -200,9 +212,9 @@ def test_nan_features_are_refused(tmp_path):
 
 def test_fit_cli_prints_table(planted_ws):
     ws, _ = planted_ws
-    res = run_cli("fit", "--features", "f", "--bold", "s", "--lags", "4,5", "--alphas",
-                  "1,10,100", "--test-samples", "30", "--cv", "3", "--store", str(ws.path),
-                  "--no-progress")
+    res = cli_here("fit", "--features", "f", "--bold", "s", "--lags", "4,5", "--alphas",
+                   "1,10,100", "--test-samples", "30", "--cv", "3", "--store", str(ws.path),
+                   "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "CV-selected" in res.stdout and "<- best" in res.stdout
     assert "/fits/f__s/lags-4-5" in res.stdout

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from forked_cli import ForkedCLI
 from store_snapshot import differences, snapshot
 from voxelflow import cli
 from voxelflow.stores import Workspace
@@ -42,6 +43,16 @@ def _features(store) -> list[str]:
     return ["features", "--frames", "c", "--model", "resnet18", "--weights", "random:0",
             "--pool", "avg", "--layer", *LAYERS, "--name", "f", "--store", str(store),
             "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def forked_features(tmp_path_factory):
+    """A forked CLI whose helper has imported torch and the features stage once: each
+    killed ``voxelflow features`` child would otherwise import them again (~6 s CPU)."""
+    cli_ = ForkedCLI(tmp_path_factory.mktemp("forked-features"),
+                     preload=("torch", "torchvision", "voxelflow.pipeline.stages.features"))
+    yield cli_
+    cli_.close()
 
 
 def _snaps(store) -> dict:
@@ -94,10 +105,10 @@ def test_kill_during_frames_extension_leaves_old_or_new(tmp_path, refs, videos, 
 
 
 @pytest.mark.parametrize("step,expect", FEATURE_STEPS, ids=[s for s, _ in FEATURE_STEPS])
-def test_kill_during_features_extension_leaves_old_or_new(tmp_path, refs, forked, step,
-                                                          expect):
+def test_kill_during_features_extension_leaves_old_or_new(tmp_path, refs, forked_features,
+                                                          step, expect):
     store = shutil.copytree(refs["mid"], tmp_path / "s.zarr")
-    status, out, err = forked.run(*_features(store), fault=step)
+    status, out, err = forked_features.run(*_features(store), fault=step)
     assert status == -9, (step, out, err)
     for group, want in zip(FEATURES, expect):
         _assert_one_complete(store, group, refs, want)
