@@ -29,13 +29,16 @@ from voxelflow.pipeline.study.config import Experiment, ModelSpec, load_experime
 PLANTED_MODEL = "efficientnet_lite0"
 PLANTED_LAGS = [4.0, 5.0, 6.0, 7.0]
 DEMO_LAG_SETS = [[4.0], [4.0, 5.0, 6.0, 7.0], [4.0, 5.0, 6.0], [4.0, 4.5, 5.0, 5.5]]
+DISTRACTOR = "resnet50"  # random weights: the model that should rank below the planted one
 DEMO_ALPHAS = [0.5, 1, 5, 10, 1e2, 1e3, 1e4, 2.5e4, 5e4, 1e5, 1e6, 1e7]
 
 
 def experiment_toml(movie: Path, bold: Path, mask: Path, *, fps: float, test_samples: int,
-                    seconds_tr: float) -> str:
-    """The demo's experiment file (paths relative to the demo folder)."""
-    lag_sets = ", ".join("[" + ", ".join(f"{l:g}" for l in ls) + "]" for ls in DEMO_LAG_SETS)
+                    seconds_tr: float, distractor: str = DISTRACTOR,
+                    lag_sets: list[list[float]] = DEMO_LAG_SETS) -> str:
+    """The demo's experiment file (paths relative to the demo folder); ``distractor``:
+    the torchvision model with random weights that competes with the planted one."""
+    lag_text = ", ".join("[" + ", ".join(f"{l:g}" for l in ls) + "]" for ls in lag_sets)
     alphas = ", ".join(f"{a:g}" for a in DEMO_ALPHAS)
     return f"""# The voxelflow demo: a generated movie and simulated BOLD with a planted answer
 # ({PLANTED_MODEL} features at lags {','.join(f'{l:g}' for l in PLANTED_LAGS)} s).
@@ -63,12 +66,12 @@ model = "efficientnet_lite0"
 weights = "imagenet"
 
 [[models]]
-name = "resnet50_random"
-model = "resnet50"
+name = "{distractor}_random"
+model = "{distractor}"
 weights = "random:0"
 
 [fit]
-lag_sets = [{lag_sets}]
+lag_sets = [{lag_text}]
 alphas = [{alphas}]
 test_samples = {test_samples}
 cv = 5
@@ -105,11 +108,17 @@ def simulate_bold_files(features: np.ndarray, frame_times: np.ndarray, n_volumes
 
 def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: float = 1.0,
              n_voxels: int = 2000, snr: float = 1.0, seed: int = 0, progress: bool = True,
-             log=print, report: bool = True) -> dict:
+             log=print, report: bool = True, movie_rate: int = 24,
+             distractor: str = DISTRACTOR,
+             lag_sets: list[list[float]] = DEMO_LAG_SETS) -> dict:
     """Generate, simulate, run the experiment; return the experiment result dict.
 
     ``report=False`` stops after the stages (no report: ``result["report"]`` is None),
-    for callers that compare the stored arrays only."""
+    for callers that compare the stored arrays only.  ``movie_rate``: frames per second
+    of the generated movie (the frames stage samples it at ``fps``; a lower rate is
+    cheaper to generate); ``distractor``: the torchvision model with random weights
+    fitted next to the planted one (a smaller one is cheaper; ``make demo``: resnet50);
+    ``lag_sets``: the lag sets fitted (s; ``make demo``: the study's four)."""
     from voxelflow.pipeline.study.plan import build_plan
     from voxelflow.pipeline.study.run import execute_plan, make_report
     from voxelflow.pipeline.synthetic.movies import write_scene_movie
@@ -123,13 +132,15 @@ def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: flo
     mask = workdir / "simulated_mask.nii.gz"
     if not movie.exists():
         log(f"generating a {seconds:g} s synthetic movie -> {movie}")
-        write_scene_movie(movie, seconds, seed=seed, scene_seconds=1.0)
+        write_scene_movie(movie, seconds, rate=movie_rate, seed=seed, scene_seconds=1.0)
     n_volumes = int(seconds // tr)
     test_samples = int(round(0.2 * (n_volumes - PLANTED_LAGS[-1] / tr)))
     toml = workdir / "experiment.toml"
     toml.write_text(experiment_toml(movie, bold, mask, fps=fps, test_samples=test_samples,
-                                    seconds_tr=tr))
-    exp = _experiment_before_bold(toml, workdir, movie, bold, mask, fps, tr, test_samples)
+                                    seconds_tr=tr, distractor=distractor,
+                                    lag_sets=lag_sets))
+    exp = _experiment_before_bold(toml, workdir, movie, bold, mask, fps, tr, test_samples,
+                                  distractor, lag_sets)
     ws = Workspace(exp.store)
 
     # Stimulus stages first: the simulated BOLD is made from the planted model's features
@@ -151,7 +162,9 @@ def run_demo(workdir: Path, *, seconds: float = 300.0, fps: float = 4.0, tr: flo
 
 
 def _experiment_before_bold(toml: Path, workdir: Path, movie: Path, bold: Path, mask: Path,
-                            fps: float, tr: float, test_samples: int) -> Experiment:
+                            fps: float, tr: float, test_samples: int,
+                            distractor: str = DISTRACTOR,
+                            lag_sets: list[list[float]] = DEMO_LAG_SETS) -> Experiment:
     """The demo experiment before its BOLD file exists (the file check comes later)."""
     if bold.exists() and mask.exists():
         return load_experiment(toml)
@@ -160,8 +173,8 @@ def _experiment_before_bold(toml: Path, workdir: Path, movie: Path, bold: Path, 
         stimulus_name="movie", videos=[movie], fps=fps, size=224, resize="squash",
         subject="simulated", bold_runs=[bold], mask=mask, tr=tr, zscore=True, detrend="none",
         models=[ModelSpec(PLANTED_MODEL, "efficientnet_lite0", weights="imagenet"),
-                ModelSpec("resnet50_random", "resnet50", weights="random:0")],
-        lag_sets=DEMO_LAG_SETS, alphas=[float(a) for a in DEMO_ALPHAS],
+                ModelSpec(f"{distractor}_random", distractor, weights="random:0")],
+        lag_sets=lag_sets, alphas=[float(a) for a in DEMO_ALPHAS],
         test_samples=test_samples, test_runs=None, cv=5, aggregate="last", device="cpu",
         frames="all")
 

@@ -30,8 +30,14 @@ from voxelflow.stores.workspace import StageWriter
 
 distributed = pytest.importorskip("distributed")
 
-# The small demo (see test_experiment.py), shortened: 40 frames, 40 volumes, 200 voxels.
-DEMO = dict(seconds=40.0, fps=1.0, n_voxels=200, progress=False, report=False)
+# The small demo (see test_experiment.py), shortened: 40 frames, 40 volumes, 200 voxels;
+# its movie generated at 2 frames/s (sampled at 1 fps) and MobileNet-V3-Small as the
+# random-weight distractor (a ninth of ResNet-50's CPU time), and two of its four lag sets
+# (whole-TR and sub-TR lags: the other two only repeat the first's code path): every
+# stage still runs, 2 models x 2 lag sets = 4 fits.
+DEMO = dict(seconds=40.0, fps=1.0, n_voxels=200, progress=False, report=False,
+            movie_rate=2, distractor="mobilenet_v3_small",
+            lag_sets=[[4.0, 5.0, 6.0, 7.0], [4.0, 4.5, 5.0, 5.5]])
 
 
 @pytest.fixture(scope="module", autouse=True)
