@@ -2,18 +2,18 @@
 features equal a direct encoder forward, bad input.
 
 One small configuration is trained once, uninterrupted (module fixture, in this
-process): 64x64 generated frames, 16 training frames of 30, batch 8, 32 steps,
-random:0 weights, one intermediate checkpoint at step 30 (kept aside, by a hard
+process): 64x64 generated frames, 16 training frames of 30, batch 8, 24 steps,
+random:0 weights, one intermediate checkpoint at step 22 (kept aside, by a hard
 link: a checkpoint is ~0.5 GB and is replaced by a rename, never rewritten).
 The SIGKILL test continues the same run through the CLI in a subprocess from that
-step-30 checkpoint with a checkpoint every step (``--checkpoint-every`` is not part
+step-22 checkpoint with a checkpoint every step (``--checkpoint-every`` is not part
 of the training's configuration: it changes when the state is saved, not what is
-trained), SIGKILLs it right after its step-31 checkpoint, resumes it with the same
+trained), SIGKILLs it right after its step-23 checkpoint, resumes it with the same
 command (in this process, through ``cli.main``), and compares the whole loss curve
 and the final weights with the uninterrupted run.  (Starting the killed run at step
-30 rather than 0 saves 30 training steps of test time; step 30-31 is then trained
-across a process boundary and 31-32 across a SIGKILL, resumed mid-epoch: at frame
-248 of the stream, half-way through the 16th pass over the 16 training frames.)
+22 rather than 0 saves 22 training steps of test time; step 22-23 is then trained
+across a process boundary and 23-24 across a SIGKILL, resumed mid-epoch: at frame
+184 of the stream, half-way through the 12th pass over the 16 training frames.)
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ SECONDS = 6  # 30 frames
 TRAIN_UNTIL = 3.2  # -> frames 0..15 train, 16..29 are the "test samples"
 N_TRAIN = 16
 BATCH = 8
-STEPS = 32
+STEPS = 24
 WARMUP = 4
 KEPT_STEP = STEPS - 2  # the uninterrupted run's checkpoint the killed run starts from
 KILL_STEP = STEPS - 1  # the killed run's checkpoint after which it is SIGKILLed (mid-epoch)
