@@ -2,18 +2,18 @@
 features equal a direct encoder forward, bad input.
 
 One small configuration is trained once, uninterrupted (module fixture, in this
-process): 64x64 generated frames, 16 training frames of 30, batch 8, 32 steps,
-random:0 weights, one intermediate checkpoint at step 30 (kept aside, by a hard
+process): 64x64 generated frames, 16 training frames of 30, batch 8, 24 steps,
+random:0 weights, one intermediate checkpoint at step 22 (kept aside, by a hard
 link: a checkpoint is ~0.5 GB and is replaced by a rename, never rewritten).
 The SIGKILL test continues the same run through the CLI in a subprocess from that
-step-30 checkpoint with a checkpoint every step (``--checkpoint-every`` is not part
+step-22 checkpoint with a checkpoint every step (``--checkpoint-every`` is not part
 of the training's configuration: it changes when the state is saved, not what is
-trained), SIGKILLs it right after its step-31 checkpoint, resumes it with the same
+trained), SIGKILLs it right after its step-23 checkpoint, resumes it with the same
 command (in this process, through ``cli.main``), and compares the whole loss curve
 and the final weights with the uninterrupted run.  (Starting the killed run at step
-30 rather than 0 saves 30 training steps of test time; step 30-31 is then trained
-across a process boundary and 31-32 across a SIGKILL, resumed mid-epoch: at frame
-248 of the stream, half-way through the 16th pass over the 16 training frames.)
+22 rather than 0 saves 22 training steps of test time; step 22-23 is then trained
+across a process boundary and 23-24 across a SIGKILL, resumed mid-epoch: at frame
+184 of the stream, half-way through the 12th pass over the 16 training frames.)
 """
 
 from __future__ import annotations
@@ -48,13 +48,16 @@ FPS = 5.0
 SECONDS = 6  # 30 frames
 TRAIN_UNTIL = 3.2  # -> frames 0..15 train, 16..29 are the "test samples"
 N_TRAIN = 16
-STEPS = 32
-KEPT_STEP = 30  # the uninterrupted run's checkpoint the killed run starts from
-KILL_STEP = 31  # the killed run's checkpoint after which it is SIGKILLed (mid-epoch)
-TRAIN = dict(train_until=TRAIN_UNTIL, steps=STEPS, batch_size=8, lr=3e-3, warmup_steps=4,
-             weights="random:0", seed=0, checkpoint_every=KEPT_STEP)
-CLI_TRAIN = ["--train-until", str(TRAIN_UNTIL), "--steps", str(STEPS), "--batch-size", "8",
-             "--lr", "3e-3", "--warmup-steps", "4", "--weights", "random:0", "--seed", "0",
+BATCH = 8
+STEPS = 24
+WARMUP = 4
+KEPT_STEP = STEPS - 2  # the uninterrupted run's checkpoint the killed run starts from
+KILL_STEP = STEPS - 1  # the killed run's checkpoint after which it is SIGKILLed (mid-epoch)
+TRAIN = dict(train_until=TRAIN_UNTIL, steps=STEPS, batch_size=BATCH, lr=3e-3,
+             warmup_steps=WARMUP, weights="random:0", seed=0, checkpoint_every=KEPT_STEP)
+CLI_TRAIN = ["--train-until", str(TRAIN_UNTIL), "--steps", str(STEPS), "--batch-size",
+             str(BATCH), "--lr", "3e-3", "--warmup-steps", str(WARMUP), "--weights",
+             "random:0", "--seed", "0",
              "--checkpoint-every", str(KILL_STEP - KEPT_STEP), "--no-progress"]
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(1, 1, 1, 3)
 STD = np.array([0.229, 0.224, 0.225]).reshape(1, 1, 1, 3)
@@ -149,10 +152,12 @@ def test_no_test_frame_is_ever_read(trained):
     for _, index in reads:
         covered.update(range(index.start, index.stop))
     assert covered == set(range(N_TRAIN))
-    # The drawn ids over all 32 steps x 8 frames: 16 epochs, each a permutation of 0..15.
+    # The drawn ids over all STEPS x BATCH frames: whole epochs, each a permutation of 0..15.
     stream = ShuffleStream(make_pieces([(0, 0, N_TRAIN)], 16), seed=0, buffer=1024)
-    drawn = stream.ids(0, STEPS * 8)
-    assert all(sorted(drawn[e * 16:(e + 1) * 16]) == list(range(16)) for e in range(16))
+    epochs, rest = divmod(STEPS * BATCH, N_TRAIN)
+    assert epochs >= 2 and rest == 0
+    drawn = stream.ids(0, STEPS * BATCH)
+    assert all(sorted(drawn[e * 16:(e + 1) * 16]) == list(range(16)) for e in range(epochs))
 
 
 def test_the_guard_refuses_a_test_frame(frames_store):
@@ -270,7 +275,7 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tm
     mid = torch.load(out, map_location="cpu", weights_only=True)
     assert not mid["complete"] and mid["step"] == KILL_STEP, \
         f"kill must land after step {KILL_STEP}'s checkpoint"
-    assert mid["data"]["position"] == KILL_STEP * 8 and len(mid["losses"]) == KILL_STEP
+    assert mid["data"]["position"] == KILL_STEP * BATCH and len(mid["losses"]) == KILL_STEP
     assert torch.load(trained["kept"], map_location="cpu",
                       weights_only=True)["step"] == KEPT_STEP  # the link was not written
 
