@@ -33,9 +33,9 @@ from ._backend import to_numpy
 from ._factorize import (RidgeFactors, _choose_forms, _dual_fold_factors,
                          _full_fit_operator)
 from ._operators import PredictionOperator, _shrinkage, eigh_psd
-from ._checks import _check_targets
 from ._select import TIE_BREAK_SLOPE, _pick_best
-from ._solve import _shift_targets, _test_outputs, ridge_chunk
+from ._solve import (_shift_targets, _test_outputs, checked_test_targets,
+                     chosen_shrinkage, ridge_chunk)
 
 
 @dataclass(frozen=True)
@@ -242,8 +242,8 @@ def scan_weighting(factors: RidgeFactors, terms: SpaceTerms, gamma: np.ndarray,
     for start in range(0, int(Y_train.shape[1]), int(voxel_chunk)):
         stop = start + int(voxel_chunk)
         y_train = xp.asarray(Y_train[:, start:stop])
-        y_test = None if Y_test is None else _checked_test(Y_test[:, start:stop],
-                                                           factors, y_train, xp)
+        y_test = None if Y_test is None else checked_test_targets(
+            factors, Y_test[:, start:stop], y_train.shape[1], xp)
         out = ridge_chunk(factors, y_train)  # CV scores and the alpha, every voxel
         mask = best.update(number, start, out, factors.alphas)
         if not mask.any() or (y_test is None and not return_weights):
@@ -256,9 +256,9 @@ def scan_weighting(factors: RidgeFactors, terms: SpaceTerms, gamma: np.ndarray,
             y_test = y_test[:, device_mask]
             _put_test_outputs(best, start, mask, factors, shifted, y_mean, y_test,
                               chosen, projected, return_predictions, xp)
-        if projected is None:
+        if projected is None or not (want_split or return_weights):
             continue
-        scaled = projected * _chosen_shrinkage(factors, chosen, xp)
+        scaled = projected * chosen_shrinkage(factors, chosen, xp)
         if want_split:
             parts = [rows @ scaled for rows in factors.space_test]
             best.put("r2_split", start, mask, to_numpy(split_r2(y_test, parts, xp)))
@@ -267,19 +267,6 @@ def scan_weighting(factors: RidgeFactors, terms: SpaceTerms, gamma: np.ndarray,
             weights = xp.concatenate([float(g) * (x.T @ solution)
                                       for g, x in zip(gamma, terms.designs)])
             best.put("weights", start, mask, to_numpy(weights))
-
-
-def _checked_test(y_test: Any, factors: RidgeFactors, y_train: Any, xp: Any) -> Any:
-    """One chunk's test BOLD (n_test, voxel) on the device, checked as
-    :func:`~._solve.ridge_chunk` checks it."""
-    if factors.test is None:
-        raise ValueError("Y_test given but the factors were made without X_test.")
-    y_test = xp.asarray(y_test)
-    _check_targets(y_test, "Y_test", factors.n_test, xp)
-    if y_test.shape[1] != y_train.shape[1]:
-        raise ValueError(f"Y_test has {y_test.shape[1]} voxels but Y_train has "
-                         f"{y_train.shape[1]} in this chunk.")
-    return y_test
 
 
 def _put_test_outputs(best: ChunkBest, start: int, mask: np.ndarray,
@@ -299,15 +286,6 @@ def _put_test_outputs(best: ChunkBest, start: int, mask: np.ndarray,
         outputs["predictions"] = predictions
     for key, value in outputs.items():
         best.put(key, start, mask, to_numpy(value))
-
-
-def _chosen_shrinkage(factors: RidgeFactors, chosen: Any, xp: Any) -> Any:
-    """``1 / (s + alpha_v)`` (n_train, voxel) in the compute dtype at each voxel's
-    chosen alpha; zero for voxels without one (index -1)."""
-    alphas = xp.asarray(factors.alphas)
-    picked = alphas[xp.maximum(chosen, 0)]
-    shrink = 1.0 / (xp.asarray(factors.eigenvalues)[:, None] + picked[None, :])
-    return xp.where((chosen >= 0)[None, :], shrink, 0.0).astype(factors.dtype)
 
 
 def banded_factor_bytes(widths: Sequence[int], n_train: int, n_test: int,

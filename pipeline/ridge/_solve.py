@@ -123,14 +123,35 @@ def _weights_at_best(factors: RidgeFactors, rhs: Any, best: Any, xp: Any) -> Any
     """
     if factors.basis is None:
         raise ValueError("Weights need factors made with keep_weight_factors=True.")
-    alphas = xp.asarray(factors.alphas)
-    chosen = alphas[xp.maximum(best, 0)]
-    shrink = 1.0 / (factors.eigenvalues[:, None] + chosen[None, :])
-    shrink = xp.where((best >= 0)[None, :], shrink, 0.0).astype(factors.dtype)
-    solution = factors.basis @ ((factors.basis.T @ rhs) * shrink)
+    solution = factors.basis @ ((factors.basis.T @ rhs) * chosen_shrinkage(factors, best, xp))
     if factors.regime == "dual":
         solution = factors.design_centred.T @ solution
     return solution
+
+
+def chosen_shrinkage(factors: RidgeFactors, best: Any, xp: Any) -> Any:
+    """``1 / (s + alpha_v)`` (q, voxel) in the compute dtype, ``s`` the full fit's
+    eigenvalues and ``alpha_v`` each voxel's selected alpha (index ``best``, (voxel,));
+    zero for voxels without one (index -1)."""
+    alphas = xp.asarray(factors.alphas)
+    chosen = alphas[xp.maximum(best, 0)]
+    shrink = 1.0 / (xp.asarray(factors.eigenvalues)[:, None] + chosen[None, :])
+    return xp.where((best >= 0)[None, :], shrink, 0.0).astype(factors.dtype)
+
+
+def checked_test_targets(factors: RidgeFactors, Y_test: Any, n_voxels: int, xp: Any
+                         ) -> Any:
+    """``Y_test`` (n_test, voxel) on the device, checked against the factors (made
+    with a test set, ``n_test`` samples, finite) and the chunk's ``n_voxels``."""
+    if factors.test is None:
+        raise ValueError("Y_test given but the factors were made without X_test.")
+    Y_test = xp.asarray(Y_test)
+    _check_targets(Y_test, "Y_test", factors.n_test, xp)
+    if Y_test.shape[1] != n_voxels:
+        raise ValueError(
+            f"Y_test has {Y_test.shape[1]} voxels but Y_train has "
+            f"{n_voxels} in this chunk.")
+    return Y_test
 
 
 #: Voxels per sub-block inside :func:`ridge_chunk`: bounds the working memory
@@ -173,14 +194,7 @@ def ridge_chunk(factors: RidgeFactors, Y_train: Any, Y_test: Any | None = None,
     Y_train = xp.asarray(Y_train)
     _check_targets(Y_train, "Y_train", factors.n_train, xp)
     if Y_test is not None:
-        if factors.test is None:
-            raise ValueError("Y_test given but the factors were made without X_test.")
-        Y_test = xp.asarray(Y_test)
-        _check_targets(Y_test, "Y_test", factors.n_test, xp)
-        if Y_test.shape[1] != Y_train.shape[1]:
-            raise ValueError(
-                f"Y_test has {Y_test.shape[1]} voxels but Y_train has "
-                f"{Y_train.shape[1]} in this chunk.")
+        Y_test = checked_test_targets(factors, Y_test, Y_train.shape[1], xp)
     elif return_predictions:
         raise ValueError("return_predictions needs X_test and Y_test.")
     n_voxels = Y_train.shape[1]
