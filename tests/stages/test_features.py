@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import torch
 import torchvision
 import xarray as xr
 
-from conftest import cli_error, BBB, ROOT, run_cli
+from conftest import cli_error, BBB, run_cli
 from voxelflow.pipeline.errors import WorkspaceConflict
 from voxelflow.pipeline.stages.features import run_features_stage
 from voxelflow.pipeline.stages.frames import run_frames_stage
@@ -154,12 +151,14 @@ def small_frames(tmp_path_factory) -> Path:
     return ws.path
 
 
-def test_sigkill_mid_stage_then_resume_equals_uninterrupted(small_frames, tmp_path):
+def test_sigkill_mid_stage_then_resume_equals_uninterrupted(small_frames, tmp_path,
+                                                             forked):
     # 10 frames in blocks of 1 -> 10 blocks; a small model keeps this fast (blocking and
     # resume do not depend on the model).  The reference and the rerun run in this
-    # process (the same code as the CLI calls), the killed run in a real one that kills
-    # itself (VOXELFLOW_FAULT, stores/faults.py) right after writing the data of block
-    # KILL_AT - 1, before its done flag: an observed state, no polling.
+    # process (the same code as the CLI calls), the killed run in a forked CLI child
+    # (tests/forked_cli.py) that kills itself (VOXELFLOW_FAULT, stores/faults.py) right
+    # after writing the data of block KILL_AT - 1, before its done flag: an observed
+    # state, no polling.
     store_ref, store = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     shutil.copytree(small_frames, store_ref)
     shutil.copytree(small_frames, store)
@@ -171,10 +170,8 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(small_frames, tmp_pa
             "--batch-size", "1", "--block-size", "1", "--no-progress", "--store", str(store)]
     run_dir = store / "features/resnet18/run-000"
     done_dir = run_dir / "block_done/c"
-    fault = {**os.environ, "VOXELFLOW_FAULT": f"block:data-written@{KILL_AT}"}
-    proc = subprocess.run([sys.executable, "-m", "voxelflow.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=fault)
-    assert proc.returncode == -signal.SIGKILL, ("the stage was not killed", proc.stderr)
+    status, _, err = forked.run(*args, fault=f"block:data-written@{KILL_AT}")
+    assert status == -signal.SIGKILL, ("the stage was not killed", err)
     done = sorted(int(p.name) for p in _finished(done_dir))
     assert 0 < len(done) < n_blocks, "kill must land mid-stage"
     assert done == list(range(KILL_AT - 1))  # blocks in order; the KILL_AT-th unflagged

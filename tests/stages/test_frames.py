@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import ROOT, cli_here
+from conftest import cli_here
 from voxelflow.pipeline.stages.frames import run_frames_stage
 from voxelflow.pipeline.synthetic.movies import read_index, write_index_video, write_moving_video
 from voxelflow.stores import Workspace
@@ -135,10 +132,11 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-def test_sigkill_mid_write_then_resume_equals_uninterrupted(tmp_path):
-    """A real process SIGKILLed mid-stage (it kills itself, VOXELFLOW_FAULT, right after
-    writing the data of its 4th block, before that block's done flag: an observed state,
-    no polling), then resumed: the same bytes as an uninterrupted run."""
+def test_sigkill_mid_write_then_resume_equals_uninterrupted(tmp_path, forked):
+    """A real process SIGKILLed mid-stage (a forked CLI child that kills itself,
+    VOXELFLOW_FAULT, right after writing the data of its 4th block, before that block's
+    done flag: an observed state, no polling), then resumed: the same bytes as an
+    uninterrupted run."""
     video = tmp_path / "long.mp4"
     write_moving_video(video, seconds=40, size=(96, 128))
     args = ["frames", str(video), "--name", "m", "--fps", "20", "--size", "160",
@@ -149,10 +147,8 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted(tmp_path):
 
     store = tmp_path / "killed.zarr"
     done_dir = store / "frames/m/run-000/block_done/c"
-    fault = {**os.environ, "VOXELFLOW_FAULT": "block:data-written@4"}
-    proc = subprocess.run([sys.executable, "-m", "voxelflow.cli", *args, "--store", str(store)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=fault)
-    assert proc.returncode == -signal.SIGKILL, ("the stage was not killed", proc.stderr)
+    status, _, err = forked.run(*args, "--store", str(store), fault="block:data-written@4")
+    assert status == -signal.SIGKILL, ("the stage was not killed", err)
     done_at_kill = len(_finished(done_dir))
     assert 0 < done_at_kill < n_blocks, "kill must land mid-stage"
     assert Workspace(store).state("frames/m") == "writing"
