@@ -11,9 +11,10 @@ Both tools run in this process on the SAME voxel slice (``--voxels``) and the sa
 weightings (the first ``--run-weightings`` of the 20; all of them by default):
 
 * ``voxelflow``: :func:`voxelflow.pipeline.ridge.banded_ridge` (weighting-outer: per-space
-  centred kernels once, then per weighting one eigendecomposition per fold and one for
-  the full fit, every alpha from it, the voxel chunks, the running best), with the
-  product-measure split;
+  centred kernels once, then per weighting one eigendecomposition for the full fit and
+  one per fold, streamed fold-outer (one fold operator alive at a time, dense in the
+  form ``auto`` picks for the study's 65,665 voxels: ``--operator-form``), every alpha
+  from it, the voxel chunks, the running best), with the product-measure split;
 * ``himalaya``: ``MultipleKernelRidgeCV(kernels="precomputed", fit_intercept=True)``,
   ``solver="random_search"``, numpy (``--himalaya-backend torch``: torch; cupy on
   CUDA) backend, float32, the same weightings,
@@ -22,8 +23,9 @@ weightings (the first ``--run-weightings`` of the 20; all of them by default):
 
 Each run's time is split into ``once`` (the per-space kernels: voxelflow's ``_setup``,
 timed by a wrapper; himalaya's kernel products), ``fixed`` (the per
-(fold, weighting) decompositions: voxelflow's ``eigen_factors``, himalaya's
-``_decompose_kernel_ridge``, timed by a wrapper) and ``per_voxel`` (the rest divided
+(fold, weighting) decompositions and operator builds: voxelflow's
+``streamed_eigen_factors`` and its streamed folds, himalaya's
+``_decompose_kernel_ridge``, timed by wrappers) and ``per_voxel`` (the rest divided
 by the voxels), so the whole fit is extrapolated, and labelled so, as::
 
     once + (20 / run_weightings) x (fixed + 65,665 x per_voxel)
@@ -113,27 +115,51 @@ def _sync(device: str) -> None:
 
 def run_voxelflow(args, problem, weightings, folds) -> dict:
     from voxelflow.pipeline import ridge
-    from voxelflow.pipeline.ridge import _banded
+    from voxelflow.pipeline.ridge import _banded, _banded_eigen
     xs, xs_test, y, y_test = problem
-    factorize = _banded.eigen_factors = Timed(_banded.eigen_factors)
-    setup = _banded._setup = Timed(_banded._setup)  # the per-space kernels (once)
-    scan = _banded._scan = Timed(_banded._scan)  # the voxel chunks (for the printout)
+    patched = [(_banded, "eigen_factors"), (_banded, "streamed_eigen_factors"),
+               (_banded_eigen, "iter_dual_fold_factors"),  # the streamed folds' builds
+               (_banded, "_setup"), (_banded, "_scan")]
+    timers = {name: Timed(getattr(module, name)) for module, name in patched}
+    for module, name in patched:
+        setattr(module, name, timers[name])
     try:
         start = time.perf_counter()
         dense = {} if args.max_dense_mib is None else {
             "max_dense_bytes": int(args.max_dense_mib * 2 ** 20)}
         out = ridge.banded_ridge(xs, y, xs_test, y_test, PAPER_ALPHAS, weightings, folds,
-                                 device=args.device, voxel_chunk=args.voxel_chunk, **dense)
+                                 device=args.device, voxel_chunk=args.voxel_chunk,
+                                 operator_form=study_form(args), **dense)
         _sync(args.device)
         wall = time.perf_counter() - start
     finally:
-        _banded.eigen_factors = factorize.function
-        _banded._setup = setup.function
-        _banded._scan = scan.function
-    return {"wall": wall, "once": setup.seconds, "fixed": factorize.seconds,
-            "scan": scan.seconds,
+        for module, name in patched:
+            setattr(module, name, timers[name].function)
+    fixed = sum(timers[name].seconds for name in
+                ("eigen_factors", "streamed_eigen_factors", "iter_dual_fold_factors"))
+    # the scan's time includes the streamed folds' builds: take them out
+    scan = timers["_scan"].seconds - timers["iter_dual_fold_factors"].seconds
+    return {"wall": wall, "once": timers["_setup"].seconds, "fixed": fixed, "scan": scan,
             "space_alpha": out["space_alpha"], "r_test_cv": out["r_test_cv"],
             "r_cv": out["r_cv"], "best_alpha": out["best_alpha"]}
+
+
+def study_form(args) -> str:
+    """The fold-operator form banded_ridge's "auto" picks for the WHOLE study's
+    voxels (``--total-voxels``), forced on the slice (whose fewer voxels would not
+    pay for dense folds): per fold dense where it fits the budget and serves enough
+    voxels (:func:`voxelflow.pipeline.ridge._banded_eigen.streamed_fold_forms`)."""
+    from voxelflow.pipeline.ridge._banded import EIGEN_DENSE_BYTES
+    from voxelflow.pipeline.ridge._banded_eigen import streamed_fold_forms
+    from voxelflow.pipeline.ridge.scoring import contiguous_folds
+    if args.operator_form != "study":
+        return args.operator_form
+    budget = (EIGEN_DENSE_BYTES if args.max_dense_mib is None
+              else int(args.max_dense_mib * 2 ** 20))
+    shapes = [(len(f), args.train - len(f)) for f in contiguous_folds(args.train, args.folds)]
+    forms = set(streamed_fold_forms(len(PAPER_ALPHAS), shapes, 4, "auto", budget,
+                                    args.total_voxels))
+    return forms.pop() if len(forms) == 1 else "auto"
 
 
 def run_himalaya(args, problem, weightings, folds) -> dict:
@@ -257,7 +283,13 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--methods", nargs="+", default=["voxelflow", "himalaya"])
     parser.add_argument("--max-dense-mib", type=float, default=None,
-                        help="voxelflow's budget for dense fold operators, MiB (default: banded_ridge's, 128 on the eigen path)")
+                        help="voxelflow's budget for one streamed dense fold operator, MiB "
+                        "(default: banded_ridge's, 256)")
+    parser.add_argument("--operator-form", default="study",
+                        choices=["study", "auto", "dense", "factored"],
+                        help="voxelflow's fold operators; study (default): the form "
+                        "'auto' picks for --total-voxels voxels (dense at the study's "
+                        "shape), forced on the slice")
     parser.add_argument("--voxel-chunk", type=int, default=4096,
                         help="voxelflow's voxels per chunk")
     parser.add_argument("--lazy-designs", action="store_true",
@@ -289,7 +321,8 @@ def main(argv=None) -> None:
           f"weightings, {args.folds} folds, {args.voxels} voxels run "
           f"({args.total_voxels} at study shape); device {args.device}; load average "
           f"{os.getloadavg()[0]:.2f}; float32 matmul of the held-out shape "
-          f"{gflops:.0f} GFLOP/s; BOLD matrix at study shape {bold_gib:.2f} GiB")
+          f"{gflops:.0f} GFLOP/s; BOLD matrix at study shape {bold_gib:.2f} GiB; "
+          f"voxelflow's fold operators {study_form(args)}")
     problem = make_problem(args, args.voxels)
     scale = args.weightings / run_weightings
     results = {}

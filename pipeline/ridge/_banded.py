@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,16 +40,18 @@ import numpy as np
 
 from ._backend import _compute_dtype, _is_dask, get_array_module, to_numpy
 from ._banded_eigen import (ChunkBest, SpaceTerms, eigen_factors, scan_weighting,
-                            space_terms, split_r2)
+                            space_terms, split_r2, streamed_eigen_factors)
 from ._checks import _resolve_regime, check_alphas
 from ._factorize import DEFAULT_MAX_DENSE_BYTES, _centred_kernels, factorize_ridge
 from ._solve import ridge_chunk
 from .scoring import check_folds
 
 #: :func:`banded_ridge`'s default budget for dense fold operators on the eigen
-#: path (one weighting's factors alive at a time): at the study's shape 128 MiB
-#: keeps the fit's peak RSS below the BOLD matrix (benchmarks/banded.py).
-EIGEN_DENSE_BYTES = 128 << 20
+#: path, per fold: the folds are streamed (one operator alive at a time), and a
+#: fold is dense when its operator fits this and serves enough voxels
+#: (:func:`~._banded_eigen.streamed_fold_forms`). At the study's shape one dense
+#: fold is 148 MiB (12 alphas x 900 held-out x 3,598 samples, float32).
+EIGEN_DENSE_BYTES = 256 << 20
 
 #: Dirichlet concentrations cycled through by :func:`simplex_weightings`
 #: (himalaya's default): 0.1 favours one dominant space, 1 is uniform.
@@ -163,9 +165,11 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
     return_split : with a test set, ``r2_split`` (space, voxel)
     solver, operator_form, max_dense_bytes : see
         :func:`~._factorize.factorize_ridge`; ``max_dense_bytes`` None: the
-        eigen path keeps dense fold operators within :data:`EIGEN_DENSE_BYTES`
-        (the others factored: ``q^2`` more flops per voxel and fold, far less
-        memory), the other paths within ``DEFAULT_MAX_DENSE_BYTES``
+        eigen path streams its folds and makes a fold dense where one fold's
+        operator fits :data:`EIGEN_DENSE_BYTES` and serves enough voxels
+        (:func:`~._banded_eigen.streamed_fold_forms`; factored otherwise: ``q^2``
+        more flops per voxel and fold, far less memory), the other paths keep
+        dense operators within ``DEFAULT_MAX_DENSE_BYTES``
     decomposition : one space with weighting 1 (today's single fit, bit-equal):
         as :func:`~._factorize.factorize_ridge`; several spaces: one
         eigendecomposition per (fold, weighting) reused for every alpha
@@ -199,11 +203,13 @@ def banded_ridge(Xs_train: Sequence[Any], Y_train: Any, Xs_test: Sequence[Any] |
     flags = dict(voxel_chunk=voxel_chunk, return_weights=return_weights,
                  return_split=return_split, return_predictions=False)
     for number, gamma in enumerate(setup.gammas):
-        # weighting-outer: one weighting's factors alive at a time
-        factors, centred_test = _weighting_factors(setup, gamma, alphas, folds, options)
+        # weighting-outer: one weighting's factors alive at a time, its folds
+        # streamed on the eigen path (one fold operator alive at a time)
+        factors, centred_test, fold_stream = _weighting_factors(
+            setup, gamma, alphas, folds, options, stream_voxels=int(Y_train.shape[1]))
         _scan(setup.eigen, factors, centred_test, gamma, number, Y_train, Y_test,
-              best, setup.slices, flags, setup.xp)
-        del factors, centred_test
+              best, setup.slices, flags, setup.xp, folds=fold_stream)
+        del factors, centred_test, fold_stream
     return _finish(best, setup.gammas)
 
 
@@ -275,22 +281,30 @@ def _device_or_dask(x: Any, xp: Any) -> Any:
 
 
 def _weighting_factors(setup: _Setup, gamma: np.ndarray, alphas: Any,
-                       folds: Sequence[Any], options: dict) -> tuple[Any, Any | None]:
-    """One weighting's :class:`RidgeFactors` and, on the scaled-design path with
-    kept weights and a test set, its centred scaled test design (n_test, feature)
-    for the split."""
+                       folds: Sequence[Any], options: dict,
+                       stream_voxels: int | None = None
+                       ) -> tuple[Any, Any | None, Iterator[Any] | None]:
+    """One weighting's :class:`RidgeFactors`; on the scaled-design path with kept
+    weights and a test set, its centred scaled test design (n_test, feature) for
+    the split (else None); and, on the eigen path with ``stream_voxels`` (one pass
+    over that many voxels), the folds as a stream
+    (:func:`~._banded_eigen.streamed_eigen_factors`; the factors then hold none),
+    else None."""
     xp, alpha_grid = setup.xp, np.asarray(alphas, dtype=np.float64)
     options = dict(options)
     eigh_dtype = options.pop("eigh_dtype", None)
     if setup.kernels is not None:
-        factors = eigen_factors(
-            setup.kernels, gamma, check_alphas(alpha_grid), check_folds(
-                folds, int(setup.Xs_train[0].shape[0])),
-            n_features=setup.slices[-1].stop, dtype=setup.compute,
-            device=options["device"], xp=xp, keep_basis=setup.keep,
-            operator_form=options["operator_form"],
-            max_dense_bytes=options["max_dense_bytes"], eigh_dtype=eigh_dtype)
-        return factors, None
+        common = dict(n_features=setup.slices[-1].stop, dtype=setup.compute,
+                      device=options["device"], xp=xp, keep_basis=setup.keep,
+                      operator_form=options["operator_form"],
+                      max_dense_bytes=options["max_dense_bytes"], eigh_dtype=eigh_dtype)
+        grid = check_alphas(alpha_grid)
+        checked = check_folds(folds, int(setup.Xs_train[0].shape[0]))
+        if stream_voxels is None:
+            return eigen_factors(setup.kernels, gamma, grid, checked, **common), None, None
+        factors, stream = streamed_eigen_factors(setup.kernels, gamma, grid, checked,
+                                                 n_voxels=stream_voxels, **common)
+        return factors, None, stream
     if len(setup.slices) > 1 and options["decomposition"] == "auto":
         options["decomposition"] = "eigh"  # one eigh per fold for every alpha
     x_train = _scaled_design(setup.Xs_train, gamma, xp)
@@ -301,17 +315,19 @@ def _weighting_factors(setup: _Setup, gamma: np.ndarray, alphas: Any,
     centred_test = None
     if setup.keep and x_test is not None:
         centred_test = (x_test.astype(xp.float64) - factors.x_mean).astype(factors.dtype)
-    return factors, centred_test
+    return factors, centred_test, None
 
 
 def _scan(terms: SpaceTerms | None, factors: Any, centred_test: Any | None,
           gamma: np.ndarray, number: int, Y_train: Any, Y_test: Any | None,
-          best: ChunkBest, slices: list[slice], flags: dict, xp: Any) -> None:
+          best: ChunkBest, slices: list[slice], flags: dict, xp: Any,
+          folds: Iterator[Any] | None = None) -> None:
     """One weighting over every voxel of ``Y_train`` into ``best``: the eigen path
-    (:func:`~._banded_eigen.scan_weighting`) or the scaled-design one."""
+    (:func:`~._banded_eigen.scan_weighting`, its folds streamed when ``folds`` is
+    given) or the scaled-design one."""
     if terms is not None:
         scan_weighting(factors, terms, gamma, number, Y_train, Y_test, best, xp=xp,
-                       **flags)
+                       folds=folds, **flags)
         return
     out = _one_weighting(factors, centred_test, Y_train, Y_test, gamma, slices, xp=xp,
                          **flags)
@@ -406,7 +422,7 @@ def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alpha
                    decomposition=decomposition, eigh_dtype=eigh_dtype)
     pairs = []
     for number, gamma in enumerate(setup.gammas):
-        pair = _weighting_factors(setup, gamma, alphas, folds, options)
+        pair = _weighting_factors(setup, gamma, alphas, folds, options)[:2]
         pairs.append(pair if spill_folder is None else
                      (_spill(pair, spill_folder, number), None))
         del pair

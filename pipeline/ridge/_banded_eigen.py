@@ -23,19 +23,20 @@ Arrays are ``(sample, feature)`` per space and ``(sample, voxel)`` for BOLD.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ._backend import to_numpy
-from ._factorize import (RidgeFactors, _choose_forms, _dual_fold_factors,
-                         _full_fit_operator)
+from ._factorize import (FoldFactors, RidgeFactors, _choose_forms, _full_fit_operator,
+                         iter_dual_fold_factors)
 from ._operators import PredictionOperator, _shrinkage, eigh_psd
 from ._select import TIE_BREAK_SLOPE, _pick_best
-from ._solve import (_shift_targets, _test_outputs, checked_test_targets,
-                     chosen_shrinkage, ridge_chunk)
+from ._checks import _check_targets
+from ._solve import (_chunk_outputs, _shift_targets, _test_outputs, checked_test_targets,
+                     chosen_shrinkage, dual_fold_scores)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def eigen_factors(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
                   operator_form: str = "auto", max_dense_bytes: int,
                   eigh_dtype: Any = None) -> RidgeFactors:
     """One weighting's factors: one eigendecomposition per fold and one for the
-    full fit, each reused for every alpha.
+    full fit, each reused for every alpha; every fold's operator held.
 
     Parameters
     ----------
@@ -95,16 +96,75 @@ def eigen_factors(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
     folds : held-out index arrays; n_features : columns of the joint design
     dtype : compute dtype; keep_basis : keep the full fit's eigenbasis (for the
         dual solution: weights and split)
-    operator_form, max_dense_bytes : dense fold operators within the budget
-        (see :func:`~._factorize.factorize_ridge`)
+    operator_form, max_dense_bytes : dense fold operators within the budget, all
+        folds together (see :func:`~._factorize.factorize_ridge`)
     eigh_dtype : dtype of the eigendecompositions (default ``dtype``)
     """
-    eigh_dtype = np.dtype(dtype if eigh_dtype is None else eigh_dtype)
-    kernel, cross, x_mean = weighted_kernels(kernels, gamma, xp)
-    n_train = int(kernel.shape[0])
+    n_train = int(kernels[0][0].shape[0])
     forms = _choose_forms(len(alphas), [(len(f), n_train - len(f)) for f in folds],
                           np.dtype(dtype).itemsize, operator_form, max_dense_bytes,
                           "eigh")
+    factors, fold_factors = _eigen_parts(kernels, gamma, alphas, folds, forms,
+                                         n_features=n_features, dtype=dtype,
+                                         device=device, xp=xp, keep_basis=keep_basis,
+                                         eigh_dtype=eigh_dtype)
+    return replace(factors, folds=tuple(fold_factors))
+
+
+def streamed_eigen_factors(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
+                           alphas: np.ndarray, folds: Sequence[np.ndarray], *,
+                           n_voxels: int, n_features: int, dtype: Any, device: str,
+                           xp: Any, keep_basis: bool, operator_form: str = "auto",
+                           max_dense_bytes: int, eigh_dtype: Any = None
+                           ) -> tuple[RidgeFactors, Iterator[FoldFactors]]:
+    """:func:`eigen_factors` for one pass over ``n_voxels`` voxels, folds streamed.
+
+    Returns the full fit's factors (``folds`` empty) and an iterator that makes
+    each fold's factors when asked (the weighted kernel is kept until the last
+    fold's), for :func:`scan_weighting`'s fold-outer loop: one fold operator alive
+    at a time, so a fold can be dense (:func:`streamed_fold_forms`) where holding
+    every fold dense would not fit ``max_dense_bytes``.
+    """
+    n_train = int(kernels[0][0].shape[0])
+    forms = streamed_fold_forms(len(alphas), [(len(f), n_train - len(f)) for f in folds],
+                                np.dtype(dtype).itemsize, operator_form,
+                                max_dense_bytes, n_voxels)
+    return _eigen_parts(kernels, gamma, alphas, folds, forms, n_features=n_features,
+                        dtype=dtype, device=device, xp=xp, keep_basis=keep_basis,
+                        eigh_dtype=eigh_dtype)
+
+
+def streamed_fold_forms(n_alphas: int, fold_shapes: Sequence[tuple[int, int]],
+                        itemsize: int, operator_form: str, max_dense_bytes: int,
+                        n_voxels: int) -> list[str]:
+    """Form of each streamed fold operator (one alive at a time).
+
+    ``fold_shapes``: per fold (held-out rows, training samples ``q``). "auto" makes
+    a fold "dense" when its dense operator (n_alphas, rows, q) fits
+    ``max_dense_bytes`` AND serves at least ``n_alphas * rows`` voxels: building it
+    costs ``2 n_alphas rows q^2`` flops and saves the factored form's ``V^T y``,
+    ``2 q^2`` per voxel, so below that many voxels it costs more than it saves.
+    "dense"/"factored" force the form.
+    """
+    if operator_form in ("dense", "factored"):
+        return [operator_form] * len(fold_shapes)
+    if operator_form != "auto":
+        raise ValueError("operator_form must be 'auto', 'dense' or 'factored'; "
+                         f"got {operator_form!r}.")
+    return ["dense" if n_alphas * rows * q * itemsize <= max_dense_bytes
+            and n_voxels >= n_alphas * rows else "factored" for rows, q in fold_shapes]
+
+
+def _eigen_parts(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
+                 alphas: np.ndarray, folds: Sequence[np.ndarray], forms: Sequence[str],
+                 *, n_features: int, dtype: Any, device: str, xp: Any,
+                 keep_basis: bool, eigh_dtype: Any) -> tuple[RidgeFactors,
+                                                             Iterator[FoldFactors]]:
+    """The full fit's factors (``folds`` empty) now, and the folds' (in ``forms``)
+    as an iterator over the weighted kernel."""
+    eigh_dtype = np.dtype(dtype if eigh_dtype is None else eigh_dtype)
+    kernel, cross, x_mean = weighted_kernels(kernels, gamma, xp)
+    n_train = int(kernel.shape[0])
     space_test: tuple = ()
     if keep_basis and cross is not None:
         test_operator, eigenvalues, basis, space_test = _factored_test_operator(
@@ -115,15 +175,16 @@ def eigen_factors(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,
             dtype=dtype, xp=xp, remove_constant=True, keep_weight_factors=keep_basis)
     holder = [kernel]
     del kernel  # released before the last fold's eigh
-    fold_factors = _dual_fold_factors(holder, folds, forms, alphas, dtype, xp,
-                                      eigh_dtype=eigh_dtype)
-    return RidgeFactors(
+    fold_factors = iter_dual_fold_factors(holder, folds, forms, alphas, dtype, xp,
+                                          eigh_dtype=eigh_dtype)
+    factors = RidgeFactors(
         regime="dual", alphas=alphas, dtype=np.dtype(dtype), device=device,
         n_train=n_train, n_test=0 if cross is None else int(cross.shape[0]),
-        n_features=n_features, folds=tuple(fold_factors), test=test_operator,
+        n_features=n_features, folds=(), test=test_operator,
         basis=basis, eigenvalues=None if eigenvalues is None
         else eigenvalues.astype(xp.float64), x_mean=x_mean,
         fold_sizes=tuple(len(f) for f in folds), space_test=space_test)
+    return factors, fold_factors
 
 
 def _factored_test_operator(kernel: Any, kernels: Sequence[tuple[Any, Any, Any]],
@@ -230,26 +291,34 @@ class ChunkBest:
 def scan_weighting(factors: RidgeFactors, terms: SpaceTerms, gamma: np.ndarray,
                    number: int, Y_train: Any, Y_test: Any | None, best: ChunkBest,
                    *, voxel_chunk: int, return_weights: bool, return_split: bool,
-                   return_predictions: bool, xp: Any) -> None:
+                   return_predictions: bool, xp: Any,
+                   folds: Iterable[FoldFactors] | None = None) -> None:
     """Every voxel of ``Y_train`` (n_train, voxel) through one weighting's factors,
     chunk by chunk, into ``best``.
 
-    Every voxel gets its CV scores; only the voxels this weighting wins (all of
-    them for the first) get the rest, from one ``U^T y`` each when the eigenbasis
-    is kept: the test scores at every alpha, the dual solution (weights) and the
-    split. A voxel another weighting wins costs no test-set work."""
+    Fold-outer: each fold's held-out scores for every voxel (:func:`fold_scores`),
+    the folds taken from ``folds`` (streamed: one alive at a time) or
+    ``factors.folds``; then per chunk the mean CV score and alpha of every voxel
+    and, only for the voxels this weighting wins (all of them for the first), the
+    rest from one ``U^T y`` each when the eigenbasis is kept: the test scores at
+    every alpha, the dual solution (weights) and the split. A voxel another
+    weighting wins costs no test-set work."""
     want_split = return_split and Y_test is not None
+    scores = fold_scores(factors.folds if folds is None else folds, Y_train,
+                         factors, voxel_chunk, xp)
     for start in range(0, int(Y_train.shape[1]), int(voxel_chunk)):
         stop = start + int(voxel_chunk)
         y_train = xp.asarray(Y_train[:, start:stop])
         y_test = None if Y_test is None else checked_test_targets(
             factors, Y_test[:, start:stop], y_train.shape[1], xp)
-        out = ridge_chunk(factors, y_train)  # CV scores and the alpha, every voxel
+        shifted, y_mean = _shift_targets(y_train, factors.dtype, xp)
+        out = _chunk_outputs(factors, [s[:, start:stop] for s in scores], shifted,
+                             y_mean, (shifted == 0).all(axis=0), None, False, False, xp)
         mask = best.update(number, start, out, factors.alphas)
         if not mask.any() or (y_test is None and not return_weights):
             continue
         device_mask = xp.asarray(mask)
-        shifted, y_mean = _shift_targets(y_train[:, device_mask], factors.dtype, xp)
+        shifted, y_mean = shifted[:, device_mask], y_mean[device_mask]
         chosen = xp.asarray(out["best_alpha_index"])[device_mask]
         projected = None if factors.basis is None else factors.basis.T @ shifted
         if y_test is not None:
@@ -267,6 +336,30 @@ def scan_weighting(factors: RidgeFactors, terms: SpaceTerms, gamma: np.ndarray,
             weights = xp.concatenate([float(g) * (x.T @ solution)
                                       for g, x in zip(gamma, terms.designs)])
             best.put("weights", start, mask, to_numpy(weights))
+
+
+def fold_scores(folds: Iterable[FoldFactors], Y_train: Any, factors: RidgeFactors,
+                voxel_chunk: int, xp: Any) -> list[Any]:
+    """Held-out r of every alpha, per fold, for every voxel of ``Y_train``
+    (n_train, voxel): float64 (n_alphas, voxel) device arrays, one per fold.
+
+    Fold-outer and chunk-inner, so a streamed fold is dropped before the next is
+    made; ``Y_train`` is read (and checked: ``n_train`` rows, finite) once per fold.
+    """
+    n_voxels, step = int(Y_train.shape[1]), int(voxel_chunk)
+    scores = []
+    for fold in folds:
+        per_fold = xp.empty((factors.n_alphas, n_voxels), dtype=xp.float64)
+        for start in range(0, n_voxels, step):
+            y_train = xp.asarray(Y_train[:, start:start + step])
+            _check_targets(y_train, "Y_train", factors.n_train, xp)
+            shifted, _ = _shift_targets(y_train, factors.dtype, xp)
+            per_fold[:, start:start + step] = dual_fold_scores(fold, shifted,
+                                                               factors.dtype, xp)
+            del y_train, shifted
+        scores.append(per_fold)
+        del fold  # a streamed fold's operator is freed before the next is made
+    return scores
 
 
 def _put_test_outputs(best: ChunkBest, start: int, mask: np.ndarray,

@@ -4,7 +4,7 @@ downdating) or dual (kernel ``X X^T``, over feature blocks) regime; dense or
 factored operators within a memory budget."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -383,9 +383,18 @@ def _dual_fold_factors(holder: list, folds: Sequence[Any], forms: Sequence[str],
     """Every fold's factors from the centred training kernel ``holder[0]`` (n, n)
     float64, sub-blocks re-centred per fold (:func:`_dual_fold_operator`); the
     kernel is popped from ``holder`` before the last fold's decomposition."""
+    return list(iter_dual_fold_factors(holder, folds, forms, alphas, dtype, xp,
+                                       eigh_dtype=eigh_dtype))
+
+
+def iter_dual_fold_factors(holder: list, folds: Sequence[Any], forms: Sequence[str],
+                           alphas: np.ndarray, dtype: np.dtype, xp: Any,
+                           eigh_dtype: Any = None) -> Iterator[FoldFactors]:
+    """:func:`_dual_fold_factors` one fold at a time: each fold's factors are made
+    when the consumer asks for them, so a consumer that drops each before the next
+    holds one fold's operator at a time (banded ridge's fold-outer scan)."""
     kernel = holder.pop()
     n_train = int(kernel.shape[0])
-    fold_factors = []
     for number, (held_out, form) in enumerate(zip(folds, forms)):
         train = xp.asarray(train_indices(held_out, n_train))
         held = xp.asarray(held_out)
@@ -394,9 +403,9 @@ def _dual_fold_factors(holder: list, folds: Sequence[Any], forms: Sequence[str],
             kernel = None  # last fold: release the full kernel before solving
         operator = _dual_fold_operator(blocks, alphas, form, dtype, xp,
                                        eigh_dtype=eigh_dtype)
-        fold_factors.append(FoldFactors(held_out=held, train=train,
-                                        x_sum_train=None, operator=operator))
-    return fold_factors
+        yield FoldFactors(held_out=held, train=train, x_sum_train=None,
+                          operator=operator)
+        del operator
 
 
 def _factorize_dual(X_train, X_test, alphas, folds, *, xp, dtype, device,

@@ -8,7 +8,7 @@ import numpy as np
 
 from ._backend import _column_dot, get_array_module, to_numpy
 from ._checks import _check_targets
-from ._factorize import RidgeFactors
+from ._factorize import FoldFactors, RidgeFactors
 from ._operators import _predictions, _project
 from ._select import _held_out_scores, _mean_over_folds, _pick_best, select_best_alpha
 from .scoring import correlation_from_sums
@@ -57,14 +57,18 @@ def _cv_scores_primal(factors: RidgeFactors, shifted: Any, xp: Any
 def _cv_scores_dual(factors: RidgeFactors, shifted: Any, xp: Any
                     ) -> tuple[list[Any], Any]:
     """Held-out r per fold (dual); the right-hand side is the BOLD itself."""
-    fold_scores = []
-    for fold in factors.folds:
-        y_train = xp.take(shifted, fold.train, axis=0)
-        y_held = xp.take(shifted, fold.held_out, axis=0)
-        y_held = y_held - y_held.mean(axis=0, dtype=xp.float64).astype(factors.dtype)
-        fold_scores.append(_held_out_scores(fold.operator, y_train, y_held, xp))
-        del y_train, y_held
-    return fold_scores, shifted
+    return [dual_fold_scores(fold, shifted, factors.dtype, xp)
+            for fold in factors.folds], shifted
+
+
+def dual_fold_scores(fold: FoldFactors, shifted: Any, dtype: np.dtype, xp: Any) -> Any:
+    """Held-out r (n_alphas, voxel) float64 of one fold (dual regime) from the
+    shifted BOLD (n_train, voxel) of every training sample (the fold's rows are
+    taken here; the held-out block is centred on itself)."""
+    y_train = xp.take(shifted, fold.train, axis=0)
+    y_held = xp.take(shifted, fold.held_out, axis=0)
+    y_held = y_held - y_held.mean(axis=0, dtype=xp.float64).astype(dtype)
+    return _held_out_scores(fold.operator, y_train, y_held, xp)
 
 
 def _test_outputs(factors: RidgeFactors, rhs: Any, y_mean: Any, Y_test: Any,

@@ -129,15 +129,17 @@ def test_float32_dual_eigen_path_matches_himalaya_float32(himalaya_numpy):
                                column_r(split.sum(axis=0), y_test)[same], atol=1e-3)
 
 
-def test_chunked_banded_factors_equal_banded_ridge_on_the_eigen_path():
+@pytest.mark.parametrize("form", ["factored", "dense"])
+def test_chunked_banded_factors_equal_banded_ridge_on_the_eigen_path(form):
     """The stage's API (every weighting factorised once, then voxel chunks) gives
-    banded_ridge's outputs, and its predictions are the chosen model's."""
+    banded_ridge's outputs (its folds streamed, factored or dense), and its
+    predictions are the chosen model's."""
     xs, y, xs_test, y_test = spaces_problem(60, (50, 70), 40)
     y[:, 0] = 3.0  # a constant voxel: undefined, flagged, still filled
     gammas = ridge.simplex_weightings(2, 5, seed=3)
     folds = contiguous_folds(60, 3)
     whole = ridge.banded_ridge(xs, y, xs_test, y_test, ALPHAS, gammas, folds,
-                               return_weights=True, voxel_chunk=7)
+                               return_weights=True, voxel_chunk=7, operator_form=form)
     banded = ridge.banded_factors(xs, xs_test, ALPHAS, gammas, folds, dtype=np.float64,
                                   keep_weight_factors=True)
     assert banded.terms is not None and banded.nbytes > 0  # the eigen path
@@ -152,6 +154,27 @@ def test_chunked_banded_factors_equal_banded_ridge_on_the_eigen_path():
     predictions = np.concatenate([p["predictions"] for p in parts], axis=-1)
     np.testing.assert_allclose(column_r(predictions[:, 1:], y_test[:, 1:]), whole["r_test_cv"][1:],
                                atol=1e-10)
+
+
+def test_streamed_folds_are_dense_only_where_the_build_pays_and_fits():
+    """At the study's shape (12 alphas, 5 folds of ~900 of 4,497 samples, float32) a
+    streamed fold is dense for the study's 65,665 voxels, factored for a 4,096-voxel
+    slice (the build's 2 x 12 x 900 x q^2 flops exceed the 2 q^2 per voxel it saves)
+    or when one fold's operator (148 MiB) exceeds the budget."""
+    from voxelflow.pipeline.ridge._banded import EIGEN_DENSE_BYTES
+    from voxelflow.pipeline.ridge._banded_eigen import streamed_fold_forms
+    shapes = [(len(f), 4497 - len(f)) for f in contiguous_folds(4497, 5)]
+    def forms(voxels, budget=EIGEN_DENSE_BYTES, form="auto"):
+        return streamed_fold_forms(12, shapes, 4, form, budget, voxels)
+    assert forms(65_665) == ["dense"] * 5
+    assert forms(4096) == ["factored"] * 5
+    assert forms(65_665, budget=128 << 20) == ["factored"] * 5
+    # folds of 900, 900, 899, 899, 899 held-out samples: the threshold is per fold
+    assert forms(12 * 900) == ["dense"] * 5
+    assert forms(12 * 900 - 1) == ["factored"] * 2 + ["dense"] * 3
+    assert forms(10, form="dense") == ["dense"] * 5
+    with pytest.raises(ValueError, match="operator_form"):
+        forms(10, form="sparse")
 
 
 @pytest.mark.parametrize("weights", [False, True])
