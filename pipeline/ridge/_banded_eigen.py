@@ -11,7 +11,11 @@ for float32 data as himalaya does; float64 on request).
 
 Only what a voxel chunk needs is kept per weighting (:class:`~._factorize.
 RidgeFactors`: fold operators, dense within a byte budget or factored, the full
-fit's test operator, its eigenbasis), never the scaled design: weights and the
+fit's test operator, its eigenbasis), never the scaled design. The voxel scan is
+fold-outer (:func:`scan_weighting`): with streamed folds
+(:func:`streamed_eigen_factors`, one pass over all voxels as ``banded_ridge``
+makes) one fold operator is alive at a time, so folds can be dense (fewest flops
+per voxel) where all of them dense would not fit. Weights and the
 product-measure split are computed from the dual solution
 ``c = U diag(1 / (s + alpha_v)) U^T y_v`` and the per-space quantities shared by
 every weighting, for the voxels whose best (weighting, alpha) improves only::
