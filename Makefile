@@ -4,8 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIPFLAGS ?= -q
 # Test processes: one per core (pytest-xdist); whole modules stay on one process so
-# their module fixtures are built once.
+# their module fixtures are built once. Each runs torch and BLAS on one thread: with a
+# process per core, more threads only spin at OpenMP barriers (tests/stages/
+# test_features.py on a loaded 2-core machine: 86 CPU s and 138 s wall with the
+# default threads, 60 CPU s and 83 s with one). Every test, its CLI subprocesses and
+# its cluster workers then run on the same thread count, so bitwise comparisons hold.
 TEST_WORKERS ?= auto
+TEST_THREADS ?= 1
 
 .PHONY: demo test install bench clean
 
@@ -28,6 +33,8 @@ demo: $(VENV)/.installed-base
 	$(VENV)/bin/voxelflow demo
 
 test: $(VENV)/.installed-test
+	OMP_NUM_THREADS=$(TEST_THREADS) MKL_NUM_THREADS=$(TEST_THREADS) \
+	OPENBLAS_NUM_THREADS=$(TEST_THREADS) \
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 clean:
