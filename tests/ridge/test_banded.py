@@ -177,6 +177,33 @@ def test_streamed_folds_are_dense_only_where_the_build_pays_and_fits():
         forms(10, form="sparse")
 
 
+def test_streamed_folds_are_built_one_at_a_time(monkeypatch):
+    """banded_ridge's fold-outer scan frees each streamed fold operator before the
+    next is built: when a fold's operator is made, no earlier one is alive."""
+    import gc
+    import weakref
+
+    from voxelflow.pipeline.ridge import _factorize
+    alive_at_build, made = [], []
+    build = _factorize._dual_fold_operator
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        alive_at_build.append(sum(ref() is not None for ref in made))
+        operator = build(*args, **kwargs)
+        made.append(weakref.ref(operator.dense if operator.dense is not None
+                                else operator.left))
+        return operator
+
+    monkeypatch.setattr(_factorize, "_dual_fold_operator", spy)
+    xs, y, xs_test, y_test = spaces_problem(60, (50, 70), 40)
+    gammas = ridge.simplex_weightings(2, 3, seed=3)
+    ridge.banded_ridge(xs, y, xs_test, y_test, ALPHAS, gammas, contiguous_folds(60, 3),
+                       operator_form="dense")
+    assert len(alive_at_build) == 3 * 3  # 3 folds x 3 weightings, all streamed
+    assert alive_at_build == [0] * 9, alive_at_build
+
+
 @pytest.mark.parametrize("weights", [False, True])
 def test_every_alphas_test_scores_at_the_chosen_weighting_equal_sklearn(weights):
     """``r_test``/``r2_test`` at every alpha and ``predictions`` of voxels won by a
