@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import zarr
 
+from torch_threads import one_torch_thread  # noqa: F401 - autouse: as each worker
 from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.pipeline.study.demo import run_demo
 from voxelflow.pipeline.models.extractor import worker_extractor
@@ -38,17 +39,6 @@ distributed = pytest.importorskip("distributed")
 DEMO = dict(seconds=40.0, fps=1.0, n_voxels=200, progress=False, report=False,
             movie_rate=2, distractor="mobilenet_v3_small",
             lag_sets=[[4.0, 5.0, 6.0, 7.0], [4.0, 4.5, 5.0, 5.5]])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The threaded runs of this module use one torch thread, like each worker."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

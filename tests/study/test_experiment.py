@@ -12,6 +12,7 @@ import pytest
 import xarray as xr
 
 from conftest import ROOT, cli_error, cli_here
+from torch_threads import one_torch_thread  # noqa: F401 - autouse: 1 torch thread
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.demo import PLANTED_LAGS, PLANTED_MODEL, run_demo
 from voxelflow.pipeline.errors import InputError

@@ -18,6 +18,7 @@ import zarr
 from sklearn.linear_model import Ridge
 
 from conftest import cli_error, cli_here
+from torch_threads import one_torch_thread  # noqa: F401 - autouse: 1 torch thread
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.plan import build_plan
 from voxelflow.pipeline.synthetic.movies import write_moving_video
