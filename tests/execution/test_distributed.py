@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import zarr
 
+from torch_threads import one_torch_thread  # noqa: F401 - autouse: as each worker
 from voxelflow.pipeline.stages.bold import run_bold_stage
 from voxelflow.pipeline.study.demo import run_demo
 from voxelflow.pipeline.models.extractor import worker_extractor
@@ -38,17 +39,6 @@ distributed = pytest.importorskip("distributed")
 DEMO = dict(seconds=40.0, fps=1.0, n_voxels=200, progress=False, report=False,
             movie_rate=2, distractor="mobilenet_v3_small",
             lag_sets=[[4.0, 5.0, 6.0, 7.0], [4.0, 4.5, 5.0, 5.5]])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The threaded runs of this module use one torch thread, like each worker."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +128,9 @@ def test_frames_blocks_on_cluster_equal_threaded(client, movie, tmp_path):
     assert remote.state("frames/clip") == "complete"
 
 
+FEATURE_BLOCK = 144  # 320 frames: 3 blocks of 144, 144 and 32
+
+
 def _features(ws: Workspace, block_size: int) -> dict:
     """resnet18 (random weights), two layers, batches of 8, on the 320 frames of 64 px."""
     return run_features_stage(ws, "clip", "resnet18", layers=["avgpool", "layer4.1.relu_1"],
@@ -145,23 +138,37 @@ def _features(ws: Workspace, block_size: int) -> dict:
                               block_size=block_size, batch_size=8, progress=False)
 
 
+@pytest.fixture(scope="module")
+def frames_only(movie, tmp_path_factory) -> Path:
+    """A workspace with 320 frames of 64 px (copied, never written to)."""
+    ws = Workspace(tmp_path_factory.mktemp("frames") / "frames.zarr")
+    run_frames_stage(ws, [movie], "clip", fps=16, size=64, progress=False)
+    return ws.path
+
+
+@pytest.fixture(scope="module")
+def threaded_features(frames_only, tmp_path_factory) -> Workspace:
+    """The threaded reference: :func:`_features` in blocks of 144 on a copy of
+    ``frames_only``, shared by the cluster runs below (never written to)."""
+    ws = Workspace(shutil.copytree(frames_only, tmp_path_factory.mktemp("ref") / "a.zarr"))
+    _features(ws, FEATURE_BLOCK)
+    return ws
+
+
 @pytest.fixture
-def frames_pair(movie, tmp_path) -> tuple[Workspace, Workspace]:
-    """Two copies of a workspace with 320 frames of 64 px."""
-    first = Workspace(tmp_path / "a.zarr")
-    run_frames_stage(first, [movie], "clip", fps=16, size=64, progress=False)
-    shutil.copytree(first.path, tmp_path / "b.zarr")
-    return first, Workspace(tmp_path / "b.zarr")
+def frames_copy(frames_only, tmp_path) -> Workspace:
+    """A fresh copy of ``frames_only`` for one cluster run to write its features into."""
+    return Workspace(shutil.copytree(frames_only, tmp_path / "b.zarr"))
 
 
-def test_features_blocks_on_cluster_equal_threaded_one_load_per_worker(client, frames_pair):
+def test_features_blocks_on_cluster_equal_threaded_one_load_per_worker(
+        client, threaded_features, frames_copy):
     """Two layers x 3 blocks of 144, 144 and 32 frames (a task reads a block in pieces
     of 128): bitwise equal; each worker built the model once for all its tasks."""
-    local, remote = frames_pair
-    _features(local, 144)
+    local, remote = threaded_features, frames_copy
     client.run(worker_extractor.cache_clear)
     with client.as_current():
-        out = _features(remote, 144)
+        out = _features(remote, FEATURE_BLOCK)
     assert out["blocks_written"] == 3
     assert_same_arrays(local.path, remote.path, "features/")
     info = client.run(worker_extractor.cache_info)
@@ -217,13 +224,12 @@ def _is_dead(pid: int) -> bool:
         return True
 
 
-def test_sigkill_of_a_worker_mid_features_stage_loses_nothing(client, frames_pair,
-                                                               monkeypatch):
+def test_sigkill_of_a_worker_mid_features_stage_loses_nothing(client, threaded_features,
+                                                               frames_copy, monkeypatch):
     """SIGKILL one worker process as soon as the first block is marked done: the stage
     still completes (Dask reruns the lost tasks on the other / restarted worker), or a
     rerun finishes it; the result is bitwise the uninterrupted threaded run."""
-    local, remote = frames_pair
-    _features(local, 32)  # 10 blocks
+    local, remote = threaded_features, frames_copy
     before = client.run(os.getpid)
     killed: list[int] = []
     mark_done = StageWriter.mark_done
@@ -239,10 +245,10 @@ def test_sigkill_of_a_worker_mid_features_stage_loses_nothing(client, frames_pai
     monkeypatch.setattr(StageWriter, "mark_done", kill_on_first)
     with client.as_current():
         try:
-            _features(remote, 32)
+            _features(remote, FEATURE_BLOCK)
         except Exception:  # noqa: BLE001 - e.g. KilledWorker: a rerun must finish it
             assert Workspace(remote.path).state("features/r18.avgpool") == "writing"
-            _features(remote, 32)
+            _features(remote, FEATURE_BLOCK)
     assert killed
     assert _is_dead(killed[0])
     assert remote.state("features/r18.avgpool") == "complete"

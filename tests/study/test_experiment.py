@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conftest import ROOT, cli_error, run_cli
+from conftest import ROOT, cli_error, cli_here
+from torch_threads import one_torch_thread  # noqa: F401 - autouse: 1 torch thread
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.demo import PLANTED_LAGS, PLANTED_MODEL, run_demo
 from voxelflow.pipeline.errors import InputError
@@ -47,7 +48,7 @@ def test_second_run_recomputes_nothing(demo):
     again = run_experiment(exp, progress=False, log=lambda *_: None)
     assert again["ran"] == []
     pd.testing.assert_frame_equal(again["report"]["table"], first["report"]["table"])
-    res = run_cli("run", str(work / "experiment.toml"), "--dry-run")
+    res = cli_here("run", str(work / "experiment.toml"), "--dry-run")
     assert res.returncode == 0 and "skip" in res.stdout and " run " not in res.stdout
 
 

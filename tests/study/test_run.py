@@ -1,6 +1,6 @@
 """``voxelflow run`` on a tiny experiment file (an 80 s movie at 32 px, 46 voxels): the
 fit of ``aggregate = "mean"`` against scikit-learn on a design built with NumPy, the ROI
-table of ``[report] atlas``, resume after a SIGKILL observed mid-stage (every array and
+table of ``[report] atlas``, resume after a SIGKILL mid-stage (every array and
 attribute of the workspace equal to an uninterrupted run), and the refusal of a
 workspace the cluster's workers cannot see."""
 
@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -20,7 +17,8 @@ import pytest
 import zarr
 from sklearn.linear_model import Ridge
 
-from conftest import ROOT, cli_error, cli_here
+from conftest import cli_error, cli_here
+from torch_threads import one_torch_thread  # noqa: F401 - autouse: 1 torch thread
 from voxelflow.pipeline.study.config import load_experiment
 from voxelflow.pipeline.study.plan import build_plan
 from voxelflow.pipeline.synthetic.movies import write_moving_video
@@ -179,25 +177,13 @@ def test_roi_table_means_valid_voxels_of_each_atlas_label(tiny):
     assert (table[table["roi"] == 1]["n_voxels"] == 22).all()
 
 
-# -------------------------------------------------------- SIGKILL on an observed state
-# The killed run holds still after its first frames block is marked done (a hook in
-# the child process), so the test sees the interrupted state in the store and kills
-# it there, however loaded the machine is.
-HOLD_AFTER_FIRST_BLOCK = """
-import sys, threading
-from voxelflow import cli
-from voxelflow.stores.workspace import StageWriter
-
-mark_done = StageWriter.mark_done
-
-def mark_then_hold(self, run, block):
-    mark_done(self, run, block)
-    if self.group == sys.argv[1]:
-        threading.Event().wait(600)  # until the test kills this process
-
-StageWriter.mark_done = mark_then_hold
-sys.exit(cli.main(sys.argv[2:]))
-"""
+# ------------------------------------------------- SIGKILL at a named write step
+# The killed run is a child forked from the suite's CLI helper (tests/forked_cli.py:
+# its own process and Zarr threads, no interpreter start-up); VOXELFLOW_FAULT makes it
+# SIGKILL itself right after the first block of the run (a frames block: frames is the
+# plan's first stage) is marked done (voxelflow/stores/faults.py), however loaded the
+# machine is.
+FIRST_BLOCK_MARKED = "block:marked@1"
 
 # Attributes that may differ between two runs of the same request.  None do today
 # (the stores hold no timestamps, host names or store paths); list one here, with
@@ -224,31 +210,16 @@ def _workspace_contents(store: Path) -> tuple[dict[str, np.ndarray], dict[str, d
     return arrays, attrs
 
 
-def test_sigkill_mid_stage_then_rerun_equals_the_uninterrupted_run(tiny):
+def test_sigkill_mid_stage_then_rerun_equals_the_uninterrupted_run(tiny, forked):
     text = (tiny / "experiment.toml").read_text()
     text = text.replace('store = "voxelflow.zarr"', 'store = "killed.zarr"')
     exp_file = tiny / "killed.toml"
     exp_file.write_text(text.replace('reports = "reports"', 'reports = "killed_reports"'))
     store, group = tiny / "killed.zarr", "frames/movie"
     n_blocks = int(np.ceil(80 * FPS / 128))
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_BLOCK, group, "run",
-                             str(exp_file), "--no-progress"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = _done_flags(store, f"{group}/run-000")
-            if Workspace(store).state(group) == "writing" and 0 < done.sum() < done.size:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    status, _, err = forked.run("run", str(exp_file), "--no-progress", cwd=tiny,
+                                fault=FIRST_BLOCK_MARKED)
+    assert status == -signal.SIGKILL, err
     done = _done_flags(store, f"{group}/run-000")
     assert done.size == n_blocks and 0 < done.sum() < n_blocks, done
     assert Workspace(store).state(group) == "writing"
