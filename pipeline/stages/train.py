@@ -49,7 +49,6 @@ from voxelflow.pipeline.stages._train_preview import (mean_frame_mse, preview_pa
                                                        training_preview, write_preview)
 from voxelflow.pipeline.stages._stream import (Piece, ShuffleStream, make_pieces,
                                                read_training_frames, training_ranges)
-from voxelflow.stores.faults import fault_point
 from voxelflow.stores.files import SteppedFile
 from voxelflow.stores.replace import write_durably
 from voxelflow.stores.names import check_name
@@ -164,7 +163,6 @@ def train_autoencoder(workspace: Workspace, frames_name: str, out: str | Path, *
         if complete:
             target.commit(save_to)  # a replacement takes the place of ``out`` only now
         state.saves.append(time.perf_counter() - t0)
-        fault_point("train:checkpoint-saved")  # the crash tests' kill point (a no-op)
 
     todo = plan.total_steps - state.start_step
     bar = tqdm(total=plan.total_steps * plan.batch_size,

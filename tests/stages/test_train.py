@@ -5,12 +5,10 @@ One small configuration is trained once, uninterrupted (module fixture, in this
 process): 64x64 generated frames, 16 training frames of 30, batch 8, 24 steps,
 random:0 weights, one intermediate checkpoint at step 22 (kept aside, by a hard
 link: a checkpoint is ~0.5 GB and is replaced by a rename, never rewritten).
-The SIGKILL test continues the same run through the CLI in a child process (forked
-from a helper that imported torch once: tests/forked_cli.py) from that step-22
-checkpoint with a checkpoint every step (``--checkpoint-every`` is not part of the
-training's configuration: it changes when the state is saved, not what is trained);
-the child SIGKILLs itself right after its step-23 checkpoint is saved
-(``VOXELFLOW_FAULT=train:checkpoint-saved``); the test resumes it with the same
+The SIGKILL test continues the same run through the CLI in a subprocess from that
+step-22 checkpoint with a checkpoint every step (``--checkpoint-every`` is not part
+of the training's configuration: it changes when the state is saved, not what is
+trained), SIGKILLs it right after its step-23 checkpoint, resumes it with the same
 command (in this process, through ``cli.main``), and compares the whole loss curve
 and the final weights with the uninterrupted run.  (Starting the killed run at step
 22 rather than 0 saves 22 training steps of test time; step 22-23 is then trained
@@ -23,6 +21,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,6 @@ import xarray as xr
 
 import voxelflow.pipeline.stages.train as ae
 from conftest import cli_error, cli_main, ROOT
-from forked_cli import ForkedCLI
 from voxelflow.pipeline.stages.train import (ShuffleStream, make_pieces, preview_path,
                                              train_autoencoder, training_ranges)
 from voxelflow.pipeline.stages.train import read_training_frames as _read_frames
@@ -98,15 +98,6 @@ def trained(frames_store, tmp_path_factory):
     assert kept.is_file(), f"no checkpoint at step {KEPT_STEP}"
     return {"summary": summary, "reads": reads, "ckpt": d / "ae.pt", "store": store,
             "kept": kept}
-
-
-@pytest.fixture(scope="module")
-def trainer_cli(tmp_path_factory):
-    """Forked CLI children with torch and the training stage already imported."""
-    cli = ForkedCLI(tmp_path_factory.mktemp("ae_forked"),
-                    preload=("voxelflow.pipeline.stages.train",))
-    yield cli
-    cli.close()
 
 
 def _record_frame_reads(mp: pytest.MonkeyPatch) -> list[tuple[str, slice]]:
@@ -260,7 +251,7 @@ def test_sparse_group_trains_on_the_stored_frames_before_train_until(frames_stor
 
 # ------------------------------------------------------------------ kill and resume
 def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tmp_path,
-                                                        capsys, trainer_cli):
+                                                        capsys):
     store = tmp_path / "ws.zarr"
     shutil.copytree(frames_store, store)
     out = tmp_path / "ae.pt"
@@ -268,12 +259,19 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(trained, frames_store, tm
     # ``out`` by a rename, so the kept file is never written to.
     os.link(trained["kept"], out)
     assert torch.load(out, map_location="cpu", weights_only=True)["step"] == KEPT_STEP
+    before = out.stat().st_ino, out.stat().st_mtime_ns
     args = ["train-autoencoder", "--frames", "clip", *CLI_TRAIN, "--out", str(out),
             "--store", str(store)]
-    # A real process (forked from a helper that imported torch once) SIGKILLs itself
-    # right after its first checkpoint is saved (VOXELFLOW_FAULT, stores/faults.py).
-    status, _, err = trainer_cli.run(*args, cwd=ROOT, fault="train:checkpoint-saved")
-    assert status == -signal.SIGKILL, f"the run was not killed ({status}): {err}"
+    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (out.stat().st_ino, out.stat().st_mtime_ns) != before:  # a new checkpoint
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it was killed"
     mid = torch.load(out, map_location="cpu", weights_only=True)
     assert not mid["complete"] and mid["step"] == KILL_STEP, \
         f"kill must land after step {KILL_STEP}'s checkpoint"
