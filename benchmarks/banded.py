@@ -31,7 +31,8 @@ by the voxels), so the whole fit is extrapolated, and labelled so, as::
     once + (20 / run_weightings) x (fixed + 65,665 x per_voxel)
 
 or, with ``--marginal --run-weightings 1``, from the first weighting as measured plus
-19 times the second weighting's marginal cost (:func:`marginal_total`), so what a tool
+19 times the marginal cost of a further weighting (the second one's, or the mean of
+weightings 2..K with ``--marginal-over K``: :func:`marginal_total`), so what a tool
 does once at the end (himalaya's refit) is not counted 20 times. The per-voxel part
 is a difference of wall times, multiplied by 65,665 / voxels: use 4,096 voxels or more
 (at 1,024, a few seconds of noise move it by 1-3 ms). voxelflow's voxel scan is also
@@ -224,28 +225,32 @@ def _timed_matmul(a, b) -> float:
     return time.perf_counter() - start
 
 
-def marginal_total(args, two: dict, one: dict) -> float:
-    """The whole fit from a run of one weighting and one of two: the first weighting
-    as measured (with what a tool does once per voxel at the end, e.g. himalaya's
-    refit), each further weighting at the second one's marginal cost::
+def marginal_total(args, more: dict, one: dict) -> float:
+    """The whole fit from a run of one weighting and one of ``K = --marginal-over``
+    (default 2): the first weighting as measured (with what a tool does once per
+    voxel at the end, e.g. himalaya's refit), each further weighting at the mean
+    marginal cost of weightings 2..K::
 
-        once + fixed_1 + V x per_voxel_1 + (W - 1) x (fixed_2 - fixed_1
-                                                    + V x (per_voxel_2 - per_voxel_1))
+        once + fixed_1 + V x per_voxel_1 + (W - 1) x (fixed_K - fixed_1
+                                    + V x (per_voxel_K - per_voxel_1)) / (K - 1)
+
+    (a difference of two runs' wall times: K > 2 averages its noise over K - 1
+    weightings).
     """
     def per_voxel(run: dict) -> float:
         return (run["wall"] - run["once"] - run["fixed"]) / args.voxels
 
-    marginal = (two["fixed"] - one["fixed"]
-                + (per_voxel(two) - per_voxel(one)) * args.total_voxels)
-    if "scan" in two:
-        print(f"    second weighting's voxel scan timed inside the call: "
-              f"{1e3 * (two['scan'] - one['scan']) / args.voxels:.2f} ms per voxel",
-              flush=True)
-    print(f"    second weighting's marginal cost: decompositions "
-          f"{two['fixed'] - one['fixed']:.1f} s, per voxel "
-          f"{1e3 * (per_voxel(two) - per_voxel(one)):.2f} ms", flush=True)
+    extra = args.marginal_over - 1
+    fixed = (more["fixed"] - one["fixed"]) / extra
+    voxel = (per_voxel(more) - per_voxel(one)) / extra
+    if "scan" in more:
+        print(f"    further weightings' voxel scan timed inside the call: "
+              f"{1e3 * (more['scan'] - one['scan']) / args.voxels / extra:.2f} ms per "
+              "voxel", flush=True)
+    print(f"    marginal cost per further weighting (mean of {extra}): decompositions "
+          f"{fixed:.1f} s, per voxel {1e3 * voxel:.2f} ms", flush=True)
     return (one["once"] + one["fixed"] + per_voxel(one) * args.total_voxels
-            + (args.weightings - 1) * marginal)
+            + (args.weightings - 1) * (fixed + voxel * args.total_voxels))
 
 
 def alpha_ties(ours: dict, theirs: dict) -> tuple[int, float]:
@@ -298,6 +303,9 @@ def parse_args(argv=None):
     parser.add_argument("--marginal", action="store_true",
                         help="with --run-weightings 1: also run 2 weightings and "
                         "extrapolate each further weighting at the second's marginal cost")
+    parser.add_argument("--marginal-over", type=int, default=2,
+                        help="with --marginal: the second run has this many weightings "
+                        "(K >= 2); the marginal cost is the mean over weightings 2..K")
     parser.add_argument("--himalaya-backend", default="numpy", choices=["numpy", "torch"],
                         help="himalaya's CPU backend (numpy: scipy's eigh; torch: MKL's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -312,7 +320,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     run_weightings = args.run_weightings or args.weightings
     drawn = ridge.simplex_weightings(len(args.spaces), args.weightings, args.seed)
-    weightings, weightings_two = drawn[:run_weightings], drawn[:2]
+    weightings, weightings_more = drawn[:run_weightings], drawn[:args.marginal_over]
+    if args.marginal and args.marginal_over < 2:
+        raise SystemExit("--marginal-over must be at least 2")
     folds = contiguous_folds(args.train, args.folds)
     flops, gflops = held_out_gflops(args)
     bold_gib = (args.train + args.test) * args.total_voxels * 4 / GIB
@@ -347,9 +357,9 @@ def main(argv=None) -> None:
                   f"{1e3 * run['scan'] / args.voxels / run_weightings:.2f} ms per voxel "
                   "and weighting", flush=True)
         if args.marginal and run_weightings == 1:
-            run["total"] = marginal_total(args, tool(args, problem, weightings_two, folds),
+            run["total"] = marginal_total(args, tool(args, problem, weightings_more, folds),
                                           run)
-            print(f"{method:>10}: with a second weighting's marginal cost, EXTRAPOLATED "
+            print(f"{method:>10}: with further weightings' marginal cost, EXTRAPOLATED "
                   f"to the study {run['total']:.0f} s", flush=True)
     if {"voxelflow", "himalaya"} <= results.keys():
         ours, theirs = results["voxelflow"], results["himalaya"]
