@@ -348,7 +348,8 @@ def fold_scores(folds: Iterable[FoldFactors], Y_train: Any, factors: RidgeFactor
     (n_train, voxel): float64 (n_alphas, voxel) device arrays, one per fold.
 
     Fold-outer and chunk-inner, so a streamed fold is dropped before the next is
-    made; ``Y_train`` is read (and checked: ``n_train`` rows, finite) once per fold.
+    made; ``Y_train`` is read once per fold and checked (``n_train`` rows, finite)
+    on the first.
     """
     n_voxels, step = int(Y_train.shape[1]), int(voxel_chunk)
     scores = []
@@ -356,7 +357,8 @@ def fold_scores(folds: Iterable[FoldFactors], Y_train: Any, factors: RidgeFactor
         per_fold = xp.empty((factors.n_alphas, n_voxels), dtype=xp.float64)
         for start in range(0, n_voxels, step):
             y_train = xp.asarray(Y_train[:, start:start + step])
-            _check_targets(y_train, "Y_train", factors.n_train, xp)
+            if not scores:  # the first fold's pass
+                _check_targets(y_train, "Y_train", factors.n_train, xp)
             shifted, _ = _shift_targets(y_train, factors.dtype, xp)
             per_fold[:, start:start + step] = dual_fold_scores(fold, shifted,
                                                                factors.dtype, xp)

@@ -377,22 +377,16 @@ def _dual_fold_operator(blocks: list, alphas: np.ndarray, form: str,
     return operator
 
 
-def _dual_fold_factors(holder: list, folds: Sequence[Any], forms: Sequence[str],
-                       alphas: np.ndarray, dtype: np.dtype, xp: Any,
-                       eigh_dtype: Any = None) -> list[FoldFactors]:
-    """Every fold's factors from the centred training kernel ``holder[0]`` (n, n)
-    float64, sub-blocks re-centred per fold (:func:`_dual_fold_operator`); the
-    kernel is popped from ``holder`` before the last fold's decomposition."""
-    return list(iter_dual_fold_factors(holder, folds, forms, alphas, dtype, xp,
-                                       eigh_dtype=eigh_dtype))
-
-
 def iter_dual_fold_factors(holder: list, folds: Sequence[Any], forms: Sequence[str],
                            alphas: np.ndarray, dtype: np.dtype, xp: Any,
                            eigh_dtype: Any = None) -> Iterator[FoldFactors]:
-    """:func:`_dual_fold_factors` one fold at a time: each fold's factors are made
-    when the consumer asks for them, so a consumer that drops each before the next
-    holds one fold's operator at a time (banded ridge's fold-outer scan)."""
+    """Every fold's factors from the centred training kernel ``holder[0]`` (n, n)
+    float64, sub-blocks re-centred per fold (:func:`_dual_fold_operator`); the
+    kernel is popped from ``holder`` before the last fold's decomposition.
+
+    One fold at a time: each fold's factors are made when the consumer asks for
+    them, so a consumer that drops each before the next holds one fold's operator
+    at a time (banded ridge's fold-outer scan); ``list(...)`` holds them all."""
     kernel = holder.pop()
     n_train = int(kernel.shape[0])
     for number, (held_out, form) in enumerate(zip(folds, forms)):
@@ -429,7 +423,7 @@ def _factorize_dual(X_train, X_test, alphas, folds, *, xp, dtype, device,
     del cross
     holder = [kernel]
     del kernel
-    fold_factors = _dual_fold_factors(holder, folds, forms, alphas, dtype, xp)
+    fold_factors = list(iter_dual_fold_factors(holder, folds, forms, alphas, dtype, xp))
     design_centred = None
     if keep_weight_factors:
         design = xp.asarray(_materialize(X_train))
