@@ -3,7 +3,8 @@
 :class:`FeatureExtractor` turns uint8 frames ``(B, H, W, 3)`` into one float32
 ``(B, n_features)`` array per requested node: normalise on the device
 (``x / 255``, ``- mean``, ``/ std``, the backbone's own values), run the graph up to
-the nodes (torchvision ``create_feature_extractor``) in channels_last under
+the nodes (torchvision ``create_feature_extractor``, residual sums in place:
+:mod:`voxelflow.pipeline.models.graph`) in channels_last under
 ``torch.inference_mode`` (with autocast for ``precision="bf16"|"fp16"``; strict fp32,
 TF32 off, on CUDA for ``"fp32"``), then average over space (``pool="avg"``) or
 flatten in C order.  :class:`ClipExtractor` does the same for video models: uint8
@@ -23,6 +24,7 @@ from typing import Sequence
 
 from voxelflow.pipeline.errors import InputError, exception_reason
 from voxelflow.pipeline.models.backbone import Backbone, load_backbone
+from voxelflow.pipeline.models.graph import build_graph
 
 POOL_MODES = (None, "avg")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -88,7 +90,6 @@ class FeatureExtractor:
     def __init__(self, backbone: Backbone, layers: Sequence[str], device: str = "cpu",
                  pool: str | None = None, precision: str = "fp32") -> None:
         import torch
-        from torchvision.models.feature_extraction import create_feature_extractor
 
         if pool not in POOL_MODES:
             raise InputError(f"--pool must be avg or absent (got {pool!r})")
@@ -102,9 +103,7 @@ class FeatureExtractor:
             for sub in module.modules():
                 if hasattr(sub, "inplace"):
                     sub.inplace = False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = create_feature_extractor(module, return_nodes={n: n for n in self.layers})
+        graph = build_graph(module, self.layers)
         graph.eval()
         self.graph = graph.to(self.device, memory_format=getattr(torch, self.MEMORY_FORMAT))
         shape = self.STAT_SHAPE
