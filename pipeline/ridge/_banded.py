@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from ._backend import _compute_dtype, _is_dask, get_array_module, to_numpy
-from ._banded_eigen import (ChunkBest, SpaceTerms, eigen_factors, scan_weighting,
-                            space_terms, split_r2, streamed_eigen_factors)
+from ._banded_eigen import (ChunkBest, SpaceTerms, dense_where_it_pays, eigen_factors,
+                            scan_weighting, space_terms, split_r2, streamed_eigen_factors)
 from ._checks import _resolve_regime, check_alphas
 from ._factorize import DEFAULT_MAX_DENSE_BYTES, _centred_kernels, factorize_ridge
 from ._solve import ridge_chunk
@@ -434,12 +434,18 @@ def banded_factors(Xs_train: Sequence[Any], Xs_test: Sequence[Any] | None, alpha
 
 def banded_chunk(banded: BandedFactors, Y_train: Any, Y_test: Any | None, *,
                  voxel_chunk: int = 4096, return_weights: bool = False,
-                 return_split: bool = True, return_predictions: bool = False
-                 ) -> dict[str, np.ndarray]:
+                 return_split: bool = True, return_predictions: bool = False,
+                 max_dense_bytes: int = EIGEN_DENSE_BYTES) -> dict[str, np.ndarray]:
     """:func:`banded_ridge`'s outputs for one chunk of voxels (Y_train (n_train,
     voxel), Y_test (n_test, voxel) or None) from :func:`banded_factors`; with
     ``return_predictions`` also ``predictions`` (n_test, voxel) at each voxel's
-    chosen weighting and alpha, in BOLD units."""
+    chosen weighting and alpha, in BOLD units.
+
+    On the eigen path, a factored fold is expanded to its dense operator for this
+    chunk when the chunk has enough voxels for that to pay and one fold's dense
+    operator fits ``max_dense_bytes`` (:func:`~._banded_eigen.dense_where_it_pays`:
+    at the study's shape, 10,800 voxels or more); the folds are scanned one at a
+    time, so one dense operator is alive at a time."""
     xp = get_array_module(banded.factors[0].device)
     gammas = np.asarray(banded.gammas, dtype=np.float64)
     slices = space_slices(banded.widths)
@@ -450,8 +456,10 @@ def banded_chunk(banded: BandedFactors, Y_train: Any, Y_test: Any | None, *,
                                                          banded.centred_tests)):
         if isinstance(factors, SpilledFactors):
             factors, centred_test = factors.load()  # one weighting in memory
+        folds = None if banded.terms is None else dense_where_it_pays(
+            factors.folds, int(Y_train.shape[1]), factors.dtype, max_dense_bytes, xp)
         _scan(banded.terms, factors, centred_test, gammas[number], number, Y_train,
-              Y_test, best, slices, flags, xp)
+              Y_test, best, slices, flags, xp, folds=folds)
     return _finish(best, gammas)
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from ._backend import to_numpy
 from ._factorize import (FoldFactors, RidgeFactors, _choose_forms, _full_fit_operator,
                          iter_dual_fold_factors)
-from ._operators import PredictionOperator, _shrinkage, eigh_psd
+from ._operators import PredictionOperator, _shrinkage, densify, eigh_psd
 from ._select import TIE_BREAK_SLOPE, _pick_best
 from ._checks import _check_targets
 from ._solve import (_chunk_outputs, _shift_targets, _test_outputs, checked_test_targets,
@@ -157,6 +157,28 @@ def streamed_fold_forms(n_alphas: int, fold_shapes: Sequence[tuple[int, int]],
                          f"got {operator_form!r}.")
     return ["dense" if n_alphas * rows * q * itemsize <= max_dense_bytes
             and n_voxels >= n_alphas * rows else "factored" for rows, q in fold_shapes]
+
+
+def dense_where_it_pays(folds: Sequence[FoldFactors], n_voxels: int, dtype: Any,
+                        max_dense_bytes: int, xp: Any) -> Iterator[FoldFactors]:
+    """Held fold factors for one fold-outer pass over ``n_voxels`` voxels (a voxel
+    block of :func:`~._banded.banded_chunk`): a factored fold that
+    :func:`streamed_fold_forms` would make dense for that many voxels is expanded
+    (:func:`~._operators.densify`) when the pass reaches it and dropped after it, so
+    one dense operator is alive at a time; the others are passed through."""
+    itemsize = np.dtype(dtype).itemsize
+    for fold in folds:
+        operator = fold.operator
+        if operator.dense is None and operator.left is not None:
+            rows, q = int(operator.left.shape[0]), int(operator.right.shape[0])
+            form = streamed_fold_forms(int(operator.shrinkage.shape[0]), [(rows, q)],
+                                       itemsize, "auto", max_dense_bytes, n_voxels)[0]
+            if form == "dense":
+                dense = replace(fold, operator=densify(operator, dtype, xp, True))
+                yield dense
+                del dense  # freed before the next fold is expanded
+                continue
+        yield fold
 
 
 def _eigen_parts(kernels: Sequence[tuple[Any, Any, Any]], gamma: np.ndarray,

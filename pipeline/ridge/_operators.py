@@ -187,14 +187,24 @@ def _build_operator(train_matrix: Any, row_matrix: Any, alphas: np.ndarray,
         operator = PredictionOperator(left=left, right=right,
                                       shrinkage=shrinkage.astype(dtype))
         return operator, eigenvalues, eigenvectors
-    dense = xp.empty((len(alphas), row_matrix.shape[0], eigenvectors.shape[0]),
-                     dtype=dtype)
-    for index in range(len(alphas)):
-        block = (rows_in_basis * shrinkage[index]) @ eigenvectors.T
+    factored = PredictionOperator(left=rows_in_basis, right=eigenvectors, shrinkage=shrinkage)
+    return densify(factored, dtype, xp, remove_constant), eigenvalues, eigenvectors
+
+
+def densify(operator: PredictionOperator, dtype: np.dtype, xp: Any,
+            remove_constant: bool) -> PredictionOperator:
+    """The dense form of a factored operator: per alpha ``(left * shrinkage[a]) @
+    right.T``, (n_alphas, n_rows, q) in ``dtype``, computed in the factors' dtype;
+    ``remove_constant`` subtracts each row's mean (as :func:`_build_operator`).
+    Costs ``2 n_alphas n_rows q^2`` flops."""
+    left, right, shrinkage = operator.left, operator.right, operator.shrinkage
+    dense = xp.empty((shrinkage.shape[0], left.shape[0], right.shape[0]), dtype=dtype)
+    for index in range(shrinkage.shape[0]):
+        block = (left * shrinkage[index]) @ right.T
         if remove_constant:
             block -= block.mean(axis=1, keepdims=True)
         dense[index] = block
-    return PredictionOperator(dense=dense), eigenvalues, eigenvectors
+    return PredictionOperator(dense=dense)
 
 
 def _project(operator: PredictionOperator, rhs: Any) -> Any:

@@ -204,6 +204,46 @@ def test_streamed_folds_are_built_one_at_a_time(monkeypatch):
     assert alive_at_build == [0] * 9, alive_at_build
 
 
+def test_chunks_expand_held_factored_folds_to_dense_where_it_pays(monkeypatch):
+    """banded_chunk (the stage's per-block call) expands each held factored fold to
+    its dense operator when the chunk has at least n_alphas x held-out voxels, one
+    dense operator alive at a time, and still gives banded_ridge's outputs; a chunk
+    one voxel smaller keeps the folds factored."""
+    import gc
+    import weakref
+
+    from voxelflow.pipeline.ridge import _banded_eigen
+    alive_at_build, made = [], []
+    densify = _banded_eigen.densify
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        alive_at_build.append(sum(ref() is not None for ref in made))
+        operator = densify(*args, **kwargs)
+        made.append(weakref.ref(operator.dense))
+        return operator
+
+    monkeypatch.setattr(_banded_eigen, "densify", spy)
+    xs, y, xs_test, y_test = spaces_problem(60, (50, 70), 40)
+    alphas, folds = ALPHAS[::4], contiguous_folds(60, 3)  # 2 alphas x 20 held out: 40
+    gammas = ridge.simplex_weightings(2, 3, seed=3)
+    whole = ridge.banded_ridge(xs, y, xs_test, y_test, alphas, gammas, folds,
+                               return_weights=True, operator_form="factored")
+    banded = ridge.banded_factors(xs, xs_test, alphas, gammas, folds, dtype=np.float64,
+                                  keep_weight_factors=True, operator_form="factored")
+    assert all(f.operator.dense is None for w in banded.factors for f in w.folds)
+    ours = ridge.banded_chunk(banded, y, y_test, return_weights=True)
+    assert alive_at_build == [0] * 9, alive_at_build  # 3 folds x 3 weightings
+    for key, value in whole.items():
+        np.testing.assert_allclose(ours[key], value, rtol=1e-9, atol=1e-11, err_msg=key)
+    alive_at_build.clear()
+    smaller = ridge.banded_chunk(banded, y[:, :39], y_test[:, :39])
+    assert alive_at_build == []
+    np.testing.assert_array_equal(smaller["best_weighting"], ours["best_weighting"][:39])
+    ridge.banded_chunk(banded, y, y_test, max_dense_bytes=2 * 20 * 40 * 8 - 1)
+    assert alive_at_build == []  # one fold's dense operator over the budget
+
+
 @pytest.mark.parametrize("weights", [False, True])
 def test_every_alphas_test_scores_at_the_chosen_weighting_equal_sklearn(weights):
     """``r_test``/``r2_test`` at every alpha and ``predictions`` of voxels won by a
