@@ -10,7 +10,8 @@ each fold to its dense operator for its pass (one alive at a time), which costs
 ``2 n_alphas held q^2`` flops per fold and block and saves ``2 q^2`` per voxel and fold.
 
 This script builds one weighting's factors as the stage does (same shape and data as
-``benchmarks/banded.py``: ``make_problem``), then times ``banded_chunk`` on one block
+``benchmarks/banded.py``: ``make_problem``; the held dense folds' budget is one
+twentieth of ``banded_factors``', as for one of the study's 20 weightings), then times ``banded_chunk`` on one block
 of ``--block`` voxels, alternately with the folds kept factored (``max_dense_bytes=0``,
 what a block below the threshold gets) and expanded (the default budget),
 ``--repeats`` times each, and prints per weighting and block the seconds, per voxel
@@ -23,8 +24,6 @@ to ``--total-voxels`` voxels in such blocks.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ def main(argv=None) -> None:
     from voxelflow.pipeline import ridge
     from voxelflow.pipeline.ridge._banded import EIGEN_DENSE_BYTES
     from voxelflow.pipeline.ridge._banded_eigen import streamed_fold_forms
+    from voxelflow.pipeline.ridge._factorize import DEFAULT_MAX_DENSE_BYTES
     from voxelflow.pipeline.ridge.scoring import contiguous_folds
 
     args = parse_args(argv)
@@ -69,8 +69,10 @@ def main(argv=None) -> None:
           f"of {args.block} voxels (folds expanded per block: {forms})", flush=True)
     xs, xs_test, y, y_test = make_problem(args, args.block)
     start = time.perf_counter()
+    # the budget one of the stage's 20 weightings gets for held dense folds
     banded = ridge.banded_factors(xs, xs_test, PAPER_ALPHAS, gammas, folds,
-                                  keep_weight_factors=True, keep_designs=False)
+                                  keep_weight_factors=True, keep_designs=False,
+                                  max_dense_bytes=DEFAULT_MAX_DENSE_BYTES // 20)
     factor_s = time.perf_counter() - start
     held = [f.operator.dense is None for f in banded.factors[0].folds]
     print(f"factors of one weighting: {factor_s:.1f} s (folds held factored: {held})",
@@ -86,19 +88,28 @@ def main(argv=None) -> None:
             times[form].append(time.perf_counter() - start)
             print(f"  {form:9s} folds: block of {args.block} voxels in "
                   f"{times[form][-1]:.1f} s", flush=True)
-    factored, expanded = (statistics.median(times[k]) for k in ("factored", "expanded"))
+    factored, expanded = (float(np.median(times[k])) for k in ("factored", "expanded"))
     same = float(np.mean(outputs["factored"]["best_alpha"]
                          == outputs["expanded"]["best_alpha"]))
     diff = float(np.nanmax(np.abs(outputs["factored"]["r_test_cv"]
                                   - outputs["expanded"]["r_test_cv"])))
-    blocks = math.ceil(args.total_voxels / args.block)
+    full, rest = divmod(args.total_voxels, args.block)
+    rest_expands = rest >= min(len(PAPER_ALPHAS) * rows for rows, _ in shapes)
+
+    def stage(per_block: float, form: str) -> float:
+        """One weighting of the stage: its factors, the full blocks, the last block
+        (its voxels at this form's per-voxel cost, or the factored one's when it is
+        too small to expand)."""
+        last = per_block if form == "factored" or rest_expands else factored
+        return factor_s + full * per_block + rest * last / args.block
+
     print(f"per block and weighting (medians of {args.repeats}): factored {factored:.1f} s "
           f"({1e3 * factored / args.block:.2f} ms/voxel), expanded {expanded:.1f} s "
           f"({1e3 * expanded / args.block:.2f} ms/voxel); factored / expanded "
           f"{factored / expanded:.2f}")
-    print(f"the stage per weighting at {args.total_voxels} voxels ({blocks} blocks of "
-          f"{args.block}), factors included: factored {factor_s + blocks * factored:.0f} s, "
-          f"expanded {factor_s + blocks * expanded:.0f} s")
+    print(f"the stage per weighting at {args.total_voxels} voxels ({full} blocks of "
+          f"{args.block} + {rest}), factors included: factored "
+          f"{stage(factored, 'factored'):.0f} s, expanded {stage(expanded, 'expanded'):.0f} s")
     print(f"same best alpha on {100 * same:.2f} % of voxels; r_test_cv max abs difference "
           f"{diff:.2e}")
 
