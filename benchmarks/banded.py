@@ -273,13 +273,18 @@ def agreement(ours: dict, theirs: dict) -> tuple[float, float]:
     return float(same.mean()), float(np.nanmax(diff[same])) if same.any() else np.nan
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The problem's shape (defaults: the study's), as :func:`make_problem` reads it."""
     parser.add_argument("--spaces", type=int, nargs="+", default=[2048, 4096, 2048])
     parser.add_argument("--lags", type=int, default=4)
     parser.add_argument("--train", type=int, default=4497)
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--folds", type=int, default=5)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_arguments(parser)
     parser.add_argument("--weightings", type=int, default=20)
     parser.add_argument("--run-weightings", type=int, default=None,
                         help="run the first N weightings only (default: all)")

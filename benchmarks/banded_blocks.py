@@ -31,17 +31,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from banded import make_problem  # noqa: E402
+from banded import add_shape_arguments, make_problem  # noqa: E402
 from ridge import PAPER_ALPHAS  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spaces", type=int, nargs="+", default=[2048, 4096, 2048])
-    parser.add_argument("--lags", type=int, default=4)
-    parser.add_argument("--train", type=int, default=4497)
-    parser.add_argument("--test", type=int, default=300)
-    parser.add_argument("--folds", type=int, default=5)
+    add_shape_arguments(parser)
     parser.add_argument("--block", type=int, default=16_384, help="voxels per block")
     parser.add_argument("--total-voxels", type=int, default=65_665)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each form")

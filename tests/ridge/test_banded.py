@@ -177,15 +177,14 @@ def test_streamed_folds_are_dense_only_where_the_build_pays_and_fits():
         forms(10, form="sparse")
 
 
-def test_streamed_folds_are_built_one_at_a_time(monkeypatch):
-    """banded_ridge's fold-outer scan frees each streamed fold operator before the
-    next is built: when a fold's operator is made, no earlier one is alive."""
+def _count_alive_operators(monkeypatch, module, name: str) -> list[int]:
+    """Wrap the operator builder ``module.name``; the returned list gets, at each
+    call, how many operators that earlier calls built are still alive."""
     import gc
     import weakref
 
-    from voxelflow.pipeline.ridge import _factorize
     alive_at_build, made = [], []
-    build = _factorize._dual_fold_operator
+    build = getattr(module, name)
 
     def spy(*args, **kwargs):
         gc.collect()
@@ -195,7 +194,15 @@ def test_streamed_folds_are_built_one_at_a_time(monkeypatch):
                                 else operator.left))
         return operator
 
-    monkeypatch.setattr(_factorize, "_dual_fold_operator", spy)
+    monkeypatch.setattr(module, name, spy)
+    return alive_at_build
+
+
+def test_streamed_folds_are_built_one_at_a_time(monkeypatch):
+    """banded_ridge's fold-outer scan frees each streamed fold operator before the
+    next is built: when a fold's operator is made, no earlier one is alive."""
+    from voxelflow.pipeline.ridge import _factorize
+    alive_at_build = _count_alive_operators(monkeypatch, _factorize, "_dual_fold_operator")
     xs, y, xs_test, y_test = spaces_problem(60, (50, 70), 40)
     gammas = ridge.simplex_weightings(2, 3, seed=3)
     ridge.banded_ridge(xs, y, xs_test, y_test, ALPHAS, gammas, contiguous_folds(60, 3),
@@ -209,21 +216,8 @@ def test_chunks_expand_held_factored_folds_to_dense_where_it_pays(monkeypatch):
     its dense operator when the chunk has at least n_alphas x held-out voxels, one
     dense operator alive at a time, and still gives banded_ridge's outputs; a chunk
     one voxel smaller keeps the folds factored."""
-    import gc
-    import weakref
-
     from voxelflow.pipeline.ridge import _banded_eigen
-    alive_at_build, made = [], []
-    densify = _banded_eigen.densify
-
-    def spy(*args, **kwargs):
-        gc.collect()
-        alive_at_build.append(sum(ref() is not None for ref in made))
-        operator = densify(*args, **kwargs)
-        made.append(weakref.ref(operator.dense))
-        return operator
-
-    monkeypatch.setattr(_banded_eigen, "densify", spy)
+    alive_at_build = _count_alive_operators(monkeypatch, _banded_eigen, "densify")
     xs, y, xs_test, y_test = spaces_problem(60, (50, 70), 40)
     alphas, folds = ALPHAS[::4], contiguous_folds(60, 3)  # 2 alphas x 20 held out: 40
     gammas = ridge.simplex_weightings(2, 3, seed=3)
