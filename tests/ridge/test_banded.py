@@ -238,6 +238,22 @@ def test_chunks_expand_held_factored_folds_to_dense_where_it_pays(monkeypatch):
     assert alive_at_build == []  # one fold's dense operator over the budget
 
 
+def test_float32_factored_and_dense_folds_agree_on_drifting_bold():
+    """In float32, factored folds score like dense ones (1e-7) on BOLD whose mean
+    drifts across folds: each fold's training rows are centred on their own mean
+    before the eigenbasis product (without it they differed by 1.6e-5 here, the
+    constant's rounding amplified by 1 / alpha)."""
+    xs, y, xs_test, y_test = spaces_problem(120, (100, 150), 200)
+    y = y + np.linspace(0.0, 30.0, 120)[:, None]  # a slow drift
+    alphas = np.array([0.5, 1, 5, 10, 100.0, 1e3, 1e4])  # 7 x 24 held out <= 200 voxels
+    banded = ridge.banded_factors(xs, xs_test, alphas, ridge.simplex_weightings(2, 3, seed=3),
+                                  contiguous_folds(120, 5), dtype=np.float32,
+                                  operator_form="factored")
+    factored = ridge.banded_chunk(banded, y, y_test, max_dense_bytes=0)["r_cv"]
+    dense = ridge.banded_chunk(banded, y, y_test)["r_cv"]
+    assert np.nanmax(np.abs(factored - dense)) < 1e-6
+
+
 @pytest.mark.parametrize("weights", [False, True])
 def test_every_alphas_test_scores_at_the_chosen_weighting_equal_sklearn(weights):
     """``r_test``/``r2_test`` at every alpha and ``predictions`` of voxels won by a
