@@ -158,8 +158,11 @@ def _build_operator(train_matrix: Any, row_matrix: Any, alphas: np.ndarray,
     form : "dense" (eigh, then ``(A * d_a) V^T`` per alpha), "factored"
         (eigh; keep ``A = row_matrix V`` and ``V``) or "cholesky" (dense, one
         Cholesky solve per alpha, no eigh).
-    remove_constant : subtract each dense operator row's mean, so constants
-        in the right-hand side (dual regime: un-centred BOLD) are ignored.
+    remove_constant : subtract each dense operator row's mean (factored: each
+        column of ``right``, so ``right.T @ 1 = 0``), so constants in the
+        right-hand side (dual regime: un-centred BOLD) are ignored; in float32 a
+        constant left in would be amplified by ``1 / alpha`` along the kernel's
+        null direction.
     keep_basis : also return the eigendecomposition (forces eigh).
 
     Returns
@@ -182,6 +185,8 @@ def _build_operator(train_matrix: Any, row_matrix: Any, alphas: np.ndarray,
         left = rows_in_basis.astype(dtype)
         del rows_in_basis
         right = eigenvectors.astype(dtype)
+        if remove_constant:  # right.T @ 1 = 0: the factored twin of the dense rows' mean
+            right -= right.mean(axis=0, keepdims=True, dtype=xp.float64).astype(dtype)
         if not keep_basis:
             eigenvectors = None
         operator = PredictionOperator(left=left, right=right,

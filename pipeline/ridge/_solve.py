@@ -64,16 +64,8 @@ def _cv_scores_dual(factors: RidgeFactors, shifted: Any, xp: Any
 def dual_fold_scores(fold: FoldFactors, shifted: Any, dtype: np.dtype, xp: Any) -> Any:
     """Held-out r (n_alphas, voxel) float64 of one fold (dual regime) from the
     shifted BOLD (n_train, voxel) of every training sample (the fold's rows are
-    taken here; the held-out block is centred on itself).
-
-    The fold's training rows are centred on their own mean, as an intercept fit
-    centres them (the fold's kernels are centred on its training mean, so in exact
-    arithmetic this changes nothing); in float32 it keeps the constant out of the
-    eigenbasis product, whose near-zero eigenvalue would amplify its rounding by
-    ``1 / alpha``: a factored fold's CV r then agree with a float64 fit to ~2e-7
-    instead of ~3e-6 (``tests/ridge/test_banded.py``)."""
+    taken here; the held-out block is centred on itself)."""
     y_train = xp.take(shifted, fold.train, axis=0)
-    y_train -= y_train.mean(axis=0, dtype=xp.float64).astype(dtype)
     y_held = xp.take(shifted, fold.held_out, axis=0)
     y_held = y_held - y_held.mean(axis=0, dtype=xp.float64).astype(dtype)
     return _held_out_scores(fold.operator, y_train, y_held, xp)

@@ -240,9 +240,9 @@ def test_chunks_expand_held_factored_folds_to_dense_where_it_pays(monkeypatch):
 
 def test_float32_factored_and_dense_folds_agree_on_drifting_bold():
     """In float32, factored folds score like dense ones (1e-7) on BOLD whose mean
-    drifts across folds: each fold's training rows are centred on their own mean
-    before the eigenbasis product (without it they differed by 1.6e-5 here, the
-    constant's rounding amplified by 1 / alpha)."""
+    drifts across folds: the factored operator removes the constant as the dense
+    one does (without it they differed by 1.6e-5 here, the constant's rounding
+    amplified by 1 / alpha)."""
     xs, y, xs_test, y_test = spaces_problem(120, (100, 150), 200)
     y = y + np.linspace(0.0, 30.0, 120)[:, None]  # a slow drift
     alphas = np.array([0.5, 1, 5, 10, 100.0, 1e3, 1e4])  # 7 x 24 held out <= 200 voxels
