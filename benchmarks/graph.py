@@ -8,7 +8,7 @@ alike), on the same ready channels_last batch:
 * ``bare``: ``model(x)``, the model's own forward (``out += identity`` in place);
 * ``plain trace``: ``create_feature_extractor`` as torchvision gives it (the residual
   sums out of place);
-* ``voxelflow``: :func:`~voxelflow.pipeline.models.graph.build_graph` (the sums into
+* ``rewritten``: :func:`~voxelflow.pipeline.models.graph.build_graph` (the sums into
   fresh operands done in place);
 
 and prints each one's median seconds per batch and bare / it (the ratio of medians).
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     ours = build_graph(net, layers).eval()
     rewritten = sum(1 for n in ours.graph.nodes if n.target is sum_into_fresh)
     runs = {"bare": lambda: net(x), "plain trace": lambda: plain(x),
-            "voxelflow": lambda: ours(x)}
+            "rewritten": lambda: ours(x)}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     print(f"{args.model} up to {layers}, batch {args.batch_size} at {args.size} px, "
           f"{torch.get_num_threads()} threads; {rewritten} sums rewritten", flush=True)
